@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# golf-proxy-300 (../shared/bench/README.md) in one command on one GPU: shards from golfmix, 300 s of training,
+# export, reload, final eval, and one summary line. Any knob of train_gpt.py can be overridden from the
+# environment (e.g. MATRIX_LR=0.04 scripts/bench_proxy.sh).
+#   GOLFMIX_DIR  folder with train_docs.jsonl.xz / val_docs.jsonl.xz   (default ../shared/data/golfmix)
+#   TOKENIZER    SentencePiece model                                  (default ../shared/data/tokenizers/fineweb_8192_bpe.model)
+#   BENCH_DIR    where shards, logs and the artifact go               (default bench_runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t_start=$(date +%s)
+
+GOLFMIX_DIR=${GOLFMIX_DIR:-../shared/data/golfmix}
+TOKENIZER=${TOKENIZER:-../shared/data/tokenizers/fineweb_8192_bpe.model}
+BENCH_DIR=${BENCH_DIR:-bench_runs}
+VOCAB=$(python3 -c "import sentencepiece as s; print(s.SentencePieceProcessor(model_file='$TOKENIZER').vocab_size())")
+DATA="$BENCH_DIR/golfmix_sp$VOCAB"
+RUN_ID=${RUN_ID:-proxy300_$(date +%Y%m%d_%H%M%S)}
+mkdir -p "$BENCH_DIR"
+
+for split in train val; do
+  if ! ls "$DATA"/fineweb_${split}_*.bin >/dev/null 2>&1; then
+    python3 data/build_shards.py --docs "$GOLFMIX_DIR/${split}_docs.jsonl.xz" --split $split \
+      --tokenizer "$TOKENIZER" --out "$DATA" --vocab-size "$VOCAB"
+  fi
+done
+t_data=$(date +%s)
+
+LOG="$BENCH_DIR/$RUN_ID.log"
+env DATA_PATH="$DATA" TOKENIZER_PATH="$TOKENIZER" VOCAB_SIZE="$VOCAB" RUN_ID="$RUN_ID" LOG_DIR="$BENCH_DIR" \
+  ARTIFACT_PATH="$BENCH_DIR/$RUN_ID.ternary.ptz" \
+  MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-300} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-262144} \
+  GRAD_ACCUM_STEPS=${GRAD_ACCUM_STEPS:-2} \
+  python3 train_gpt.py 2>&1 | tee "$LOG.stdout"
+t_end=$(date +%s)
+
+python3 - "$BENCH_DIR/$RUN_ID.txt" $((t_end - t_start)) $((t_data - t_start)) <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+fields = {
+    "final_val_bpb": r"final_roundtrip val_loss:\S+ val_bpb:(\S+)",
+    "pre_export_val_bpb": r"pre_export val_loss:\S+ val_bpb:(\S+)",
+    "artifact_bytes": r"total_bytes:(\d+)",
+    "steps": r"train_done steps:(\d+)",
+    "tok/s": r"train_done .*?tok/s:(\d+)",
+    "mfu": r"mfu:(\S+)",
+    "peak_mem_mib": r"peak_mem_mib:(\d+)",
+    "final_eval_s": r"final_roundtrip .*?eval_seconds:(\S+)",
+}
+values = {k: (re.findall(p, text) or ["?"])[-1] for k, p in fields.items()}
+values.update(data_s=sys.argv[3], wall_s=sys.argv[2])
+print("bench:golf-proxy-300 " + " ".join(f"{k}:{v}" for k, v in values.items()))
+EOF

@@ -1,0 +1,1097 @@
+"""Ternary-weight GPT trainer for the Parameter Golf challenge.
+
+One self-contained file: config, data, quantization, layers, model, optimizer, evaluation, export, main.
+Weights of every hidden matrix are ternary ({-1, 0, +1} x per-group scale, BitNet b1.58 style); the
+artifact packs them at 1.6 bits each, so more parameters fit under the 16,000,000-byte cap than at int6/int8.
+Every knob is an environment variable read by `Hyperparameters`. Launch: `torchrun --nproc_per_node=8 train_gpt.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import io
+import json
+import math
+import os
+import queue
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A bad environment value; the message names the variable."""
+
+
+class Knob:
+    """One environment variable: its name, type and default. Read once by Hyperparameters."""
+
+    def __init__(self, name, default, kind=None, check=None, choices=None):
+        self.name, self.default, self.kind = name, default, kind or type(default)
+        self.check, self.choices = check, choices
+
+    def read(self, environ):
+        raw = environ.get(self.name)
+        if raw is None or raw == "":
+            value = self.default
+        else:
+            try:
+                value = self._parse(raw)
+            except ValueError:
+                raise ConfigError(f"{self.name}={raw!r} is not a valid {self.kind.__name__}") from None
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{self.name}={value!r} must be one of {sorted(self.choices)}")
+        if self.check is not None and not self.check[0](value):
+            raise ConfigError(f"{self.name}={value!r} {self.check[1]}")
+        return value
+
+    def _parse(self, raw):
+        if self.kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return self.kind(raw)
+
+
+POS = (lambda v: v > 0, "must be > 0")
+NONNEG = (lambda v: v >= 0, "must be >= 0")
+UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+UNIT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+class Hyperparameters:
+    # data and run
+    data_path = Knob("DATA_PATH", "./data/datasets/fineweb10B_sp8192")
+    tokenizer_path = Knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model")
+    vocab_size = Knob("VOCAB_SIZE", 8192, check=POS)
+    run_id = Knob("RUN_ID", "ternary")
+    log_dir = Knob("LOG_DIR", "logs")
+    seed = Knob("SEED", 1337)
+    device = Knob("DEVICE", "auto", choices={"auto", "cuda", "cpu"})
+    compile = Knob("COMPILE", "auto", choices={"auto", "1", "0"})
+    # training length and batch
+    iterations = Knob("ITERATIONS", 20000, check=POS)
+    max_wallclock_seconds = Knob("MAX_WALLCLOCK_SECONDS", 600.0, check=NONNEG)
+    train_batch_tokens = Knob("TRAIN_BATCH_TOKENS", 524288, check=POS)
+    train_seq_len = Knob("TRAIN_SEQ_LEN", 1024, check=POS)
+    grad_accum_steps = Knob("GRAD_ACCUM_STEPS", 1, check=POS)
+    warmup_steps = Knob("WARMUP_STEPS", 20, check=NONNEG)
+    warmdown_frac = Knob("WARMDOWN_FRAC", 0.35, check=UNIT)
+    compile_warmup_steps = Knob("COMPILE_WARMUP_STEPS", 10, check=NONNEG)
+    train_log_every = Knob("TRAIN_LOG_EVERY", 25, check=POS)
+    # evaluation
+    val_loss_every = Knob("VAL_LOSS_EVERY", 0, check=NONNEG)
+    val_batch_tokens = Knob("VAL_BATCH_TOKENS", 131072, check=POS)
+    max_val_tokens = Knob("MAX_VAL_TOKENS", 0, check=NONNEG)
+    # model
+    num_layers = Knob("NUM_LAYERS", 10, check=POS)
+    model_dim = Knob("MODEL_DIM", 768, check=POS)
+    num_heads = Knob("NUM_HEADS", 12, check=POS)
+    num_kv_heads = Knob("NUM_KV_HEADS", 4, check=POS)
+    mlp_mult = Knob("MLP_MULT", 3.0, check=POS)
+    mlp_act = Knob("MLP_ACT", "relu2", choices={"relu2", "leaky_relu2"})
+    embed_dim = Knob("EMBED_DIM", 256, check=NONNEG)  # 0: no bottleneck, embedding width = MODEL_DIM
+    group_size = Knob("GROUP_SIZE", 128, check=POS)
+    rope_base = Knob("ROPE_BASE", 10000.0, check=POS)
+    rope_dims = Knob("ROPE_DIMS", 0, check=NONNEG)  # 0: rotate the whole head
+    qk_gain_init = Knob("QK_GAIN_INIT", 1.5, check=POS)
+    logit_softcap = Knob("LOGIT_SOFTCAP", 30.0, check=NONNEG)  # 0: off
+    z_loss = Knob("Z_LOSS", 0.0, check=NONNEG)
+    tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
+    attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})
+    # optimizer
+    matrix_lr = Knob("MATRIX_LR", 0.03, check=POS)
+    embed_lr = Knob("EMBED_LR", 0.02, check=POS)
+    scalar_lr = Knob("SCALAR_LR", 0.02, check=POS)
+    muon_momentum = Knob("MUON_MOMENTUM", 0.95, check=UNIT_OPEN)
+    muon_momentum_warmup_start = Knob("MUON_MOMENTUM_WARMUP_START", 0.85, check=UNIT_OPEN)
+    muon_momentum_warmup_steps = Knob("MUON_MOMENTUM_WARMUP_STEPS", 300, check=NONNEG)
+    muon_backend_steps = Knob("MUON_BACKEND_STEPS", 5, check=POS)
+    muon_row_norm = Knob("MUON_ROW_NORM", False)
+    muon_wd = Knob("MUON_WD", 0.0, check=NONNEG)
+    adam_beta1 = Knob("ADAM_BETA1", 0.9, check=UNIT_OPEN)
+    adam_beta2 = Knob("ADAM_BETA2", 0.95, check=UNIT_OPEN)
+    adam_eps = Knob("ADAM_EPS", 1e-8, check=POS)
+    adam_wd = Knob("ADAM_WD", 0.0, check=NONNEG)
+    grad_clip_norm = Knob("GRAD_CLIP_NORM", 0.0, check=NONNEG)  # 0: off
+    ema_enabled = Knob("EMA_ENABLED", False)
+    ema_decay = Knob("EMA_DECAY", 0.997, check=UNIT_OPEN)
+    # export
+    artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
+    artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
+    export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8"})
+    brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        for attr, knob in vars(Hyperparameters).items():
+            if isinstance(knob, Knob):
+                setattr(self, attr, knob.read(environ))
+        self._check_shapes()
+
+    def _check_shapes(self):
+        if self.model_dim % self.num_heads:
+            raise ConfigError(f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
+        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
+            raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
+
+    @property
+    def head_dim(self):
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self):
+        return int(round(self.mlp_mult * self.model_dim))
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k, v in vars(Hyperparameters).items() if isinstance(v, Knob)}
+
+    def env_names(self):
+        return {k: v.name for k, v in vars(Hyperparameters).items() if isinstance(v, Knob)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class DataError(ValueError):
+    """Bad shard or tokenizer input; the message names the file."""
+
+
+def read_shard_header(path):
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    ntok = int(header[2])
+    if ntok < 0 or size != HEADER_BYTES + 2 * ntok:
+        raise DataError(f"{path}: header says {ntok} tokens ({HEADER_BYTES + 2 * ntok} bytes) but file has {size} bytes")
+    return ntok
+
+
+def load_shard(path, vocab_size):
+    ntok = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=ntok, offset=HEADER_BYTES)
+    if ntok and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token id {int(tokens[bad])} at position {bad} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(pattern):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"no shard matches {pattern}")
+    for f in files:
+        read_shard_header(f)  # fail fast, before any training, on a corrupt file
+    return files
+
+
+def load_tokenizer(path, vocab_size):
+    import sentencepiece as spm
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: tokenizer model not found (TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"{path}: tokenizer vocab {sp.vocab_size()} != VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def load_validation_tokens(pattern, vocab_size, max_tokens=0):
+    tokens = np.concatenate([load_shard(f, vocab_size) for f in shard_files(pattern)])
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    if len(tokens) < 2:
+        raise DataError(f"{pattern}: validation split has {len(tokens)} tokens; need at least 2")
+    return tokens
+
+
+class TokenStream:
+    """Shards in a SEED-determined order, epoch after epoch; take(n) returns the next n tokens."""
+
+    def __init__(self, files, vocab_size, seed):
+        self.files, self.vocab_size = files, vocab_size
+        self.rng = np.random.default_rng(seed)
+        self.order, self.next_file, self.tokens, self.pos = [], 0, np.zeros(0, np.uint16), 0
+
+    def _advance_file(self):
+        if self.next_file == len(self.order):
+            self.order, self.next_file = list(self.rng.permutation(len(self.files))), 0
+        self.tokens = load_shard(self.files[self.order[self.next_file]], self.vocab_size)
+        self.next_file, self.pos = self.next_file + 1, 0
+
+    def take(self, n):
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self._advance_file()
+                continue
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each step's span of the stream is cut into world*accum pieces of micro+1 tokens; piece a*world+rank feeds
+    micro-step a on this rank. Ranks read disjoint pieces, and (world=2, accum=1) sees the same pieces as
+    (world=1, accum=2). A thread prepares the next steps in pinned memory; each batch gets a fresh pinned buffer,
+    and PyTorch's pinned allocator does not reuse a block until the non-blocking copy from it has finished."""
+
+    def __init__(self, pattern, h, rank, world, device, prefetch=2):
+        per_step = h.train_batch_tokens // (world * h.grad_accum_steps)
+        self.micro, self.seq = per_step, h.train_seq_len
+        self.accum, self.rank, self.world, self.device = h.grad_accum_steps, rank, world, device
+        self.stream = TokenStream(shard_files(pattern), h.vocab_size, h.seed)
+        self.pin = device.type == "cuda"
+        self.queue, self.stop = queue.Queue(maxsize=prefetch), threading.Event()
+        self.thread = threading.Thread(target=self._produce, daemon=True)
+        self.thread.start()
+
+    def _step_tokens(self):
+        pieces = self.stream.take(self.world * self.accum * (self.micro + 1)).reshape(-1, self.micro + 1)
+        mine = torch.from_numpy(pieces[self.rank :: self.world].astype(np.int64))
+        return mine.pin_memory() if self.pin else mine
+
+    def _produce(self):
+        try:
+            while not self.stop.is_set():
+                item = self._step_tokens()
+                while not self.stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        self.queue.put(item, timeout=0.1)
+                        break
+        except BaseException as e:  # surfaced in next_batch on the training thread
+            self.queue.put(e)
+
+    def next_batch(self):
+        """List of (inputs, targets) per micro-step, each (micro/seq, seq) int64 on the device."""
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        item = item.to(self.device, non_blocking=True)
+        return [(p[:-1].view(-1, self.seq), p[1:].view(-1, self.seq)) for p in item]
+
+    def close(self):
+        self.stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantization
+# ---------------------------------------------------------------------------------------------------------------
+
+SCALE_EPS = 1e-4
+
+
+def ternary_quantize(w, group_size):
+    """(trits in {-1,0,1} as float, per-group scale) for a 2-D weight, groups along the input dim.
+    The scale is absmean of the group rounded to fp16, so the exported fp16 scales are exactly the ones trained."""
+    rows, cols = w.shape
+    g = w.float().reshape(rows, cols // group_size, group_size)
+    scale = g.abs().mean(dim=-1, keepdim=True).clamp_min(SCALE_EPS).half().float()
+    trits = (g / scale).round().clamp_(-1, 1)
+    return trits.reshape(rows, cols), scale.squeeze(-1)
+
+
+def dequantize_ternary(trits, scale, group_size):
+    rows, cols = trits.shape
+    return (trits.reshape(rows, -1, group_size) * scale.unsqueeze(-1)).reshape(rows, cols)
+
+
+def ternary_master_from_export(trits, scale, group_size):
+    """A float weight that ternary_quantize maps back to exactly (trits, scale): the non-zero entries of a
+    group get magnitude scale/f (f = their fraction), so the group's absmean is scale again."""
+    rows, cols = trits.shape
+    t = trits.float().reshape(rows, -1, group_size)
+    frac = t.abs().mean(dim=-1, keepdim=True)
+    mag = torch.where(frac > 0, scale.float().unsqueeze(-1) / frac.clamp_min(1.0 / group_size), 0.0)
+    return (t * mag).reshape(rows, cols)
+
+
+class TernaryLinear(nn.Module):
+    """y = x @ (trits * scale)^T with a straight-through estimator: the fp32 master weight gets the gradient of
+    the quantized one. No bias."""
+
+    def __init__(self, in_features, out_features, group_size, zero_init=False):
+        super().__init__()
+        if in_features % group_size:
+            raise ConfigError(
+                f"TernaryLinear({in_features}->{out_features}): in_features is not divisible by GROUP_SIZE={group_size}"
+            )
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if zero_init:
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def quantized_weight(self):
+        w = self.weight
+        trits, scale = ternary_quantize(w.detach(), self.group_size)
+        wq = dequantize_ternary(trits, scale, self.group_size)
+        return w + (wq - w).detach()
+
+    def forward(self, x):
+        return F.linear(x, self.quantized_weight().to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """RoPE on the first `dims` channels of each head (partial RoPE); the rest pass through unrotated."""
+
+    def __init__(self, head_dim, dims, base):
+        super().__init__()
+        self.dims = dims or head_dim
+        inv_freq = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x):  # x: (B, T, H, D)
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        rot, rest = x[..., : self.dims], x[..., self.dims :]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return torch.cat((rotated, rest), dim=-1) if rest.numel() else rotated
+
+
+def resolve_attention(impl):
+    """(name, flash_attn_func or None). 'auto' takes FlashAttention-3, then -2, else SDPA."""
+    if impl in ("auto", "fa3"):
+        try:
+            from flash_attn_interface import flash_attn_func
+
+            return "fa3", flash_attn_func
+        except ImportError:
+            if impl == "fa3":
+                raise ConfigError("ATTN_IMPL=fa3 but flash_attn_interface (FlashAttention-3) is not importable")
+    if impl in ("auto", "fa2"):
+        try:
+            from flash_attn import flash_attn_func
+
+            return "fa2", flash_attn_func
+        except ImportError:
+            if impl == "fa2":
+                raise ConfigError("ATTN_IMPL=fa2 but flash_attn (FlashAttention-2) is not importable")
+    return "sdpa", None
+
+
+def causal_attention(q, k, v, flash):
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D). Returns (B, T, H, D)."""
+    if flash is not None and q.is_cuda:
+        out = flash(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=k.size(2) != q.size(2)
+    )
+    return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, h, flash):
+        super().__init__()
+        d, hd = h.model_dim, h.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim, self.flash = h.num_heads, h.num_kv_heads, hd, flash
+        self.q = TernaryLinear(d, h.num_heads * hd, h.group_size)
+        self.k = TernaryLinear(d, h.num_kv_heads * hd, h.group_size)
+        self.v = TernaryLinear(d, h.num_kv_heads * hd, h.group_size)
+        self.proj = TernaryLinear(h.num_heads * hd, d, h.group_size, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.rotary = Rotary(hd, h.rope_dims, h.rope_base)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        # qk-norm keeps ternary-scale drift out of the attention logits; q_gain sets their temperature
+        q = F.rms_norm(q, (self.head_dim,)) * self.q_gain.to(q.dtype)[:, None]
+        k = F.rms_norm(k, (self.head_dim,))
+        q, k = self.rotary(q), self.rotary(k)
+        y = causal_attention(q, k, v, self.flash)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.up = TernaryLinear(h.model_dim, h.mlp_hidden, h.group_size)
+        self.down = TernaryLinear(h.mlp_hidden, h.model_dim, h.group_size, zero_init=True)
+        self.leaky = h.mlp_act == "leaky_relu2"
+
+    def forward(self, x):
+        u = self.up(x)
+        u = F.leaky_relu(u, 0.5) if self.leaky else F.relu(u)
+        return self.down(u.square())
+
+
+class Block(nn.Module):
+    def __init__(self, h, flash):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(h.model_dim), RMSNorm(h.model_dim)
+        self.attn, self.mlp = CausalSelfAttention(h, flash), MLP(h)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+
+    def forward(self, x):
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.attn_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.mlp_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """U-Net transformer: the first half of the blocks push their outputs, the second half pops them in reverse
+    and adds them with learned per-channel weights. The embedding is tied and factored through EMBED_DIM."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.attn_backend, flash = resolve_attention(h.attn_impl)
+        d, e = h.model_dim, h.embed_dim or h.model_dim
+        self.logit_softcap, self.z_loss = h.logit_softcap, h.z_loss
+        self.tok_emb = nn.Embedding(h.vocab_size, e)
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        self.embed_in = nn.Linear(e, d, bias=False) if e != d else None
+        self.embed_out = nn.Linear(d, e, bias=False) if e != d else None
+        self.blocks = nn.ModuleList([Block(h, flash) for _ in range(h.num_layers)])
+        self.num_encoder = h.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(h.num_layers - self.num_encoder, d))
+        self.final_norm = RMSNorm(d)
+
+    def hidden(self, idx):
+        x = self.tok_emb(idx)
+        if self.embed_in is not None:
+            x = self.embed_in(x)
+        x = F.rms_norm(x, (x.size(-1),))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x)
+            if i < self.num_encoder:
+                skips.append(x)
+        return self.final_norm(x)
+
+    def logits(self, idx):
+        x = self.hidden(idx)
+        if self.embed_out is not None:
+            x = self.embed_out(x)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        if self.logit_softcap:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return logits
+
+    def forward(self, idx, targets):
+        """Training objective: mean cross-entropy (+ z-loss)."""
+        logits = self.logits(idx).view(-1, self.tok_emb.num_embeddings)
+        loss = F.cross_entropy(logits, targets.reshape(-1))
+        if self.z_loss:
+            loss = loss + self.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
+        return loss
+
+    def token_nll(self, idx, targets):
+        """Per-token negative log-likelihood in nats, (B, T) fp32."""
+        logits = self.logits(idx)
+        return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
+
+
+def count_params(model):
+    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, TernaryLinear))
+    total = sum(p.numel() for p in model.parameters())
+    return total, ternary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer
+# ---------------------------------------------------------------------------------------------------------------
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g, steps, dtype=torch.bfloat16):
+    """Approximate U V^T of g = U S V^T with a quintic Newton-Schulz iteration (Muon's orthogonalization)."""
+    a, b, c = NS_COEFFS
+    x = g.to(dtype)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD-momentum (Nesterov) whose update is orthogonalized by Newton-Schulz, for 2-D weights. Gradients are
+    already averaged across ranks by DDP, so every rank applies the same update."""
+
+    def __init__(self, params, lr, momentum, backend_steps, row_norm=False, weight_decay=0.0):
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, row_norm=row_norm, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            ns_dtype = torch.bfloat16 if group["params"][0].is_cuda else torch.float32
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(mom).add_(p.grad)
+                update = newton_schulz(p.grad.add(buf, alpha=mom), group["backend_steps"], ns_dtype)
+                if group["row_norm"]:
+                    # equalise rows so no output channel's ternary scale runs away from the others
+                    update = update / (update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7).to(update.dtype)
+                    update = update * 0.2 * max(p.size(0), p.size(1)) ** 0.5 / p.size(1) ** 0.5
+                else:
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr)
+
+
+def build_optimizers(model, h):
+    """Muon for matrices (ternary and the embedding projections); Adam for the embedding and small params."""
+    matrices, scalars = [], []
+    for name, p in model.named_parameters():
+        if name != "tok_emb.weight":
+            (matrices if p.ndim == 2 and name != "skip_weights" else scalars).append(p)
+    fused = next(model.parameters()).is_cuda
+    adam = torch.optim.AdamW(
+        [
+            {"params": [model.tok_emb.weight], "lr": h.embed_lr, "base_lr": h.embed_lr},
+            {"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr},
+        ],
+        betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused,
+    )
+    muon = Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_row_norm, h.muon_wd)
+    for g in muon.param_groups:
+        g["base_lr"] = h.matrix_lr
+    return [adam, muon]
+
+
+def lr_multiplier(step, elapsed, h):
+    """Linear warmup over WARMUP_STEPS, then 1, then a linear warmdown over the last WARMDOWN_FRAC of the run,
+    where the run's progress is whichever of the step budget and the wall-clock budget is further along."""
+    if h.warmup_steps and step < h.warmup_steps:
+        return (step + 1) / h.warmup_steps
+    progress = step / h.iterations
+    if h.max_wallclock_seconds:
+        progress = max(progress, elapsed / h.max_wallclock_seconds)
+    if h.warmdown_frac and progress > 1 - h.warmdown_frac:
+        return max(0.0, (1 - progress) / h.warmdown_frac)
+    return 1.0
+
+
+def muon_momentum(step, h):
+    if not h.muon_momentum_warmup_steps:
+        return h.muon_momentum
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+class EMA:
+    """Exponential moving average of the fp32 master parameters; swapped in before export."""
+
+    def __init__(self, model, decay):
+        self.decay, self.params = decay, [p for p in model.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_byte_luts(sp, vocab_size):
+    """Per-token UTF-8 byte counts from the SentencePiece pieces.
+    base_bytes[t]: bytes of the piece without its leading '▁' (byte-fallback pieces: 1; control/unknown: 0).
+    has_space[t]: the piece starts with '▁', which is one space byte unless the previous token is a boundary.
+    is_boundary[t]: control/unknown/unused tokens (BOS, EOS, ...), after which a leading '▁' is no text."""
+    base = np.zeros(vocab_size, np.int64)
+    space = np.zeros(vocab_size, bool)
+    boundary = np.zeros(vocab_size, bool)
+    for t in range(sp.vocab_size()):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            boundary[t] = True
+        elif sp.is_byte(t):
+            base[t] = 1
+        else:
+            piece = sp.id_to_piece(t)
+            if piece.startswith("\u2581"):
+                space[t], piece = True, piece[1:]
+            base[t] = len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+def target_bytes(inputs, targets, luts):
+    """UTF-8 bytes of each target token given the token before it (its input position)."""
+    base, space, boundary = luts
+    return base[targets] + (space[targets] & ~boundary[inputs])
+
+
+def eval_batches(tokens, seq_len, batch_seqs, rank, world):
+    """Yields (inputs, targets, mask) numpy batches of fixed shape (batch_seqs, seq_len) for this rank. Every
+    target position 1..N-1 of the split lands in exactly one batch of exactly one rank; the tail of the last
+    sequence and the spare rows of the last batch are padding with mask 0 (causal, so padding after a token
+    cannot change its score)."""
+    n_targets = len(tokens) - 1
+    n_seqs = -(-n_targets // seq_len)
+    lo, hi = n_seqs * rank // world, n_seqs * (rank + 1) // world
+    batch_seqs = max(1, min(batch_seqs, -(-n_seqs // world)))  # same shape on every rank, no wasted rows
+    for start in range(lo, hi, batch_seqs):
+        rows = min(batch_seqs, hi - start)
+        x = np.zeros((batch_seqs, seq_len), np.int64)
+        y = np.zeros((batch_seqs, seq_len), np.int64)
+        m = np.zeros((batch_seqs, seq_len), bool)
+        for r in range(rows):
+            a = (start + r) * seq_len
+            n = min(seq_len, n_targets - a)
+            x[r, :n], y[r, :n], m[r, :n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
+        yield x, y, m
+
+
+@torch.no_grad()
+def evaluate(model, tokens, luts, h, rank, world, device, nll_fn=None):
+    """(val_loss in nats/token, val_bpb) over the whole split, sharded across ranks and all-reduced.
+    BPB = total target NLL in bits / total UTF-8 bytes of the targets."""
+    nll_fn = nll_fn or model.token_nll
+    batch_seqs = max(1, h.val_batch_tokens // h.train_seq_len)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    for x, y, m in eval_batches(tokens, h.train_seq_len, batch_seqs, rank, world):
+        with autocast(device):
+            nll = nll_fn(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        mask = torch.from_numpy(m).to(device)
+        totals[0] += (nll.double() * mask).sum()
+        totals[1] += mask.sum()
+        totals[2] += float(target_bytes(x, y, luts)[m].sum())
+    if world > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    nll, ntok, nbytes = totals.tolist()
+    return nll / ntok, nll / math.log(2) / nbytes
+
+
+def autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"TGPT\x01"
+FP8_MAX = 448.0
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+def pack_trits_base3(trits):
+    """5 trits per byte: sum_i (t_i + 1) * 3^i, i < 5 (values 0..242)."""
+    d = (trits.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
+    d = np.concatenate([d, np.ones((-len(d)) % 5, np.uint8)]).reshape(-1, 5).astype(np.uint16)
+    return (d @ np.array([1, 3, 9, 27, 81], np.uint16)).astype(np.uint8).tobytes()
+
+
+def unpack_trits_base3(buf, n):
+    v = np.frombuffer(buf, np.uint8).astype(np.int16)
+    d = np.stack([(v // 3**i) % 3 for i in range(5)], axis=1).reshape(-1)[:n]
+    return (d - 1).astype(np.int8)
+
+
+def pack_trits_2bit(trits):
+    """4 trits per byte at 2 bits each: looser than base-3 but byte-aligned patterns can compress better."""
+    d = (trits.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
+    d = np.concatenate([d, np.ones((-len(d)) % 4, np.uint8)]).reshape(-1, 4)
+    return (d[:, 0] | d[:, 1] << 2 | d[:, 2] << 4 | d[:, 3] << 6).astype(np.uint8).tobytes()
+
+
+def unpack_trits_2bit(buf, n):
+    v = np.frombuffer(buf, np.uint8)
+    d = np.stack([(v >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:n]
+    return (d.astype(np.int16) - 1).astype(np.int8)
+
+
+TRIT_PACKERS = {"base3": (pack_trits_base3, unpack_trits_base3), "2bit": (pack_trits_2bit, unpack_trits_2bit)}
+
+
+def encode_float(t, kind):
+    """fp16 bytes, or fp8 e4m3 with a per-row (per-tensor for 1-D) fp16 scale."""
+    t = t.detach().float().cpu()
+    if kind == "fp16":
+        return {"kind": "fp16"}, t.half().numpy().tobytes()
+    rows = t.reshape(t.size(0), -1) if t.ndim > 1 else t.reshape(1, -1)
+    scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12).half()
+    q = (rows / scale.float()).to(torch.float8_e4m3fn)
+    return {"kind": "fp8", "rows": rows.size(0)}, scale.numpy().tobytes() + q.view(torch.uint8).numpy().tobytes()
+
+
+def decode_float(meta, buf, shape):
+    if meta["kind"] == "fp16":
+        return torch.from_numpy(np.frombuffer(buf, np.float16).astype(np.float32)).reshape(shape)
+    rows = meta["rows"]
+    scale = torch.from_numpy(np.frombuffer(buf[: 2 * rows], np.float16).astype(np.float32)).reshape(rows, 1)
+    q = torch.from_numpy(np.frombuffer(buf[2 * rows :], np.uint8).copy()).view(torch.float8_e4m3fn).float()
+    return (q.reshape(rows, -1) * scale).reshape(shape)
+
+
+def ternary_modules(model):
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+
+
+def serialize_model(model, h, trit_packing="base3"):
+    """Uncompressed payload: magic, header length, JSON header (tensor table), then the tensor bytes."""
+    ternary = ternary_modules(model)
+    pack = TRIT_PACKERS[trit_packing][0]
+    table, chunks, offset = [], [], 0
+    for name, p in model.state_dict().items():
+        if name in ternary:
+            trits, scale = ternary_quantize(p, ternary[name].group_size)
+            meta = {"kind": "ternary", "group_size": ternary[name].group_size}
+            data = pack(trits.to(torch.int8).cpu().numpy()) + scale.half().cpu().numpy().tobytes()
+            meta["trit_bytes"] = len(data) - 2 * scale.numel()
+        else:
+            meta, data = encode_float(p, h.export_float)
+        table.append({"name": name, "shape": list(p.shape), "offset": offset, "nbytes": len(data), **meta})
+        chunks.append(data)
+        offset += len(data)
+    header = json.dumps({"trit_packing": trit_packing, "tensors": table}, separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def deserialize_state(payload):
+    """State dict of fp32 tensors from a payload; ternary weights come back as masters that requantize exactly."""
+    if payload[: len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise ArtifactError("artifact payload has a bad magic; not a train_gpt.py ternary artifact")
+    (hlen,) = struct.unpack("<I", payload[len(ARTIFACT_MAGIC) : len(ARTIFACT_MAGIC) + 4])
+    body = len(ARTIFACT_MAGIC) + 4 + hlen
+    header = json.loads(payload[len(ARTIFACT_MAGIC) + 4 : body])
+    unpack = TRIT_PACKERS[header["trit_packing"]][1]
+    state = {}
+    for t in header["tensors"]:
+        buf, shape = payload[body + t["offset"] : body + t["offset"] + t["nbytes"]], tuple(t["shape"])
+        if t["kind"] == "ternary":
+            n, gs = math.prod(shape), t["group_size"]
+            trits = torch.from_numpy(unpack(buf[: t["trit_bytes"]], n).astype(np.float32)).reshape(shape)
+            scale = torch.from_numpy(np.frombuffer(buf[t["trit_bytes"] :], np.float16).astype(np.float32))
+            state[t["name"]] = ternary_master_from_export(trits, scale.reshape(shape[0], -1), gs)
+        else:
+            state[t["name"]] = decode_float(t, buf, shape)
+    return state
+
+
+def compress_model(model, h, log=print):
+    """(packing, brotli blob). Each trit packing is tried at a fast quality; only the smaller one pays for the
+    final quality (q11 runs at ~0.3 MB/s on this data, too slow to run twice inside the time budget)."""
+    import brotli
+
+    payloads = {packing: serialize_model(model, h, packing) for packing in TRIT_PACKERS}
+    trial_quality = min(5, h.brotli_quality)
+    trial = {p: len(brotli.compress(b, quality=trial_quality, lgwin=24)) for p, b in payloads.items()}
+    packing = min(trial, key=trial.get)
+    t0 = time.perf_counter()
+    blob = brotli.compress(payloads[packing], quality=h.brotli_quality, lgwin=24)
+    log(
+        "export " + " ".join(f"q{trial_quality}_{p}:{n}" for p, n in trial.items())
+        + f" chosen:{packing} q{h.brotli_quality}_bytes:{len(blob)} seconds:{time.perf_counter() - t0:.1f}"
+    )
+    return packing, blob
+
+
+def load_artifact(path):
+    import brotli
+
+    with open(path, "rb") as f:
+        return deserialize_state(brotli.decompress(f.read()))
+
+
+def write_atomic(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def code_bytes():
+    return Path(__file__).stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    def __init__(self, h, is_master):
+        self.is_master, self.file = is_master, None
+        if is_master:
+            os.makedirs(h.log_dir, exist_ok=True)
+            self.file = open(os.path.join(h.log_dir, f"{h.run_id}.txt"), "a", buffering=1)
+
+    def __call__(self, msg):
+        if self.is_master:
+            print(msg, flush=True)
+            self.file.write(msg + "\n")
+
+
+def setup_distributed(h):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but torch.cuda.is_available() is False")
+    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
+    return rank, world, device
+
+
+def check_batch_shape(h, world):
+    per_micro = h.train_batch_tokens / (world * h.grad_accum_steps)
+    if per_micro != int(per_micro) or int(per_micro) % h.train_seq_len:
+        raise ConfigError(
+            f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must split into WORLD_SIZE={world} x "
+            f"GRAD_ACCUM_STEPS={h.grad_accum_steps} micro-batches of whole TRAIN_SEQ_LEN={h.train_seq_len} sequences"
+        )
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_across_ranks(value, device, world):
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def train_step(model, loader, optimizers, h, step, elapsed):
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (a device tensor)."""
+    mult = lr_multiplier(step, elapsed, h)
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+            if isinstance(opt, Muon):
+                g["momentum"] = muon_momentum(step, h)
+    micro = loader.next_batch()
+    total = 0.0
+    for i, (x, y) in enumerate(micro):
+        last = i == len(micro) - 1
+        no_sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext()
+        with no_sync, autocast(x.device):
+            loss = model(x, y) / len(micro)
+        loss.backward()
+        total = total + loss.detach()
+    if h.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]], h.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total
+
+
+def h100_mfu(tokens_per_s, flops_per_token, world):
+    return tokens_per_s * flops_per_token / (989e12 * world)
+
+
+def main():
+    h = Hyperparameters()
+    rank, world, device = setup_distributed(h)
+    check_batch_shape(h, world)
+    log = Logger(h, rank == 0)
+    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+    log(f"run_id:{h.run_id} world_size:{world} device:{device} torch:{torch.__version__} compile:{use_compile}")
+    log("config " + " ".join(f"{h.env_names()[k]}={v}" for k, v in h.as_dict().items()))
+
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    luts = build_byte_luts(sp, h.vocab_size)
+    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.vocab_size, h.max_val_tokens)
+    train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
+    log(f"data train_shards:{len(shard_files(train_pattern))} val_tokens:{len(val_tokens) - 1}")
+
+    base = GPT(h).to(device)
+    total_params, ternary_params = count_params(base)
+    flops_per_token = 6 * total_params + 12 * h.num_layers * h.model_dim * h.train_seq_len
+    log(f"model params:{total_params} ternary:{ternary_params} attention:{base.attn_backend}")
+    model = torch.compile(base, dynamic=False) if use_compile else base
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizers = build_optimizers(base, h)
+    ema = EMA(base, h.ema_decay) if h.ema_enabled else None
+
+    if h.compile_warmup_steps:
+        # compile and autotune on real steps, then put model, optimizers and data back where they started
+        saved = (copy.deepcopy(base.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers])
+        loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
+        t0 = time.perf_counter()
+        for s in range(h.compile_warmup_steps):
+            train_step(model, loader, optimizers, h, s, 0.0)
+        sync(device)
+        loader.close()
+        base.load_state_dict(saved[0])
+        for opt, st in zip(optimizers, saved[1]):
+            opt.load_state_dict(st)
+        log(f"compile_warmup steps:{h.compile_warmup_steps} seconds:{time.perf_counter() - t0:.1f} (untimed)")
+
+    loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
+    step, train_seconds, stop = 0, 0.0, False
+    sync(device)
+    t_start = time.perf_counter()
+    while not stop:
+        loss = train_step(model, loader, optimizers, h, step, train_seconds)
+        if ema is not None:
+            ema.update()
+        step += 1
+        sync(device)
+        train_seconds = max_across_ranks(time.perf_counter() - t_start, device, world)
+        stop = step >= h.iterations or (h.max_wallclock_seconds and train_seconds >= h.max_wallclock_seconds)
+        if step % h.train_log_every == 0 or stop or step <= 5:
+            if world > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            tok_s = step * h.train_batch_tokens / train_seconds
+            left = (h.iterations - step) * train_seconds / step
+            if h.max_wallclock_seconds:
+                left = min(left, h.max_wallclock_seconds - train_seconds)
+            log(
+                f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_multiplier(step, train_seconds, h):.3f} "
+                f"tok/s:{tok_s:.0f} step_ms:{1000 * train_seconds / step:.1f} mfu:{h100_mfu(tok_s, flops_per_token, world):.3f} "
+                f"elapsed:{train_seconds:.1f}s remaining:{max(left, 0):.1f}s"
+            )
+        if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
+            t_val = time.perf_counter()
+            vl, vb = evaluate(base, val_tokens, luts, h, rank, world, device)
+            log(f"step:{step} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_seconds:{time.perf_counter() - t_val:.1f}")
+            t_start += time.perf_counter() - t_val  # evaluation does not eat the training budget
+    loader.close()
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    log(f"train_done steps:{step} train_seconds:{train_seconds:.1f} tok/s:{step * h.train_batch_tokens / train_seconds:.0f} peak_mem_mib:{peak_mem:.0f}")
+
+    if ema is not None:
+        ema.copy_to_model()
+    t_eval = time.perf_counter()
+    pre_loss, pre_bpb = evaluate(base, val_tokens, luts, h, rank, world, device)
+    log(f"pre_export val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} eval_seconds:{time.perf_counter() - t_eval:.1f}")
+
+    over_cap = export_artifact(base, h, log) if rank == 0 else 0.0
+    if max_across_ranks(float(over_cap), device, world):
+        if world > 1:
+            dist.destroy_process_group()
+        sys.exit(1)
+    if world > 1:
+        dist.barrier()
+
+    t_rt = time.perf_counter()
+    fresh = GPT(h).to(device)
+    fresh.load_state_dict(load_artifact(h.artifact_path))
+    rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device)
+    log(
+        f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
+        f"eval_seconds:{time.perf_counter() - t_rt:.1f}"
+    )
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def export_artifact(model, h, log):
+    """Writes the artifact atomically; returns True (and keeps the blob beside it) when over the cap."""
+    packing, blob = compress_model(model, h, log)
+    code, total = code_bytes(), code_bytes() + len(blob)
+    log(f"artifact packing:{packing} model_bytes:{len(blob)} code_bytes:{code} total_bytes:{total} cap:{h.artifact_cap_bytes}")
+    if total > h.artifact_cap_bytes:
+        kept = f"{h.artifact_path}.over_cap"
+        write_atomic(kept, blob)
+        log(f"ERROR artifact over cap by {total - h.artifact_cap_bytes} bytes; blob kept as {kept}, {h.artifact_path} untouched")
+        return True
+    write_atomic(h.artifact_path, blob)
+    log(f"artifact_written path:{h.artifact_path}")
+    return False
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
