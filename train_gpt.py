@@ -505,7 +505,7 @@ class GPT(nn.Module):
         self.embed_out = nn.Linear(d, e, bias=False) if e != d else None
         self.blocks = nn.ModuleList([Block(h, flash) for _ in range(h.num_layers)])
         self.num_encoder = h.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(h.num_layers - self.num_encoder, d))
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))  # odd depth: last block has no skip
         self.final_norm = RMSNorm(d)
 
     def hidden(self, idx):

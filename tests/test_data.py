@@ -1,0 +1,140 @@
+"""train_gpt.py data section: shard validation errors, tokenizer/vocab check, loader determinism and rank layout."""
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import TINY, TOKENIZER
+
+
+def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None, extra=b""):
+    header = np.zeros(tg.HEADER_INTS, "<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(tokens, "<u2").tobytes() + extra)
+    return path
+
+
+def test_good_shard_roundtrip(tmp_path):
+    toks = np.arange(1000) % 1024
+    p = write_shard(tmp_path / "fineweb_train_000000.bin", toks)
+    assert tg.read_shard_header(p) == 1000
+    np.testing.assert_array_equal(tg.load_shard(p, 1024), toks)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(magic=12345), "bad magic"),
+        (dict(version=2), "unsupported shard version"),
+        (dict(count=999), "but file has"),
+        (dict(extra=b"\x00\x00"), "but file has"),
+    ],
+)
+def test_bad_header_names_file(tmp_path, kwargs, message):
+    p = write_shard(tmp_path / "fineweb_train_000007.bin", np.arange(1000) % 1024, **kwargs)
+    with pytest.raises(tg.DataError, match=message) as e:
+        tg.load_shard(p, 1024)
+    assert "fineweb_train_000007.bin" in str(e.value)
+
+
+def test_truncated_header(tmp_path):
+    p = tmp_path / "fineweb_val_000000.bin"
+    p.write_bytes(b"\x00" * 100)
+    with pytest.raises(tg.DataError, match="shorter than"):
+        tg.read_shard_header(p)
+
+
+def test_token_out_of_vocab(tmp_path):
+    toks = np.zeros(50, np.int64)
+    toks[17] = 1024
+    p = write_shard(tmp_path / "fineweb_val_000000.bin", toks)
+    with pytest.raises(tg.DataError, match=r"token id 1024 at position 17 >= VOCAB_SIZE=1024"):
+        tg.load_shard(p, 1024)
+    assert len(tg.load_shard(p, 2048)) == 50
+
+
+def test_no_shards_and_tokenizer_checks(tmp_path):
+    with pytest.raises(tg.DataError, match="no shard matches"):
+        tg.shard_files(str(tmp_path / "fineweb_train_*.bin"))
+    with pytest.raises(tg.DataError, match="vocab 1024 != VOCAB_SIZE=8192"):
+        tg.load_tokenizer(TOKENIZER, 8192)
+    with pytest.raises(tg.DataError, match="not found"):
+        tg.load_tokenizer(str(tmp_path / "missing.model"), 1024)
+    assert tg.load_tokenizer(TOKENIZER, 1024).vocab_size() == 1024
+
+
+def test_config_errors_name_the_variable():
+    with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_LEN='abc'"):
+        tg.Hyperparameters({"TRAIN_SEQ_LEN": "abc"})
+    with pytest.raises(tg.ConfigError, match="MODEL_DIM=0 must be > 0"):
+        tg.Hyperparameters({"MODEL_DIM": "0"})
+    with pytest.raises(tg.ConfigError, match="MLP_ACT='gelu' must be one of"):
+        tg.Hyperparameters({"MLP_ACT": "gelu"})
+    with pytest.raises(tg.ConfigError, match="EMA_ENABLED='maybe'"):
+        tg.Hyperparameters({"EMA_ENABLED": "maybe"})
+    with pytest.raises(tg.ConfigError, match="NUM_KV_HEADS"):
+        tg.Hyperparameters({"NUM_HEADS": "12", "NUM_KV_HEADS": "5"})
+    h = tg.Hyperparameters({"EMA_ENABLED": "true", "MATRIX_LR": "0.5"})
+    assert h.ema_enabled is True and h.matrix_lr == 0.5
+    with pytest.raises(tg.ConfigError, match="GRAD_ACCUM_STEPS=3"):
+        tg.check_batch_shape(tg.Hyperparameters({"TRAIN_BATCH_TOKENS": "1024", "GRAD_ACCUM_STEPS": "3"}), 1)
+
+
+def make_loader(shards, world, rank, accum, seed=7, batch=1024, seq=64):
+    h = tg.Hyperparameters({**TINY, "GRAD_ACCUM_STEPS": str(accum), "SEED": str(seed),
+                            "TRAIN_BATCH_TOKENS": str(batch), "TRAIN_SEQ_LEN": str(seq)})
+    return tg.DistributedTokenLoader(str(shards / "fineweb_train_*.bin"), h, rank, world, torch.device("cpu"))
+
+
+def collect(loader, steps):
+    out = [[(x.clone(), y.clone()) for x, y in loader.next_batch()] for _ in range(steps)]
+    loader.close()
+    return out
+
+
+def test_loader_targets_are_shifted_inputs(shards):
+    for x, y in collect(make_loader(shards, 1, 0, 2), 3)[0]:
+        assert x.shape == y.shape == (8, 64)
+        flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+        assert torch.equal(flat_x[1:], flat_y[:-1])  # one contiguous piece, shifted by one
+
+
+def test_loader_deterministic_for_seed(shards):
+    a, b = collect(make_loader(shards, 1, 0, 1, seed=3), 40), collect(make_loader(shards, 1, 0, 1, seed=3), 40)
+    assert all(torch.equal(p[0][0], q[0][0]) for p, q in zip(a, b))
+    # the train shards hold ~3 epochs-worth of 40 steps; a different seed visits the shards in another order
+    c = collect(make_loader(shards, 1, 0, 1, seed=4), 40)
+    assert not all(torch.equal(p[0][0], q[0][0]) for p, q in zip(a, c))
+
+
+def test_ranks_read_disjoint_pieces_of_the_same_global_batch(shards):
+    single = collect(make_loader(shards, 1, 0, 2), 5)  # world 1, accum 2
+    r0, r1 = collect(make_loader(shards, 2, 0, 1), 5), collect(make_loader(shards, 2, 1, 1), 5)
+    for step in range(5):
+        assert torch.equal(single[step][0][0], r0[step][0][0])
+        assert torch.equal(single[step][1][0], r1[step][0][0])
+        assert not torch.equal(r0[step][0][0], r1[step][0][0])
+    # consecutive pieces of a step do not overlap: rank 1's piece starts micro+1 tokens after rank 0's
+    stream = tg.TokenStream(tg.shard_files(str(shards / "fineweb_train_*.bin")), 1024, 7)
+    span = stream.take(2 * 513)
+    assert torch.equal(r0[0][0][0].reshape(-1), torch.from_numpy(span[:512].astype(np.int64)))
+    assert torch.equal(r1[0][0][0].reshape(-1), torch.from_numpy(span[513:1025].astype(np.int64)))
+
+
+def test_token_stream_crosses_shards_and_epochs(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(0, 10))
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(10, 17))
+    stream = tg.TokenStream(tg.shard_files(str(tmp_path / "fineweb_train_*.bin")), 1024, 0)
+    got = np.concatenate([stream.take(5) for _ in range(10)])  # 50 tokens = 2.9 epochs of 17
+    for epoch in range(2):
+        assert sorted(got[17 * epoch : 17 * (epoch + 1)].tolist()) == list(range(17))
+
+
+def test_loader_surfaces_bad_shard_from_prefetch_thread(tmp_path):
+    toks = np.zeros(5000, np.int64)
+    toks[4000] = 2000
+    write_shard(tmp_path / "fineweb_train_000000.bin", toks)
+    loader = make_loader(tmp_path, 1, 0, 1)
+    with pytest.raises(tg.DataError, match="token id 2000"):
+        loader.next_batch()
+    loader.close()

@@ -1,0 +1,87 @@
+"""Evaluation: BPB byte accounting by hand from real tokenizer pieces, coverage, and the full evaluate()."""
+import math
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt as tg
+from conftest import TOKENIZER
+
+SP = spm.SentencePieceProcessor(model_file=TOKENIZER)
+LUTS = tg.build_byte_luts(SP, 1024)
+BOS = SP.bos_id()
+
+
+def bytes_of(ids):
+    ids = np.asarray(ids)
+    return int(tg.target_bytes(ids[:-1], ids[1:], LUTS).sum())
+
+
+def test_hand_computed_bytes_from_pieces():
+    ids = SP.encode("Hello world")
+    assert [SP.id_to_piece(i) for i in ids] == ["H", "ell", "o", "\u2581wor", "ld"]
+    # after BOS: H=1, ell=3, o=1, '▁wor' = space + 3 = 4, ld=2
+    assert bytes_of([BOS] + ids) == 11 == len("Hello world".encode())
+    emoji = SP.encode("naïve café 🙂")
+    pieces = [SP.id_to_piece(i) for i in emoji]
+    assert pieces.count("<0xF0>") == 1 and "<0xC3>" in pieces  # byte fallback: one byte per piece
+    # n a ï(2 byte pieces) ve ▁c a f é(2) ▁ 🙂(4) = 1+1+2+2+2+1+1+2+1+4
+    assert bytes_of([BOS] + emoji) == 17 == len("naïve café 🙂".encode())
+
+
+def test_leading_space_after_boundary_counts_zero():
+    wor, ld = SP.piece_to_id("\u2581wor"), SP.piece_to_id("ld")
+    assert bytes_of([BOS, wor, ld]) == 3 + 2  # '▁' straight after BOS is no text
+    assert bytes_of([ld, wor]) == 4  # mid-document it is one space byte
+    assert bytes_of([ld, SP.eos_id()]) == 0  # control tokens have no bytes
+    assert bytes_of([ld, SP.unk_id()]) == 0
+
+
+def test_bytes_equal_utf8_of_decoded_documents():
+    """Independent reference over real documents: bytes of the targets = UTF-8 bytes of the decoded texts."""
+    import lzma, json
+
+    docs = [json.loads(line)["text"] for _, line in zip(range(5), lzma.open(str(tg.Path(TOKENIZER).parent / "val_docs.jsonl.xz"), "rt"))]
+    docs.append("Tabs\tand\nnewlines and  double  spaces 中文")
+    stream, expected = [], 0
+    for d in docs:
+        ids = SP.encode(d)
+        stream += [BOS] + ids
+        expected += len(SP.decode(ids).encode("utf-8"))
+    assert bytes_of(stream) == expected
+
+
+@pytest.mark.parametrize("n, seq, batch, world", [(1000, 64, 4, 1), (1000, 64, 4, 3), (129, 64, 8, 2), (65, 64, 2, 4)])
+def test_every_target_scored_exactly_once(n, seq, batch, world):
+    tokens = np.arange(n) % 1024
+    seen = np.zeros(n, int)
+    shapes = set()
+    for rank in range(world):
+        for x, y, m in tg.eval_batches(tokens, seq, batch, rank, world):
+            shapes.add(x.shape)
+            np.testing.assert_array_equal(y[m], x[m] + 1)  # target is the next token
+            np.add.at(seen, y[m], 1)
+    assert seen[0] == 0 and (seen[1:] == 1).all()
+    assert len(shapes) == 1  # one shape for every batch of every rank: no recompiles
+
+
+class UniformModel(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def token_nll(self, idx, targets):
+        return torch.full(targets.shape, math.log(self.vocab)) + self.p
+
+
+def test_evaluate_uniform_model_gives_log2_vocab_bits_per_token():
+    text = "The quick brown fox jumps over the lazy dog. Ünïcödé 🙂"
+    tokens = np.array([BOS] + SP.encode(text) + [BOS] + SP.encode("Second document here."))
+    h = tg.Hyperparameters({"TRAIN_SEQ_LEN": "8", "VAL_BATCH_TOKENS": "16", "VOCAB_SIZE": "1024"})
+    loss, bpb = tg.evaluate(UniformModel(1024), tokens, LUTS, h, 0, 1, torch.device("cpu"))
+    n_bytes = len(text.encode()) + len("Second document here.".encode())
+    assert loss == pytest.approx(math.log(1024))
+    assert bpb == pytest.approx((len(tokens) - 1) * 10 / n_bytes)

@@ -1,0 +1,105 @@
+"""Export: trit packing against slow references, artifact round trip (ternary bit-exact, floats within their
+precision, identical logits), and the over-cap path."""
+import os
+
+import brotli
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import log_values, run_train
+from test_model import model
+
+
+def slow_base3(trits):
+    out = []
+    digits = [int(t) + 1 for t in trits] + [1] * ((-len(trits)) % 5)
+    for i in range(0, len(digits), 5):
+        out.append(sum(d * 3**k for k, d in enumerate(digits[i : i + 5])))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 1000, 1003])
+def test_trit_packers_roundtrip_and_match_reference(n):
+    trits = np.random.default_rng(n).integers(-1, 2, n).astype(np.int8)
+    packed = tg.pack_trits_base3(trits)
+    assert packed == slow_base3(trits) and len(packed) == -(-n // 5)
+    np.testing.assert_array_equal(tg.unpack_trits_base3(packed, n), trits)
+    packed2 = tg.pack_trits_2bit(trits)
+    assert len(packed2) == -(-n // 4)
+    first4 = list(trits[:4]) + [0] * (4 - len(trits[:4]))  # padding is the zero trit
+    assert packed2[0] == sum((int(t) + 1) << (2 * k) for k, t in enumerate(first4))
+    np.testing.assert_array_equal(tg.unpack_trits_2bit(packed2, n), trits)
+
+
+def fp16_exact(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.half().float())
+    return m
+
+
+@pytest.mark.parametrize("packing", ["base3", "2bit"])
+def test_roundtrip_is_exact(packing):
+    m = fp16_exact(model()).eval()
+    h = tg.Hyperparameters({"EXPORT_FLOAT": "fp16"})
+    state = tg.deserialize_state(tg.serialize_model(m, h, packing))
+    fresh = model().eval()
+    fresh.load_state_dict(state)
+    for name, mod in tg.ternary_modules(m).items():
+        t0, s0 = tg.ternary_quantize(mod.weight, mod.group_size)
+        t1, s1 = tg.ternary_quantize(state[name], mod.group_size)
+        assert torch.equal(t0, t1) and torch.equal(s0, s1), name
+    idx = torch.randint(0, 128, (2, 16))
+    assert torch.equal(m.logits(idx), fresh.logits(idx))  # identical, not close
+    assert tg.serialize_model(fresh, h, packing) == tg.serialize_model(m, h, packing)  # re-export is idempotent
+
+
+def test_float_params_within_their_precision():
+    m = model().eval()
+    for kind, rtol in [("fp16", 2**-11), ("fp8", 2**-3)]:
+        state = tg.deserialize_state(tg.serialize_model(m, tg.Hyperparameters({"EXPORT_FLOAT": kind})))
+        ternary = tg.ternary_modules(m)
+        for name, p in m.state_dict().items():
+            if name not in ternary:
+                ref = p.float()
+                tol = rtol * ref.abs().amax(dim=-1, keepdim=True) if kind == "fp8" else rtol * ref.abs()
+                assert ((state[name] - ref).abs() <= tol + 1e-7).all(), (kind, name)
+        fresh = model().eval()
+        fresh.load_state_dict(state)
+        idx = torch.randint(0, 128, (1, 16))
+        torch.testing.assert_close(fresh.logits(idx), m.logits(idx), rtol=0.1, atol=0.1)
+
+
+def test_bad_payload_magic():
+    with pytest.raises(tg.ArtifactError, match="bad magic"):
+        tg.deserialize_state(b"NOPE" + b"\x00" * 20)
+
+
+def test_compress_keeps_the_smaller_packing_and_reloads(tmp_path):
+    m = fp16_exact(model())
+    h = tg.Hyperparameters({"BROTLI_QUALITY": "5"})
+    packing, blob = tg.compress_model(m, h, log=lambda s: None)
+    other = "2bit" if packing == "base3" else "base3"
+    assert len(blob) <= len(brotli.compress(tg.serialize_model(m, h, other), quality=5, lgwin=24))
+    path = tmp_path / "a.ptz"
+    tg.write_atomic(str(path), blob)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ptz"]  # no temp file left behind
+    fresh = model()
+    fresh.load_state_dict(tg.load_artifact(str(path)))
+    idx = torch.randint(0, 128, (1, 8))
+    assert torch.equal(fresh.logits(idx), m.logits(idx))
+
+
+@pytest.mark.slow
+def test_over_cap_fails_loudly_and_keeps_good_artifact(shards, tmp_path):
+    good = tmp_path / "model.ptz"
+    good.write_bytes(b"previous good artifact")
+    r = run_train(shards, tmp_path, ITERATIONS=2, ARTIFACT_CAP_BYTES=50_000)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ERROR artifact over cap" in r.stdout
+    assert good.read_bytes() == b"previous good artifact"
+    kept = tmp_path / "model.ptz.over_cap"
+    assert kept.stat().st_size == log_values(r.stdout, "model_bytes")[0]
+    assert "final_roundtrip" not in r.stdout

@@ -1,0 +1,95 @@
+"""Muon's Newton-Schulz orthogonalization, its update rule, optimizer grouping and the schedules."""
+import pytest
+import torch
+
+import train_gpt as tg
+from test_model import model
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 128), (192, 48)])
+def test_newton_schulz_orthogonalizes(shape):
+    gen = torch.Generator().manual_seed(1)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=gen))
+    g = u @ torch.diag(torch.logspace(0, 1.5, k)) @ v.T  # a gradient-like spread of singular values (31.6x)
+    s_in = torch.linalg.svdvals(g)
+    s_out = torch.linalg.svdvals(tg.newton_schulz(g, 5, torch.float32))
+    assert s_in.max() / s_in.min() > 30
+    # the quintic iteration trades exactness for speed: singular values land in a band around 1, not on 1
+    assert s_out.min() > 0.6 and s_out.max() < 1.25
+    # and it keeps the singular vectors: the output is close to U V^T from an exact SVD
+    exact = u @ v.T
+    cos = (tg.newton_schulz(g, 5, torch.float32) * exact).sum() / exact.norm() ** 2
+    assert cos > 0.85
+
+
+def test_muon_step_matches_manual_update():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(48, 32))
+    p0 = p.detach().clone()
+    opt = tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.01)
+    g1, g2 = torch.randn(48, 32), torch.randn(48, 32)
+    p.grad = g1.clone()
+    opt.step()
+    expected = p0 * (1 - 0.1 * 0.01) - 0.1 * (48 / 32) ** 0.5 * tg.newton_schulz(g1 + 0.9 * g1, 5, torch.float32)
+    torch.testing.assert_close(p.detach(), expected)
+    p.grad = g2.clone()
+    opt.step()
+    buf = 0.9 * g1 + g2
+    expected = expected * (1 - 0.001) - 0.1 * 1.5**0.5 * tg.newton_schulz(g2 + 0.9 * buf, 5, torch.float32)
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_muon_row_norm_equalises_rows():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(16, 64))
+    opt = tg.Muon([p], lr=1.0, momentum=0.0, backend_steps=5, row_norm=True)
+    p.grad = torch.randn(16, 64) * torch.logspace(0, 2, 16)[:, None]
+    opt.step()
+    row_rms = p.detach().pow(2).mean(1).sqrt()
+    torch.testing.assert_close(row_rms, torch.full_like(row_rms, row_rms[0].item()), rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    m = model()
+    adam, muon = tg.build_optimizers(m, tg.Hyperparameters({"MATRIX_LR": "0.05", "EMBED_LR": "0.3"}))
+    muon_params = [p for g in muon.param_groups for p in g["params"]]
+    adam_params = [p for g in adam.param_groups for p in g["params"]]
+    assert {id(p) for p in muon_params}.isdisjoint(id(p) for p in adam_params)
+    assert len(muon_params) + len(adam_params) == len(list(m.parameters()))
+    assert all(p.ndim == 2 for p in muon_params)
+    ternary = {id(mod.weight) for mod in m.modules() if isinstance(mod, tg.TernaryLinear)}
+    assert ternary <= {id(p) for p in muon_params}
+    assert adam.param_groups[0]["params"][0] is m.tok_emb.weight and adam.param_groups[0]["lr"] == 0.3
+    assert m.skip_weights in adam.param_groups[1]["params"]
+    assert muon.param_groups[0]["lr"] == 0.05
+
+
+def test_lr_schedule_warmup_wallclock_warmdown():
+    h = tg.Hyperparameters({"WARMUP_STEPS": "10", "WARMDOWN_FRAC": "0.25", "MAX_WALLCLOCK_SECONDS": "100",
+                            "ITERATIONS": "100000"})
+    assert tg.lr_multiplier(0, 0.0, h) == pytest.approx(0.1)
+    assert tg.lr_multiplier(9, 0.0, h) == pytest.approx(1.0)
+    assert tg.lr_multiplier(50, 70.0, h) == 1.0
+    assert tg.lr_multiplier(50, 87.5, h) == pytest.approx(0.5)  # halfway through the last 25 s
+    assert tg.lr_multiplier(50, 100.0, h) == 0.0
+    steps = tg.Hyperparameters({"WARMUP_STEPS": "0", "WARMDOWN_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "0",
+                                "ITERATIONS": "200"})
+    assert tg.lr_multiplier(100, 1e9, steps) == 1.0 and tg.lr_multiplier(150, 1e9, steps) == pytest.approx(0.5)
+
+
+def test_muon_momentum_warmup_and_ema():
+    h = tg.Hyperparameters({"MUON_MOMENTUM_WARMUP_START": "0.8", "MUON_MOMENTUM": "0.9",
+                            "MUON_MOMENTUM_WARMUP_STEPS": "10"})
+    assert tg.muon_momentum(0, h) == pytest.approx(0.8)
+    assert tg.muon_momentum(5, h) == pytest.approx(0.85)
+    assert tg.muon_momentum(50, h) == pytest.approx(0.9)
+    lin = torch.nn.Linear(3, 3)
+    ema = tg.EMA(lin, decay=0.5)
+    start = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(2.0)
+    ema.update()
+    ema.copy_to_model()
+    torch.testing.assert_close(lin.weight.detach(), start + 1.0)

@@ -1,0 +1,33 @@
+"""End-to-end: a short CPU training run of train_gpt.py whose loss falls, exported, reloaded and scored."""
+import pytest
+import torch
+
+from conftest import log_values, run_train
+
+
+@pytest.mark.slow
+def test_short_run_loss_falls_and_roundtrip_scores(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=40, WARMDOWN_FRAC=0.3, MATRIX_LR=0.04, EMBED_LR=0.05,
+                  TRAIN_LOG_EVERY=5, VAL_LOSS_EVERY=20, COMPILE_WARMUP_STEPS=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    losses = log_values(r.stdout, "train_loss")
+    assert losses[0] > 6.5  # ln(1024) = 6.93 at init
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0
+    assert "compile_warmup steps:2" in r.stdout
+    pre = log_values(r.stdout.split("pre_export")[1], "val_bpb")[0]
+    final = log_values(r.stdout.split("final_roundtrip")[1], "val_bpb")[0]
+    assert abs(final - pre) < 0.01  # fp16 storage of the small params only
+    assert (tmp_path / "model.ptz").stat().st_size == log_values(r.stdout, "model_bytes")[0]
+    assert (tmp_path / "logs" / "ternary.txt").read_text().count("step:") >= 8
+    assert "remaining:" in r.stdout and "tok/s:" in r.stdout
+
+
+def test_bad_config_exits_with_message(shards, tmp_path):
+    r = run_train(shards, tmp_path, GROUP_SIZE=48)
+    assert r.returncode == 2
+    assert "GROUP_SIZE=48" in r.stderr
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_clear_error(shards, tmp_path):
+    r = run_train(shards, tmp_path, DEVICE="cuda")
+    assert r.returncode == 2 and "DEVICE=cuda but torch.cuda.is_available() is False" in r.stderr
