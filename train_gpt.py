@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
-import io
 import json
 import math
 import os
@@ -716,17 +715,16 @@ def eval_batches(tokens, seq_len, batch_seqs, rank, world):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, luts, h, rank, world, device, nll_fn=None):
+def evaluate(model, tokens, luts, h, rank, world, device):
     """(val_loss in nats/token, val_bpb) over the whole split, sharded across ranks and all-reduced.
     BPB = total target NLL in bits / total UTF-8 bytes of the targets."""
-    nll_fn = nll_fn or model.token_nll
     batch_seqs = max(1, h.val_batch_tokens // h.train_seq_len)
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     for x, y, m in eval_batches(tokens, h.train_seq_len, batch_seqs, rank, world):
         with autocast(device):
-            nll = nll_fn(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            nll = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         mask = torch.from_numpy(m).to(device)
         totals[0] += (nll.double() * mask).sum()
         totals[1] += mask.sum()
@@ -884,6 +882,21 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
+def export_artifact(model, h, log):
+    """Writes the artifact atomically; returns True (and keeps the blob beside it) when over the cap."""
+    packing, blob = compress_model(model, h, log)
+    code, total = code_bytes(), code_bytes() + len(blob)
+    log(f"artifact packing:{packing} model_bytes:{len(blob)} code_bytes:{code} total_bytes:{total} cap:{h.artifact_cap_bytes}")
+    if total > h.artifact_cap_bytes:
+        kept = f"{h.artifact_path}.over_cap"
+        write_atomic(kept, blob)
+        log(f"ERROR artifact over cap by {total - h.artifact_cap_bytes} bytes; blob kept as {kept}, {h.artifact_path} untouched")
+        return True
+    write_atomic(h.artifact_path, blob)
+    log(f"artifact_written path:{h.artifact_path}")
+    return False
+
+
 def code_bytes():
     return Path(__file__).stat().st_size
 
@@ -974,47 +987,25 @@ def h100_mfu(tokens_per_s, flops_per_token, world):
     return tokens_per_s * flops_per_token / (989e12 * world)
 
 
-def main():
-    h = Hyperparameters()
-    rank, world, device = setup_distributed(h)
-    check_batch_shape(h, world)
-    log = Logger(h, rank == 0)
-    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-    log(f"run_id:{h.run_id} world_size:{world} device:{device} torch:{torch.__version__} compile:{use_compile}")
-    log("config " + " ".join(f"{h.env_names()[k]}={v}" for k, v in h.as_dict().items()))
+def compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log):
+    """Compile and autotune on real steps, then put model, optimizers and data back where they started."""
+    saved = (copy.deepcopy(base.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers])
+    loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
+    t0 = time.perf_counter()
+    for s in range(h.compile_warmup_steps):
+        train_step(model, loader, optimizers, h, s, 0.0)
+    sync(device)
+    loader.close()
+    base.load_state_dict(saved[0])
+    for opt, st in zip(optimizers, saved[1]):
+        opt.load_state_dict(st)
+    log(f"compile_warmup steps:{h.compile_warmup_steps} seconds:{time.perf_counter() - t0:.1f} (untimed)")
 
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    luts = build_byte_luts(sp, h.vocab_size)
-    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.vocab_size, h.max_val_tokens)
-    train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
-    log(f"data train_shards:{len(shard_files(train_pattern))} val_tokens:{len(val_tokens) - 1}")
 
-    base = GPT(h).to(device)
-    total_params, ternary_params = count_params(base)
-    flops_per_token = 6 * total_params + 12 * h.num_layers * h.model_dim * h.train_seq_len
-    log(f"model params:{total_params} ternary:{ternary_params} attention:{base.attn_backend}")
-    model = torch.compile(base, dynamic=False) if use_compile else base
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizers = build_optimizers(base, h)
-    ema = EMA(base, h.ema_decay) if h.ema_enabled else None
-
-    if h.compile_warmup_steps:
-        # compile and autotune on real steps, then put model, optimizers and data back where they started
-        saved = (copy.deepcopy(base.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers])
-        loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
-        t0 = time.perf_counter()
-        for s in range(h.compile_warmup_steps):
-            train_step(model, loader, optimizers, h, s, 0.0)
-        sync(device)
-        loader.close()
-        base.load_state_dict(saved[0])
-        for opt, st in zip(optimizers, saved[1]):
-            opt.load_state_dict(st)
-        log(f"compile_warmup steps:{h.compile_warmup_steps} seconds:{time.perf_counter() - t0:.1f} (untimed)")
-
+def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log):
+    """The timed loop: stops at ITERATIONS or when the slowest rank's clock passes MAX_WALLCLOCK_SECONDS."""
+    val_tokens, luts = val
+    flops_per_token = 6 * count_params(base)[0] + 12 * h.num_layers * h.model_dim * h.train_seq_len
     loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
     step, train_seconds, stop = 0, 0.0, False
     sync(device)
@@ -1048,20 +1039,19 @@ def main():
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     log(f"train_done steps:{step} train_seconds:{train_seconds:.1f} tok/s:{step * h.train_batch_tokens / train_seconds:.0f} peak_mem_mib:{peak_mem:.0f}")
 
-    if ema is not None:
-        ema.copy_to_model()
+
+def export_and_score(base, h, val, rank, world, device, log):
+    """Pre-export score, artifact (rank 0 writes; every rank learns whether it was over the cap), then the
+    score of a fresh model loaded from the file on disk. Returns False when over the cap."""
+    val_tokens, luts = val
     t_eval = time.perf_counter()
     pre_loss, pre_bpb = evaluate(base, val_tokens, luts, h, rank, world, device)
     log(f"pre_export val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} eval_seconds:{time.perf_counter() - t_eval:.1f}")
-
-    over_cap = export_artifact(base, h, log) if rank == 0 else 0.0
+    over_cap = export_artifact(base, h, log) if rank == 0 else False
     if max_across_ranks(float(over_cap), device, world):
-        if world > 1:
-            dist.destroy_process_group()
-        sys.exit(1)
+        return False
     if world > 1:
         dist.barrier()
-
     t_rt = time.perf_counter()
     fresh = GPT(h).to(device)
     fresh.load_state_dict(load_artifact(h.artifact_path))
@@ -1070,23 +1060,44 @@ def main():
         f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
         f"eval_seconds:{time.perf_counter() - t_rt:.1f}"
     )
+    return True
+
+
+def main():
+    h = Hyperparameters()
+    rank, world, device = setup_distributed(h)
+    check_batch_shape(h, world)
+    log = Logger(h, rank == 0)
+    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+    log(f"run_id:{h.run_id} world_size:{world} device:{device} torch:{torch.__version__} compile:{use_compile}")
+    log("config " + " ".join(f"{h.env_names()[k]}={v}" for k, v in h.as_dict().items()))
+
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.vocab_size, h.max_val_tokens)
+    val = (val_tokens, build_byte_luts(sp, h.vocab_size))
+    train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
+    log(f"data train_shards:{len(shard_files(train_pattern))} val_tokens:{len(val_tokens) - 1}")
+
+    base = GPT(h).to(device)
+    total_params, ternary_params = count_params(base)
+    log(f"model params:{total_params} ternary:{ternary_params} attention:{base.attn_backend}")
+    model = torch.compile(base, dynamic=False) if use_compile else base
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizers = build_optimizers(base, h)
+    ema = EMA(base, h.ema_decay) if h.ema_enabled else None
+    if h.compile_warmup_steps:
+        compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log)
+    train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
+    if ema is not None:
+        ema.copy_to_model()
+    ok = export_and_score(base, h, val, rank, world, device, log)
     if world > 1:
         dist.destroy_process_group()
-
-
-def export_artifact(model, h, log):
-    """Writes the artifact atomically; returns True (and keeps the blob beside it) when over the cap."""
-    packing, blob = compress_model(model, h, log)
-    code, total = code_bytes(), code_bytes() + len(blob)
-    log(f"artifact packing:{packing} model_bytes:{len(blob)} code_bytes:{code} total_bytes:{total} cap:{h.artifact_cap_bytes}")
-    if total > h.artifact_cap_bytes:
-        kept = f"{h.artifact_path}.over_cap"
-        write_atomic(kept, blob)
-        log(f"ERROR artifact over cap by {total - h.artifact_cap_bytes} bytes; blob kept as {kept}, {h.artifact_path} untouched")
-        return True
-    write_atomic(h.artifact_path, blob)
-    log(f"artifact_written path:{h.artifact_path}")
-    return False
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Export: trit packing against slow references, artifact round trip (ternary bit-exact, floats within their
 precision, identical logits), and the over-cap path."""
-import os
 
 import brotli
 import numpy as np
