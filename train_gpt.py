@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import importlib
 import json
 import math
 import os
@@ -401,24 +402,18 @@ class Rotary(nn.Module):
         return torch.cat((rotated, rest), dim=-1) if rest.numel() else rotated
 
 
+FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAttention-3, -2
+
+
 def resolve_attention(impl):
     """(name, flash_attn_func or None). 'auto' takes FlashAttention-3, then -2, else SDPA."""
-    if impl in ("auto", "fa3"):
-        try:
-            from flash_attn_interface import flash_attn_func
-
-            return "fa3", flash_attn_func
-        except ImportError:
-            if impl == "fa3":
-                raise ConfigError("ATTN_IMPL=fa3 but flash_attn_interface (FlashAttention-3) is not importable")
-    if impl in ("auto", "fa2"):
-        try:
-            from flash_attn import flash_attn_func
-
-            return "fa2", flash_attn_func
-        except ImportError:
-            if impl == "fa2":
-                raise ConfigError("ATTN_IMPL=fa2 but flash_attn (FlashAttention-2) is not importable")
+    for name, module in FLASH_MODULES.items():
+        if impl in ("auto", name):
+            try:
+                return name, importlib.import_module(module).flash_attn_func
+            except ImportError:
+                if impl == name:
+                    raise ConfigError(f"ATTN_IMPL={name} but {module} is not importable") from None
     return "sdpa", None
 
 
@@ -593,10 +588,11 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(mom).add_(p.grad)
                 update = newton_schulz(p.grad.add(buf, alpha=mom), group["backend_steps"], ns_dtype)
+                # both variants give the update an RMS of 1/sqrt(fan_in), so MATRIX_LR means the same in each
                 if group["row_norm"]:
-                    # equalise rows so no output channel's ternary scale runs away from the others
-                    update = update / (update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7).to(update.dtype)
-                    update = update * 0.2 * max(p.size(0), p.size(1)) ** 0.5 / p.size(1) ** 0.5
+                    # equal rows: no output channel's ternary scale runs away from the others
+                    row_rms = update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7
+                    update = update / (row_rms * p.size(1) ** 0.5).to(update.dtype)
                 else:
                     update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
                 if group["weight_decay"]:

@@ -103,3 +103,18 @@ def test_param_count_and_ternary_share():
     per_block = 64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 2
     assert ternary == 4 * per_block
     assert total == ternary + 128 * 32 + 2 * 32 * 64 + 4 * (4 * 64 + 4) + 2 * 64 + 64
+
+
+def test_attention_backend_resolution(monkeypatch):
+    import sys
+    import types
+
+    for module in tg.FLASH_MODULES.values():
+        monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules makes the import fail
+    assert tg.resolve_attention("auto") == ("sdpa", None)
+    with pytest.raises(tg.ConfigError, match="ATTN_IMPL=fa3 but flash_attn_interface is not importable"):
+        tg.resolve_attention("fa3")
+    fake = types.SimpleNamespace(flash_attn_func=lambda q, k, v, causal: q)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    assert tg.resolve_attention("auto") == ("fa2", fake.flash_attn_func)
+    assert tg.resolve_attention("sdpa") == ("sdpa", None)

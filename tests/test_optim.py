@@ -41,14 +41,21 @@ def test_muon_step_matches_manual_update():
     torch.testing.assert_close(p.detach(), expected)
 
 
-def test_muon_row_norm_equalises_rows():
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.zeros(16, 64))
-    opt = tg.Muon([p], lr=1.0, momentum=0.0, backend_steps=5, row_norm=True)
-    p.grad = torch.randn(16, 64) * torch.logspace(0, 2, 16)[:, None]
-    opt.step()
-    row_rms = p.detach().pow(2).mean(1).sqrt()
-    torch.testing.assert_close(row_rms, torch.full_like(row_rms, row_rms[0].item()), rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("shape", [(16, 64), (96, 32)])
+def test_muon_row_norm_equalises_rows_at_the_default_update_rms(shape):
+    grad = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, 2, shape[0])[:, None]
+    updates = {}
+    for row_norm in (False, True):
+        p = torch.nn.Parameter(torch.zeros(*shape))
+        opt = tg.Muon([p], lr=1.0, momentum=0.0, backend_steps=5, row_norm=row_norm)
+        p.grad = grad.clone()
+        opt.step()
+        updates[row_norm] = -p.detach()
+    row_rms = updates[True].pow(2).mean(1).sqrt()
+    torch.testing.assert_close(row_rms, torch.full_like(row_rms, shape[1] ** -0.5), rtol=1e-4, atol=1e-6)
+    # the plain update has that RMS overall (not per row): NS output entries have RMS 1/sqrt(max dim)
+    assert updates[False].pow(2).mean().sqrt().item() == pytest.approx(shape[1] ** -0.5, rel=0.15)
+    assert updates[False].pow(2).mean(1).sqrt().std() > 10 * row_rms.std()
 
 
 def test_optimizer_groups_cover_every_parameter_once():
