@@ -85,6 +85,9 @@ class Hyperparameters:
     seed = Knob("SEED", 1337)
     device = Knob("DEVICE", "auto", choices={"auto", "cuda", "cpu"})
     compile = Knob("COMPILE", "auto", choices={"auto", "1", "0"})
+    world_size = Knob("WORLD_SIZE", 1, check=POS)  # these three are set by torchrun
+    rank = Knob("RANK", 0, check=NONNEG)
+    local_rank = Knob("LOCAL_RANK", 0, check=NONNEG)
     # training length and batch
     iterations = Knob("ITERATIONS", 20000, check=POS)
     max_wallclock_seconds = Knob("MAX_WALLCLOCK_SECONDS", 600.0, check=NONNEG)
@@ -916,8 +919,7 @@ class Logger:
 
 
 def setup_distributed(h):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = h.world_size, h.rank, h.local_rank
     want_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("DEVICE=cuda but torch.cuda.is_available() is False")
@@ -1008,7 +1010,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     t_start = time.perf_counter()
     while not stop:
         loss = train_step(model, loader, optimizers, h, step, train_seconds)
-        if ema is not None:
+        if h.ema_enabled:
             ema.update()
         step += 1
         sync(device)
@@ -1083,11 +1085,13 @@ def main():
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizers = build_optimizers(base, h)
-    ema = EMA(base, h.ema_decay) if h.ema_enabled else None
+    ema = None
+    if h.ema_enabled:
+        ema = EMA(base, h.ema_decay)
     if h.compile_warmup_steps:
         compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log)
     train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
-    if ema is not None:
+    if h.ema_enabled:
         ema.copy_to_model()
     ok = export_and_score(base, h, val, rank, world, device, log)
     if world > 1:

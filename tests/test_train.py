@@ -31,3 +31,13 @@ def test_bad_config_exits_with_message(shards, tmp_path):
 def test_cuda_requested_without_cuda_is_a_clear_error(shards, tmp_path):
     r = run_train(shards, tmp_path, DEVICE="cuda")
     assert r.returncode == 2 and "DEVICE=cuda but torch.cuda.is_available() is False" in r.stderr
+
+
+@pytest.mark.slow
+def test_ema_run_exports_the_averaged_weights(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=6, EMA_ENABLED=1, EMA_DECAY=0.5, MUON_ROW_NORM=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "EMA_ENABLED=True" in r.stdout and "MUON_ROW_NORM=True" in r.stdout
+    pre = log_values(r.stdout.split("pre_export")[1], "val_bpb")[0]
+    final = log_values(r.stdout.split("final_roundtrip")[1], "val_bpb")[0]
+    assert abs(final - pre) < 0.01  # the artifact holds the EMA weights that pre_export scored
