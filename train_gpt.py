@@ -884,7 +884,8 @@ def write_atomic(path, data):
 def export_artifact(model, h, log):
     """Writes the artifact atomically; returns True (and keeps the blob beside it) when over the cap."""
     packing, blob = compress_model(model, h, log)
-    code, total = code_bytes(), code_bytes() + len(blob)
+    code = code_bytes()
+    total = code + len(blob)
     log(f"artifact packing:{packing} model_bytes:{len(blob)} code_bytes:{code} total_bytes:{total} cap:{h.artifact_cap_bytes}")
     if total > h.artifact_cap_bytes:
         kept = f"{h.artifact_path}.over_cap"

@@ -50,3 +50,8 @@ def log_values(text, key):
     import re
 
     return [float(v) for v in re.findall(rf"\b{re.escape(key)}:([-+0-9.eE]+)", text)]
+
+
+def event_bpb(text, event):
+    """val_bpb of the first `event` line (e.g. pre_export, final_roundtrip) in a log text."""
+    return log_values(text.split(event, 1)[1], "val_bpb")[0]

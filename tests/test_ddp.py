@@ -1,7 +1,7 @@
 """2-process DDP on CPU (torchrun + gloo) matches a 1-process run with the same global batch."""
 import pytest
 
-from conftest import log_values, run_train
+from conftest import event_bpb, log_values, run_train
 
 
 @pytest.mark.ddp
@@ -17,6 +17,6 @@ def test_two_process_gloo_matches_single_process(shards, tmp_path):
     l1, l2 = log_values(one.stdout, "train_loss"), log_values(two.stdout, "train_loss")
     assert len(l1) == len(l2) == 6
     assert l1 == pytest.approx(l2, abs=2e-4)
-    v1 = log_values(one.stdout.split("final_roundtrip")[1], "val_bpb")[0]
-    v2 = log_values(two.stdout.split("final_roundtrip")[1], "val_bpb")[0]
+    v1 = event_bpb(one.stdout, "final_roundtrip")
+    v2 = event_bpb(two.stdout, "final_roundtrip")
     assert v1 == pytest.approx(v2, abs=2e-4)

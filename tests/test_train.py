@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import log_values, run_train
+from conftest import event_bpb, log_values, run_train
 
 
 @pytest.mark.slow
@@ -14,8 +14,8 @@ def test_short_run_loss_falls_and_roundtrip_scores(shards, tmp_path):
     assert losses[0] > 6.5  # ln(1024) = 6.93 at init
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0
     assert "compile_warmup steps:2" in r.stdout
-    pre = log_values(r.stdout.split("pre_export")[1], "val_bpb")[0]
-    final = log_values(r.stdout.split("final_roundtrip")[1], "val_bpb")[0]
+    pre = event_bpb(r.stdout, "pre_export")
+    final = event_bpb(r.stdout, "final_roundtrip")
     assert abs(final - pre) < 0.01  # fp16 storage of the small params only
     assert (tmp_path / "model.ptz").stat().st_size == log_values(r.stdout, "model_bytes")[0]
     assert (tmp_path / "logs" / "ternary.txt").read_text().count("step:") >= 8
@@ -38,6 +38,6 @@ def test_ema_run_exports_the_averaged_weights(shards, tmp_path):
     r = run_train(shards, tmp_path, ITERATIONS=6, EMA_ENABLED=1, EMA_DECAY=0.5, MUON_ROW_NORM=1)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "EMA_ENABLED=True" in r.stdout and "MUON_ROW_NORM=True" in r.stdout
-    pre = log_values(r.stdout.split("pre_export")[1], "val_bpb")[0]
-    final = log_values(r.stdout.split("final_roundtrip")[1], "val_bpb")[0]
+    pre = event_bpb(r.stdout, "pre_export")
+    final = event_bpb(r.stdout, "final_roundtrip")
     assert abs(final - pre) < 0.01  # the artifact holds the EMA weights that pre_export scored
