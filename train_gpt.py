@@ -118,6 +118,45 @@ class Hyperparameters:
     z_loss = Knob("Z_LOSS", 0.0, check=NONNEG)
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})
+    bos_id = Knob("BOS_ID", 1, check=NONNEG)  # document-start token of the shards (SmearGate masks it)
+    # architecture family: each feature is off by default and costs nothing when off
+    skc_enabled = Knob("SKC_ENABLED", False)  # SKC token mixer in the layers SKC_PATTERN marks S
+    skc_pattern = Knob("SKC_PATTERN", "AS", check=(lambda v: v and set(v) <= {"A", "S"}, "must be a string of A and S"))
+    skc_chunk = Knob("SKC_CHUNK", 64, check=POS)
+    parallel_residual = Knob("PARALLEL_RESIDUAL", False)
+    shared_blocks = Knob("SHARED_BLOCKS", False)  # SHARED_BLOCK_COUNT blocks reused cyclically across depth
+    shared_block_count = Knob("SHARED_BLOCK_COUNT", 5, check=POS)
+    depth_recur = Knob("DEPTH_RECUR", False)  # layers [RECUR_START, RECUR_END) run twice from RECUR_FROM_FRAC on
+    recur_start = Knob("RECUR_START", 3, check=NONNEG)
+    recur_end = Knob("RECUR_END", 6, check=POS)
+    recur_from_frac = Knob("RECUR_FROM_FRAC", 0.5, check=UNIT_OPEN)
+    capsules_enabled = Knob("CAPSULES_ENABLED", False)  # Koopman capsule bank read at CAPSULE_LAYER
+    capsule_count = Knob("CAPSULE_COUNT", 4, check=POS)
+    capsule_dim = Knob("CAPSULE_DIM", 64, check=POS)
+    capsule_rank = Knob("CAPSULE_RANK", 4, check=POS)
+    capsule_chunk = Knob("CAPSULE_CHUNK", 64, check=POS)
+    capsule_layer = Knob("CAPSULE_LAYER", 4, check=NONNEG)
+    capsule_consistency = Knob("CAPSULE_CONSISTENCY", 0.01, check=NONNEG)
+    capsule_max_decay = Knob("CAPSULE_MAX_DECAY", 0.995, check=UNIT_OPEN)
+    feedback_enabled = Knob("FEEDBACK_ENABLED", False)  # FEEDBACK_PASSES passes, later ones see a sketch of the last
+    feedback_passes = Knob("FEEDBACK_PASSES", 2, check=(lambda v: v >= 2, "must be >= 2"))
+    feedback_halt_tol = Knob("FEEDBACK_HALT_TOL", 0.0, check=NONNEG)  # eval only; 0: always run every pass
+    engram_enabled = Knob("ENGRAM_ENABLED", False)  # hashed n-gram embeddings injected at ENGRAM_LAYER
+    engram_orders = Knob("ENGRAM_ORDERS", "2,3", check=(lambda v: all(o.strip().isdigit() and int(o) >= 1 for o in v.split(",")), "must be a comma list of n-gram orders >= 1"))
+    engram_heads = Knob("ENGRAM_HEADS", 2, check=POS)
+    engram_buckets = Knob("ENGRAM_BUCKETS", 2048, check=POS)
+    engram_dim = Knob("ENGRAM_DIM", 32, check=POS)
+    engram_layer = Knob("ENGRAM_LAYER", 0, check=NONNEG)
+    engram_scale = Knob("ENGRAM_SCALE", 1.0, check=POS)
+    moe_enabled = Knob("MOE_ENABLED", False)  # MLP split into MOE_EXPERTS top-k routed ternary experts
+    moe_experts = Knob("MOE_EXPERTS", 4, check=POS)
+    moe_top_k = Knob("MOE_TOP_K", 1, check=POS)
+    moe_balance = Knob("MOE_BALANCE", 0.01, check=NONNEG)
+    xsa_enabled = Knob("XSA_ENABLED", False)  # exclusive self-attention
+    value_residual = Knob("VALUE_RESIDUAL", False)
+    smear_gate = Knob("SMEAR_GATE", False)
+    layer_scale = Knob("LAYER_SCALE", False)  # residual branch scales start at LAYER_SCALE_INIT instead of 1
+    layer_scale_init = Knob("LAYER_SCALE_INIT", 0.1, check=POS)
     # optimizer
     matrix_lr = Knob("MATRIX_LR", 0.03, check=POS)
     embed_lr = Knob("EMBED_LR", 0.02, check=POS)
@@ -157,6 +196,25 @@ class Hyperparameters:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims > self.head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
+        n = self.num_layers
+        if self.depth_recur and not self.recur_start < self.recur_end <= n:
+            raise ConfigError(f"RECUR_START={self.recur_start} < RECUR_END={self.recur_end} <= NUM_LAYERS={n} must hold")
+        if self.capsules_enabled:
+            if self.capsule_layer >= n:
+                raise ConfigError(f"CAPSULE_LAYER={self.capsule_layer} must be < NUM_LAYERS={n}")
+            if self.capsule_state_dim & (self.capsule_state_dim - 1):
+                raise ConfigError(f"CAPSULE_COUNT*CAPSULE_DIM={self.capsule_state_dim} must be a power of 2 (Hadamard)")
+        if self.engram_enabled:
+            if self.engram_layer >= n:
+                raise ConfigError(f"ENGRAM_LAYER={self.engram_layer} must be < NUM_LAYERS={n}")
+            if self.engram_heads * max(self.engram_order_list) > len(ENGRAM_PRIMES):
+                raise ConfigError(f"ENGRAM_HEADS x max(ENGRAM_ORDERS) must be <= {len(ENGRAM_PRIMES)} (distinct primes)")
+        if self.moe_enabled:
+            if self.moe_top_k > self.moe_experts:
+                raise ConfigError(f"MOE_TOP_K={self.moe_top_k} must be <= MOE_EXPERTS={self.moe_experts}")
+            if self.mlp_hidden % (self.moe_experts * self.group_size):
+                raise ConfigError(f"MLP hidden {self.mlp_hidden} must split into MOE_EXPERTS={self.moe_experts} "
+                                  f"experts of whole GROUP_SIZE={self.group_size} groups")
 
     @property
     def head_dim(self):
@@ -165,6 +223,14 @@ class Hyperparameters:
     @property
     def mlp_hidden(self):
         return int(round(self.mlp_mult * self.model_dim))
+
+    @property
+    def capsule_state_dim(self):
+        return self.capsule_count * self.capsule_dim
+
+    @property
+    def engram_order_list(self):
+        return [int(o) for o in self.engram_orders.split(",")]
 
     def as_dict(self):
         return {k: getattr(self, k) for k, v in vars(Hyperparameters).items() if isinstance(v, Knob)}
@@ -431,29 +497,93 @@ def causal_attention(q, k, v, flash):
     return y.transpose(1, 2)
 
 
+def exclusive_self_attention(y, v):
+    """XSA: drop from each head's output its component along the token's own value vector, so attention carries
+    what the other positions say (the residual stream already holds the token itself). y: (B,T,H,D), v: (B,T,Hkv,D)."""
+    vn = F.normalize(v.repeat_interleave(y.size(2) // v.size(2), dim=2).float(), dim=-1).to(y.dtype)
+    return y - (y * vn).sum(dim=-1, keepdim=True) * vn
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, h, flash):
         super().__init__()
         d, hd = h.model_dim, h.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim, self.flash = h.num_heads, h.num_kv_heads, hd, flash
+        self.h, self.num_heads, self.num_kv_heads, self.head_dim, self.flash = h, h.num_heads, h.num_kv_heads, hd, flash
         self.q = TernaryLinear(d, h.num_heads * hd, h.group_size)
         self.k = TernaryLinear(d, h.num_kv_heads * hd, h.group_size)
         self.v = TernaryLinear(d, h.num_kv_heads * hd, h.group_size)
         self.proj = TernaryLinear(h.num_heads * hd, d, h.group_size, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = Rotary(hd, h.rope_dims, h.rope_base)
+        if h.value_residual:
+            self.value_mix = nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, x):
+    def forward(self, x, v_first=None):
+        """(output, this layer's values before mixing: the first attention layer's feed the value residual)."""
+        h = self.h
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v_own = v
+        if h.value_residual:
+            if v_first is not None:  # ResFormer: later layers keep a learned share of the first layer's values
+                v = v + self.value_mix.to(v.dtype) * v_first
         # qk-norm keeps ternary-scale drift out of the attention logits; q_gain sets their temperature
         q = F.rms_norm(q, (self.head_dim,)) * self.q_gain.to(q.dtype)[:, None]
         k = F.rms_norm(k, (self.head_dim,))
         q, k = self.rotary(q), self.rotary(k)
         y = causal_attention(q, k, v, self.flash)
-        return self.proj(y.reshape(B, T, -1))
+        if h.xsa_enabled:
+            y = exclusive_self_attention(y, v)
+        return self.proj(y.reshape(B, T, -1)), v_own
+
+
+def chunked_decay_scan(u, decay, chunk):
+    """s_t = decay * s_{t-1} + u_t per channel, s_{-1} = 0, for u (B, T, N) and decay (N,) in (0, 1).
+    Inside a chunk the scan is one product with the decay matrix decay^(t-s) (s <= t); between chunks the last
+    state is carried. Any T works: the tail is zero-padded to whole chunks and cut off again."""
+    B, T, N = u.shape
+    pad = (-T) % chunk
+    if pad:
+        u = F.pad(u, (0, 0, 0, pad))
+    n = u.size(1) // chunk
+    u = u.view(B, n, chunk, N)
+    t = torch.arange(chunk, device=u.device)
+    lag = (t[:, None] - t[None, :]).float()
+    log_decay = torch.log(decay.float())
+    matrix = torch.exp(lag.clamp_min(0)[..., None] * log_decay) * (lag >= 0)[..., None].float()  # (C, C, N)
+    intra = torch.einsum("tsn,bksn->bktn", matrix.to(u.dtype), u).float()
+    carry = torch.exp((t + 1).float()[:, None] * log_decay)  # decay^(t+1): how much of the entering state is left
+    state, out = u.new_zeros(B, N, dtype=torch.float32), []
+    for c in range(n):
+        y = intra[:, c] + carry * state[:, None]
+        out.append(y)
+        state = y[:, -1]
+    return torch.stack(out, dim=1).view(B, n * chunk, N)[:, :T]
+
+
+class SKCMixer(nn.Module):
+    """SKC token mixer: a causal linear recurrence in a learned spectral basis. W_in rotates the input into the
+    basis, each basis channel decays at its own learned rate (timescales initialised log-spaced from 1 token to
+    the sequence length), s_t = a * s_{t-1} + (1 - a) * u_t, and a SiLU gate of the input selects what to read:
+    out = W_out(s * silu(W_gate x)). Linear in T, no attention matrix."""
+
+    def __init__(self, h):
+        super().__init__()
+        d, self.chunk = h.model_dim, h.skc_chunk
+        self.inp = TernaryLinear(d, d, h.group_size)
+        self.gate = TernaryLinear(d, d, h.group_size)
+        self.out = TernaryLinear(d, d, h.group_size, zero_init=True)
+        timescale = torch.logspace(0, math.log10(max(h.train_seq_len, 2)), d)
+        decay = torch.exp(-1.0 / timescale).clamp(0.05, 0.9995)
+        self.decay_logit = nn.Parameter(torch.log(decay / (1 - decay)))
+
+    def forward(self, x, v_first=None):
+        decay = torch.sigmoid(self.decay_logit.float())
+        u = self.inp(x).float() * (1 - decay)
+        s = chunked_decay_scan(u, decay, self.chunk)
+        return self.out(s.to(x.dtype) * F.silu(self.gate(x))), None
 
 
 class MLP(nn.Module):
@@ -463,23 +593,214 @@ class MLP(nn.Module):
         self.down = TernaryLinear(h.mlp_hidden, h.model_dim, h.group_size, zero_init=True)
         self.leaky = h.mlp_act == "leaky_relu2"
 
-    def forward(self, x):
+    def activation(self, x):
         u = self.up(x)
-        u = F.leaky_relu(u, 0.5) if self.leaky else F.relu(u)
-        return self.down(u.square())
+        return (F.leaky_relu(u, 0.5) if self.leaky else F.relu(u)).square()
+
+    def forward(self, x):
+        return self.down(self.activation(x))
+
+
+class MoEMLP(MLP):
+    """Ternary mixture of experts: the MLP's hidden units split into MOE_EXPERTS experts (so the parameter count
+    is the dense MLP's), a router picks the top-k per token. Every expert runs on every token and the routing
+    weights (zero where not routed) scale its hidden units: the dense MLP's FLOPs, static shapes for compile,
+    and an expert that no token chose gets an exactly-zero gradient. At k = 1 the weight is the router
+    probability itself (no renormalisation, so the router still learns); at k > 1 the chosen ones are
+    renormalised. Returns (output, Switch load-balancing loss)."""
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.experts, self.top_k = h.moe_experts, h.moe_top_k
+        self.router = nn.Parameter(torch.randn(h.moe_experts, h.model_dim) * 0.02)
+        self.up.weight.sparse_decay = self.down.weight.sparse_decay = True  # Muon: idle experts are not decayed
+
+    def forward(self, x):
+        probs = torch.softmax(F.linear(x.float(), self.router.float()), dim=-1)  # (B, T, E)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
+        routed = torch.zeros_like(probs).scatter(-1, top_i, 1.0 / self.top_k)
+        balance = self.experts * (routed.flatten(0, -2).mean(0) * probs.flatten(0, -2).mean(0)).sum()
+        u = self.activation(x)
+        u = (u.unflatten(-1, (self.experts, -1)) * weights.to(u.dtype)[..., None]).flatten(-2)
+        return self.down(u), balance
+
+
+class SmearGate(nn.Module):
+    """x_t += sigmoid(w . x_t + b) * x_{t-1} on the embeddings: a cheap bigram path. The gate is zero where
+    token t starts a document (BOS), so no token borrows from the previous document; position 0 of a window
+    has no previous token and is left alone."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.bos_id = h.bos_id
+        self.weight = nn.Parameter(torch.zeros(h.model_dim))
+        self.bias = nn.Parameter(torch.tensor(-2.0))
+
+    def forward(self, x, idx):
+        gate = torch.sigmoid(x[:, 1:] @ self.weight.to(x.dtype) + self.bias.to(x.dtype))
+        gate = gate * (idx[:, 1:] != self.bos_id).to(x.dtype)
+        return torch.cat((x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]), dim=1)
+
+
+ENGRAM_PRIMES = (1000003, 1000033, 1000037, 1000039, 1000081, 1000099, 1000117, 1000121,
+                 999983, 999979, 999961, 999959, 999953, 999931, 999917, 999907)
+
+
+class EngramHash(nn.Module):
+    """Hashed n-gram embeddings. For each order n and head j, the last n tokens (t-n+1..t, nothing after t) hash
+    with head j's own primes into ENGRAM_BUCKETS rows of that (order, head)'s table; the vectors are concatenated,
+    normalised, projected to the model width and added through a context-aware sigmoid gate bounded by
+    ENGRAM_SCALE. The tables are float parameters of the artifact and count toward the cap."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.orders, self.heads, self.buckets, self.scale = h.engram_order_list, h.engram_heads, h.engram_buckets, h.engram_scale
+        n_tables = len(self.orders) * self.heads
+        self.table = nn.Embedding(n_tables * self.buckets, h.engram_dim)
+        nn.init.normal_(self.table.weight, std=1.0)
+        self.proj = TernaryLinear(n_tables * h.engram_dim, h.model_dim, h.group_size, zero_init=True)
+        self.gate = nn.Parameter(torch.zeros(h.model_dim))
+        self.gate_bias = nn.Parameter(torch.zeros(()))
+
+    def bucket_ids(self, idx):
+        """(B, T, n_tables) row ids into the shared table; tokens before the window hash as 0 (real ones as id+1)."""
+        ids, k = [], 0
+        for n in self.orders:
+            shifted = [F.pad(idx + 1, (lag, 0))[:, : idx.size(1)] for lag in range(n)]
+            for j in range(self.heads):
+                primes = ENGRAM_PRIMES[j * max(self.orders) : j * max(self.orders) + n]
+                key = sum(s * p for s, p in zip(shifted, primes))
+                ids.append(key % self.buckets + k * self.buckets)
+                k += 1
+        return torch.stack(ids, dim=-1)
+
+    def forward(self, x, idx):
+        e = self.table(self.bucket_ids(idx)).flatten(-2)
+        e = F.rms_norm(e, (e.size(-1),)).to(x.dtype)
+        gate = torch.sigmoid(F.rms_norm(x, (x.size(-1),)) @ self.gate.to(x.dtype) + self.gate_bias.to(x.dtype))
+        return self.scale * gate[..., None] * self.proj(e)
+
+
+def hadamard(n):
+    """Orthonormal Sylvester Hadamard matrix, n a power of two."""
+    m = torch.ones(1, 1)
+    while m.size(0) < n:
+        m = torch.cat((torch.cat((m, m), 1), torch.cat((m, -m), 1)), 0)
+    return m / math.sqrt(n)
+
+
+class CapsuleBank(nn.Module):
+    """Koopman capsules: CAPSULE_COUNT state vectors of width CAPSULE_DIM (S in all) that summarise the past chunk
+    by chunk. Chunk c's mean hidden state is encoded into an observation o_c, and the state evolves linearly:
+    s_c = A s_{c-1} + o_c with A = H (diag(D) + U V^T) H^T (H Hadamard; |D| < 1 is restored after every optimizer
+    step by clamp_dynamics). Every token of chunk c reads s_{c-1}, the state of earlier chunks only, so the bank
+    is strictly causal; the read starts closed (cold-start gate tanh(g), g = 0) and opens as it becomes useful.
+    The state can be passed in and is returned, so evaluation carries it from one window to the next.
+    Consistency loss: the Koopman operator should also predict the next observation, o_{c+1} ~ A o_c."""
+
+    def __init__(self, h):
+        super().__init__()
+        S, self.chunk, self.max_decay = h.capsule_state_dim, h.capsule_chunk, h.capsule_max_decay
+        self.encode = TernaryLinear(h.model_dim, S, h.group_size)
+        self.read = TernaryLinear(S, h.model_dim, h.group_size)
+        self.diag = nn.Parameter(torch.linspace(0.5, h.capsule_max_decay, S))
+        self.u = nn.Parameter(torch.randn(S, h.capsule_rank) * 0.01)
+        self.v = nn.Parameter(torch.randn(S, h.capsule_rank) * 0.01)
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.register_buffer("rotation", hadamard(S), persistent=False)
+
+    def dynamics(self):
+        return self.rotation @ (torch.diag(self.diag) + self.u @ self.v.T) @ self.rotation.T
+
+    @torch.no_grad()
+    def clamp_dynamics(self):
+        self.diag.clamp_(-self.max_decay, self.max_decay)
+
+    def forward(self, x, state=None):
+        """x (B, T, d) -> (update (B, T, d), consistency loss, final state (B, S), state each token read (B, T, S))."""
+        B, T, _ = x.shape
+        pad = (-T) % self.chunk
+        valid = F.pad(x.new_ones(B, T, 1), (0, 0, 0, pad)).view(B, -1, self.chunk, 1)
+        pooled = (F.pad(x, (0, 0, 0, pad)).view(B, -1, self.chunk, x.size(-1)) * valid).sum(2) / valid.sum(2)
+        obs = F.rms_norm(self.encode(pooled).float(), (self.rotation.size(0),))  # (B, chunks, S)
+        A = self.dynamics()
+        s = obs.new_zeros(B, A.size(0)) if state is None else state.float()
+        read = []
+        for c in range(obs.size(1)):
+            read.append(s)
+            s = s @ A.T + obs[:, c]
+        per_token = torch.stack(read, dim=1).repeat_interleave(self.chunk, dim=1)[:, :T]
+        update = torch.tanh(self.gate).to(x.dtype) * self.read(F.rms_norm(per_token, (per_token.size(-1),)).to(x.dtype))
+        consistency = (obs[:, 1:] - obs[:, :-1] @ A.T).square().mean() if obs.size(1) > 1 else obs.new_zeros(())
+        return update, consistency, s, per_token
+
+
+class FeedbackAdapters(nn.Module):
+    """Feedback passes: pass 1 is blind; pass p > 1 re-runs the stack with, at every layer, a gated adapter of a
+    sketch of pass p-1. The sketch at t is the running mean of the previous pass's final hidden states over
+    positions <= t (a prefix summary: pooling the whole window would leak the future). Gates start at 0, so a
+    fresh model's later passes repeat pass 1."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.adapters = nn.ModuleList(
+            [TernaryLinear(h.model_dim, h.model_dim, h.group_size) for _ in range(h.feedback_passes - 1)]
+        )
+        self.gates = nn.Parameter(torch.zeros(h.feedback_passes - 1, h.num_layers, h.model_dim))
+
+    @staticmethod
+    def sketch(x):
+        n = torch.arange(1, x.size(1) + 1, device=x.device, dtype=torch.float32)
+        return (x.float().cumsum(dim=1) / n[:, None]).to(x.dtype)
+
+    def forward(self, p, x):
+        return self.adapters[p](self.sketch(x))
+
+
+def build_mixer(h, flash, j):
+    """Token mixer of physical block j: SKC where SKC_PATTERN (repeated to depth) says S, attention elsewhere."""
+    if h.skc_enabled:
+        if h.skc_pattern[j % len(h.skc_pattern)] == "S":
+            return SKCMixer(h)
+    return CausalSelfAttention(h, flash)
 
 
 class Block(nn.Module):
-    def __init__(self, h, flash):
-        super().__init__()
-        self.attn_norm, self.mlp_norm = RMSNorm(h.model_dim), RMSNorm(h.model_dim)
-        self.attn, self.mlp = CausalSelfAttention(h, flash), MLP(h)
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+    """Pre-norm residual block: a token mixer (attention, or SKC) then an MLP (dense, or MoE). With
+    PARALLEL_RESIDUAL both lanes read the same normalised input and their zero-initialised output projections
+    merge into the stream together. The residual scales are per layer and passed in, so SHARED_BLOCKS can reuse
+    one block at several depths. Returns (x, the mixer's values, auxiliary loss)."""
 
-    def forward(self, x):
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.attn_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.mlp_norm(x))
+    def __init__(self, h, mixer):
+        super().__init__()
+        self.h = h
+        self.mixer_norm, self.mixer = RMSNorm(h.model_dim), mixer
+        if not h.parallel_residual:
+            self.mlp_norm = RMSNorm(h.model_dim)
+        if h.moe_enabled:
+            self.mlp = MoEMLP(h)
+        else:
+            self.mlp = MLP(h)
+
+    def forward(self, x, scales, v_first=None):
+        h = self.h
+        aux = 0.0
+        scales = scales.to(x.dtype)
+        n = self.mixer_norm(x)
+        mixed, v = self.mixer(n, v_first)
+        if not h.parallel_residual:
+            x = x + scales[0] * mixed
+            n = self.mlp_norm(x)
+        if h.moe_enabled:
+            out, aux = self.mlp(n)
+        else:
+            out = self.mlp(n)
+        if h.parallel_residual:
+            return x + scales[0] * mixed + scales[1] * out, v, aux
+        return x + scales[1] * out, v, aux
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,11 +809,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """U-Net transformer: the first half of the blocks push their outputs, the second half pops them in reverse
-    and adds them with learned per-channel weights. The embedding is tied and factored through EMBED_DIM."""
+    """U-Net transformer: the first half of the layers push their outputs, the second half pops them in reverse
+    and adds them with learned per-channel weights. The embedding is tied and factored through EMBED_DIM.
+    The architecture-family features (SKC mixers, shared blocks, depth recurrence, capsules, feedback passes,
+    EngramHash, MoE, SmearGate, ...) hook in here, each behind its own flag."""
 
     def __init__(self, h):
         super().__init__()
+        self.h = h
         self.attn_backend, flash = resolve_attention(h.attn_impl)
         d, e = h.model_dim, h.embed_dim or h.model_dim
         self.logit_softcap, self.z_loss = h.logit_softcap, h.z_loss
@@ -500,46 +824,133 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         self.embed_in = nn.Linear(e, d, bias=False) if e != d else None
         self.embed_out = nn.Linear(d, e, bias=False) if e != d else None
-        self.blocks = nn.ModuleList([Block(h, flash) for _ in range(h.num_layers)])
+        n_blocks = h.num_layers
+        if h.shared_blocks:
+            n_blocks = min(h.shared_block_count, h.num_layers)
+        self.blocks = nn.ModuleList([Block(h, build_mixer(h, flash, j)) for j in range(n_blocks)])
         self.num_encoder = h.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))  # odd depth: last block has no skip
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))  # odd depth: last layer has no skip
+        scale_init = 1.0
+        if h.layer_scale:
+            scale_init = h.layer_scale_init  # damped residual branches: each layer starts as a small correction
+        self.layer_scales = nn.Parameter(torch.full((h.num_layers, 2, d), scale_init))  # (mixer, MLP) per layer
         self.final_norm = RMSNorm(d)
+        if h.smear_gate:
+            self.smear = SmearGate(h)
+        if h.engram_enabled:
+            self.engram = EngramHash(h)
+        if h.capsules_enabled:
+            self.capsules = CapsuleBank(h)
+        if h.feedback_enabled:
+            self.feedback = FeedbackAdapters(h)
 
-    def hidden(self, idx):
+    def layer_order(self, recur):
+        """(layer, first visit) in execution order. Layer i runs block i mod len(blocks) (shared blocks reuse them);
+        with depth recurrence on, layers [RECUR_START, RECUR_END) run a second time right after the first."""
+        h = self.h
+        order = [(i, True) for i in range(h.num_layers)]
+        if h.depth_recur:
+            if recur:
+                again = [(i, False) for i in range(h.recur_start, h.recur_end)]
+                order = order[: h.recur_end] + again + order[h.recur_end :]
+        return order
+
+    def embed(self, idx):
+        h = self.h
         x = self.tok_emb(idx)
         if self.embed_in is not None:
             x = self.embed_in(x)
         x = F.rms_norm(x, (x.size(-1),))
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x)
-            if i < self.num_encoder:
-                skips.append(x)
-        return self.final_norm(x)
+        if h.smear_gate:
+            x = self.smear(x, idx)
+        return x
 
-    def logits(self, idx):
-        x = self.hidden(idx)
+    def run_layers(self, x, idx, state=None, recur=True, feedback=None):
+        """One pass through the stack: (x, auxiliary loss, capsule state after the window, capsule state each token
+        read). `feedback` is (pass index, adapter output) on passes after the first."""
+        h = self.h
+        skips, aux, v_first, read = [], 0.0, None, None
+        for i, first in self.layer_order(recur):
+            if h.engram_enabled:
+                if i == h.engram_layer and first:
+                    x = x + self.engram(x, idx)
+            if h.feedback_enabled:
+                if feedback is not None:
+                    x = x + self.feedback.gates[feedback[0], i].to(x.dtype) * feedback[1]
+            if h.capsules_enabled:
+                if i == h.capsule_layer and first:
+                    update, consistency, state, read = self.capsules(x, state)
+                    x = x + update
+                    aux = aux + h.capsule_consistency * consistency
+            if i >= self.num_encoder and first and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x, v, block_aux = self.blocks[i % len(self.blocks)](x, self.layer_scales[i], v_first)
+            if h.value_residual:
+                if v_first is None:
+                    v_first = v
+            if h.moe_enabled:
+                aux = aux + h.moe_balance * block_aux / h.num_layers
+            if i < self.num_encoder and first:
+                skips.append(x)
+        return x, aux, state, read
+
+    def feedback_passes(self, x0, idx, x, aux, state_in, state, read, recur):
+        """Passes 2..FEEDBACK_PASSES on top of pass 1's (x, aux, state, read). At evaluation with FEEDBACK_HALT_TOL > 0,
+        a token keeps the output of the first pass after which its signal (the capsule state it read, else its
+        sketch) moved by less than the tolerance, relative to its norm. The decision at t uses position t's prefix
+        quantities only, so halting is causal; the loop stops early once every token has halted."""
+        h = self.h
+        halting = h.feedback_halt_tol > 0 and not self.training
+        signal = read if read is not None else FeedbackAdapters.sketch(x)
+        halted = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        for p in range(h.feedback_passes - 1):
+            x_new, aux_p, state, read_p = self.run_layers(x0, idx, state_in, recur, (p, self.feedback(p, x)))
+            x_new, aux = self.final_norm(x_new), aux + aux_p
+            if not halting:
+                x = x_new
+                continue
+            new_signal = read_p if read_p is not None else FeedbackAdapters.sketch(x_new)
+            x = torch.where(halted[..., None], x, x_new)
+            change = (new_signal - signal).float().norm(dim=-1) / (new_signal.float().norm(dim=-1) + 1e-6)
+            halted, signal = halted | (change < h.feedback_halt_tol), new_signal
+            if bool(halted.all()):
+                break
+        return x, aux, state
+
+    def hidden(self, idx, state=None, recur=True):
+        """(final hidden states, auxiliary loss, capsule state after the window)."""
+        h = self.h
+        x0 = self.embed(idx)
+        x, aux, new_state, read = self.run_layers(x0, idx, state, recur)
+        x = self.final_norm(x)
+        if h.feedback_enabled:
+            x, aux, new_state = self.feedback_passes(x0, idx, x, aux, state, new_state, read, recur)
+        return x, aux, new_state
+
+    def logits(self, idx, state=None, recur=True):
+        """(logits fp32, auxiliary loss, capsule state after the window)."""
+        x, aux, state = self.hidden(idx, state, recur)
         if self.embed_out is not None:
             x = self.embed_out(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-        return logits
+        return logits, aux, state
 
-    def forward(self, idx, targets):
-        """Training objective: mean cross-entropy (+ z-loss)."""
-        logits = self.logits(idx).view(-1, self.tok_emb.num_embeddings)
+    def forward(self, idx, targets, recur=True):
+        """Training objective: mean cross-entropy (+ z-loss) + the features' auxiliary losses."""
+        logits, aux, _ = self.logits(idx, recur=recur)
+        logits = logits.view(-1, self.tok_emb.num_embeddings)
         loss = F.cross_entropy(logits, targets.reshape(-1))
         if self.z_loss:
             loss = loss + self.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
-        return loss
+        return loss + aux
 
-    def token_nll(self, idx, targets):
-        """Per-token negative log-likelihood in nats, (B, T) fp32."""
-        logits = self.logits(idx)
-        return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
+    def token_nll(self, idx, targets, state=None):
+        """(per-token negative log-likelihood in nats (B, T) fp32, capsule state after the window)."""
+        logits, _, state = self.logits(idx, state)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
+        return nll, state
 
 
 def count_params(model):
@@ -599,20 +1010,32 @@ class Muon(torch.optim.Optimizer):
                 else:
                     update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
                 if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])
+                    decay = lr * group["weight_decay"]
+                    if getattr(p, "sparse_decay", False):
+                        # MoE experts: only rows and columns that got gradient this step (an expert nobody was
+                        # routed to has exactly-zero rows/columns) are decayed, so idle experts do not shrink
+                        g = p.grad.ne(0)
+                        decay = decay * (g.any(dim=1, keepdim=True) & g.any(dim=0, keepdim=True))
+                    p.mul_(1 - decay)
                 p.add_(update.to(p.dtype), alpha=-lr)
 
 
 def build_optimizers(model, h):
-    """Muon for matrices (ternary and the embedding projections); Adam for the embedding and small params."""
-    matrices, scalars = [], []
+    """Muon for matrices (ternary weights and the embedding projections); Adam for the embedding tables
+    (token, EngramHash) and every small parameter (norms, scales, gates, decays, router, capsule dynamics)."""
+    ternary = {id(m.weight) for m in model.modules() if isinstance(m, TernaryLinear)}
+    matrices, tables, scalars = [], [], []
     for name, p in model.named_parameters():
-        if name != "tok_emb.weight":
-            (matrices if p.ndim == 2 and name != "skip_weights" else scalars).append(p)
+        if name in ("tok_emb.weight", "engram.table.weight"):
+            tables.append(p)
+        elif id(p) in ternary or name.startswith(("embed_in.", "embed_out.")):
+            matrices.append(p)
+        else:
+            scalars.append(p)
     fused = next(model.parameters()).is_cuda
     adam = torch.optim.AdamW(
         [
-            {"params": [model.tok_emb.weight], "lr": h.embed_lr, "base_lr": h.embed_lr},
+            {"params": tables, "lr": h.embed_lr, "base_lr": h.embed_lr},
             {"params": scalars, "lr": h.scalar_lr, "base_lr": h.scalar_lr},
         ],
         betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused,
@@ -623,14 +1046,20 @@ def build_optimizers(model, h):
     return [adam, muon]
 
 
+def run_progress(step, elapsed, h):
+    """Fraction of the run done: whichever of the step budget and the wall-clock budget is further along."""
+    progress = step / h.iterations
+    if h.max_wallclock_seconds:
+        progress = max(progress, elapsed / h.max_wallclock_seconds)
+    return progress
+
+
 def lr_multiplier(step, elapsed, h):
     """Linear warmup over WARMUP_STEPS, then 1, then a linear warmdown over the last WARMDOWN_FRAC of the run,
     where the run's progress is whichever of the step budget and the wall-clock budget is further along."""
     if h.warmup_steps and step < h.warmup_steps:
         return (step + 1) / h.warmup_steps
-    progress = step / h.iterations
-    if h.max_wallclock_seconds:
-        progress = max(progress, elapsed / h.max_wallclock_seconds)
+    progress = run_progress(step, elapsed, h)
     if h.warmdown_frac and progress > 1 - h.warmdown_frac:
         return max(0.0, (1 - progress) / h.warmdown_frac)
     return 1.0
@@ -713,17 +1142,44 @@ def eval_batches(tokens, seq_len, batch_seqs, rank, world):
         yield x, y, m
 
 
+def eval_stream_batches(tokens, seq_len, batch_seqs, rank, world):
+    """Like eval_batches (same rank shares, every target once, padding masked), but row r of consecutive
+    batches walks through one contiguous run of this rank's sequences, so state left by a window (the capsule
+    bank's) flows into the next window of the same text."""
+    n_targets = len(tokens) - 1
+    n_seqs = -(-n_targets // seq_len)
+    lo, hi = n_seqs * rank // world, n_seqs * (rank + 1) // world
+    rows = max(1, min(batch_seqs, hi - lo))
+    per_row = -(-(hi - lo) // rows)
+    for b in range(per_row):
+        x = np.zeros((rows, seq_len), np.int64)
+        y = np.zeros((rows, seq_len), np.int64)
+        m = np.zeros((rows, seq_len), bool)
+        for r in range(rows):
+            seq = lo + r * per_row + b
+            if seq >= min(hi, lo + (r + 1) * per_row):
+                continue
+            a = seq * seq_len
+            n = min(seq_len, n_targets - a)
+            x[r, :n], y[r, :n], m[r, :n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
+        yield x, y, m
+
+
 @torch.no_grad()
 def evaluate(model, tokens, luts, h, rank, world, device):
     """(val_loss in nats/token, val_bpb) over the whole split, sharded across ranks and all-reduced.
     BPB = total target NLL in bits / total UTF-8 bytes of the targets."""
     batch_seqs = max(1, h.val_batch_tokens // h.train_seq_len)
+    batches = eval_batches
+    if h.capsules_enabled:
+        batches = eval_stream_batches  # the capsule state is carried from each window into the next
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
-    for x, y, m in eval_batches(tokens, h.train_seq_len, batch_seqs, rank, world):
+    state = None
+    for x, y, m in batches(tokens, h.train_seq_len, batch_seqs, rank, world):
         with autocast(device):
-            nll = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            nll, state = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), state)
         mask = torch.from_numpy(m).to(device)
         totals[0] += (nll.double() * mask).sum()
         totals[1] += mask.sum()
@@ -956,9 +1412,13 @@ def max_across_ranks(value, device, world):
     return t.item()
 
 
-def train_step(model, loader, optimizers, h, step, elapsed):
-    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (a device tensor)."""
+def train_step(model, base, loader, optimizers, h, step, elapsed, recur=None):
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (a device tensor).
+    `recur` forces depth recurrence on or off (compile warmup); by default it follows RECUR_FROM_FRAC."""
     mult = lr_multiplier(step, elapsed, h)
+    kwargs = {}
+    if h.depth_recur:
+        kwargs["recur"] = run_progress(step, elapsed, h) >= h.recur_from_frac if recur is None else recur
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
@@ -970,7 +1430,7 @@ def train_step(model, loader, optimizers, h, step, elapsed):
         last = i == len(micro) - 1
         no_sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext()
         with no_sync, autocast(x.device):
-            loss = model(x, y) / len(micro)
+            loss = model(x, y, **kwargs) / len(micro)
         loss.backward()
         total = total + loss.detach()
     if h.grad_clip_norm:
@@ -979,6 +1439,8 @@ def train_step(model, loader, optimizers, h, step, elapsed):
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    if h.capsules_enabled:
+        base.capsules.clamp_dynamics()  # |D| < 1 after every step
     return total
 
 
@@ -992,7 +1454,10 @@ def compile_warmup(model, base, optimizers, h, train_pattern, rank, world, devic
     loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
     t0 = time.perf_counter()
     for s in range(h.compile_warmup_steps):
-        train_step(model, loader, optimizers, h, s, 0.0)
+        train_step(model, base, loader, optimizers, h, s, 0.0)
+    if h.depth_recur:
+        for s in range(2):  # the deeper graph too, or it would compile inside the timed run
+            train_step(model, base, loader, optimizers, h, s, 0.0, recur=True)
     sync(device)
     loader.close()
     base.load_state_dict(saved[0])
@@ -1010,7 +1475,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     sync(device)
     t_start = time.perf_counter()
     while not stop:
-        loss = train_step(model, loader, optimizers, h, step, train_seconds)
+        loss = train_step(model, base, loader, optimizers, h, step, train_seconds)
         if h.ema_enabled:
             ema.update()
         step += 1

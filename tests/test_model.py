@@ -58,11 +58,11 @@ def test_partial_rope_rotates_only_first_dims_and_preserves_norm():
 def test_shapes_and_causality(overrides):
     m = model(**overrides).eval()
     idx = torch.randint(0, 128, (2, 16))
-    logits = m.logits(idx)
+    logits = m.logits(idx)[0]
     assert logits.shape == (2, 16, 128)
     changed = idx.clone()
     changed[:, 9:] = torch.randint(0, 128, (2, 7))
-    logits2 = m.logits(changed)
+    logits2 = m.logits(changed)[0]
     torch.testing.assert_close(logits[:, :9], logits2[:, :9])
     assert not torch.allclose(logits[:, 9:], logits2[:, 9:])
 
@@ -70,15 +70,15 @@ def test_shapes_and_causality(overrides):
 def test_unet_skips_and_softcap():
     m = model(NUM_LAYERS="5", LOGIT_SOFTCAP="2.0")
     assert m.num_encoder == 2 and m.skip_weights.shape == (2, 64)
-    logits = m.logits(torch.randint(0, 128, (1, 8)))
+    logits = m.logits(torch.randint(0, 128, (1, 8)))[0]
     assert logits.abs().max() <= 2.0
     # the skip weights are used: zeroing them changes the output
     idx = torch.randint(0, 128, (1, 8))
     with torch.no_grad():
         m.skip_weights.fill_(1.0)
-        a = m.logits(idx)
+        a = m.logits(idx)[0]
         m.skip_weights.zero_()
-        b = m.logits(idx)
+        b = m.logits(idx)[0]
     assert not torch.allclose(a, b)
 
 
@@ -87,10 +87,10 @@ def test_losses_match_definitions_and_all_params_get_gradients(layers):
     m = model(Z_LOSS="0.01", NUM_LAYERS=layers)
     idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
     loss = m(idx, tgt)
-    logits = m.logits(idx).reshape(-1, 128)
+    logits = m.logits(idx)[0].reshape(-1, 128)
     ce = F.cross_entropy(logits, tgt.reshape(-1))
     torch.testing.assert_close(loss, ce + 0.01 * torch.logsumexp(logits, -1).square().mean())
-    torch.testing.assert_close(m.token_nll(idx, tgt).mean(), ce)
+    torch.testing.assert_close(m.token_nll(idx, tgt)[0].mean(), ce)
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing  # DDP needs every parameter in the graph, odd depth included
