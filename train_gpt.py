@@ -527,8 +527,9 @@ class CausalSelfAttention(nn.Module):
         v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
         v_own = v
         if h.value_residual:
-            if v_first is not None:  # ResFormer: later layers keep a learned share of the first layer's values
-                v = v + self.value_mix.to(v.dtype) * v_first
+            # ResFormer: later layers add a learned share of the first attention layer's values. The first layer
+            # (v_first None) mixes in its own, a plain rescale, so that its parameter is in the graph as DDP wants.
+            v = v + self.value_mix.to(v.dtype) * (v if v_first is None else v_first)
         # qk-norm keeps ternary-scale drift out of the attention logits; q_gain sets their temperature
         q = F.rms_norm(q, (self.head_dim,)) * self.q_gain.to(q.dtype)[:, None]
         k = F.rms_norm(k, (self.head_dim,))

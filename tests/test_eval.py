@@ -85,3 +85,51 @@ def test_evaluate_uniform_model_gives_log2_vocab_bits_per_token():
     n_bytes = len(text.encode()) + len("Second document here.".encode())
     assert loss == pytest.approx(math.log(1024))
     assert bpb == pytest.approx((len(tokens) - 1) * 10 / n_bytes)
+
+
+@pytest.mark.parametrize("n, seq, batch, world", [(1000, 64, 4, 1), (1000, 64, 4, 3), (129, 64, 8, 2), (65, 64, 2, 4),
+                                                  (700, 16, 5, 2)])
+def test_stream_batches_score_every_target_once_and_rows_walk_contiguously(n, seq, batch, world):
+    """The capsule layout: row r of consecutive batches holds consecutive sequences of the text."""
+    tokens = np.arange(n)
+    seen = np.zeros(n, int)
+    for rank in range(world):
+        last_end = {}
+        for x, y, m in tg.eval_stream_batches(tokens, seq, batch, rank, world):
+            np.testing.assert_array_equal(y[m], x[m] + 1)
+            np.add.at(seen, y[m], 1)
+            for r in range(x.shape[0]):
+                if m[r].any():
+                    start = x[r, 0]
+                    if r in last_end:
+                        assert start == last_end[r]  # this window starts where the row's last one ended
+                    last_end[r] = y[r][m[r]][-1]
+    assert seen[0] == 0 and (seen[1:] == 1).all()
+
+
+def test_evaluate_carries_capsule_state_from_window_to_window():
+    from test_model import BASE, FEATURES, model
+
+    cfg = {**BASE, **FEATURES["capsules"], "TRAIN_SEQ_LEN": "8", "VAL_BATCH_TOKENS": "16"}
+    m = model(**{k: v for k, v in cfg.items() if k not in BASE})
+    with torch.no_grad():
+        m.capsules.gate.fill_(1.0)
+    h = tg.Hyperparameters(cfg)
+    tokens = np.random.default_rng(0).integers(0, 128, 57)
+    luts = (np.ones(128, np.int64), np.zeros(128, bool), np.zeros(128, bool))  # one byte per token
+    loss, bpb = tg.evaluate(m, tokens, luts, h, 0, 1, torch.device("cpu"))
+    # by hand: 7 windows of 8 targets in two rows (4 + 3), state flowing along each row
+    m.eval()
+    total = 0.0
+    for row in ([0, 1, 2, 3], [4, 5, 6]):
+        state = None
+        for w in row:
+            x = torch.from_numpy(tokens[8 * w : 8 * w + 8][None])
+            y = torch.from_numpy(tokens[8 * w + 1 : 8 * w + 9][None])
+            nll, state = m.token_nll(x, y, state)
+            total += nll.sum().item()
+    assert loss == pytest.approx(total / 56, rel=1e-5)
+    assert bpb == pytest.approx(total / 56 / math.log(2), rel=1e-5)
+    fresh_total = sum(m.token_nll(torch.from_numpy(tokens[8 * w : 8 * w + 8][None]),
+                                  torch.from_numpy(tokens[8 * w + 1 : 8 * w + 9][None]))[0].sum().item() for w in range(7))
+    assert abs(fresh_total - total) > 1e-3  # the carried state matters

@@ -118,3 +118,341 @@ def test_attention_backend_resolution(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     assert tg.resolve_attention("auto") == ("fa2", fake.flash_attn_func)
     assert tg.resolve_attention("sdpa") == ("sdpa", None)
+
+
+# --- the architecture family: every feature alone and all together -----------------------------------------------
+
+FEATURES = {
+    "skc": {"SKC_ENABLED": "1", "SKC_CHUNK": "4"},
+    "skc_only_parallel": {"SKC_ENABLED": "1", "SKC_PATTERN": "S", "SKC_CHUNK": "8", "PARALLEL_RESIDUAL": "1"},
+    "parallel": {"PARALLEL_RESIDUAL": "1"},
+    "shared": {"SHARED_BLOCKS": "1", "SHARED_BLOCK_COUNT": "2"},
+    "recur": {"DEPTH_RECUR": "1", "RECUR_START": "1", "RECUR_END": "3"},
+    "capsules": {"CAPSULES_ENABLED": "1", "CAPSULE_COUNT": "2", "CAPSULE_DIM": "16", "CAPSULE_CHUNK": "4",
+                 "CAPSULE_LAYER": "1"},
+    "feedback": {"FEEDBACK_ENABLED": "1", "FEEDBACK_PASSES": "3"},
+    "feedback_halt": {"FEEDBACK_ENABLED": "1", "FEEDBACK_PASSES": "3", "FEEDBACK_HALT_TOL": "0.2"},
+    "engram": {"ENGRAM_ENABLED": "1", "ENGRAM_DIM": "8", "ENGRAM_BUCKETS": "64", "ENGRAM_LAYER": "1"},
+    "moe": {"MOE_ENABLED": "1", "MOE_EXPERTS": "2"},
+    "moe_top2": {"MOE_ENABLED": "1", "MOE_EXPERTS": "4", "MOE_TOP_K": "2"},
+    "xsa": {"XSA_ENABLED": "1"},
+    "value_residual": {"VALUE_RESIDUAL": "1"},
+    "smear": {"SMEAR_GATE": "1"},
+    "layer_scale": {"LAYER_SCALE": "1"},
+}
+ALL_ON = {k: v for f in ("skc", "parallel", "recur", "capsules", "feedback_halt", "engram", "moe", "xsa",
+                         "value_residual", "smear", "layer_scale") for k, v in FEATURES[f].items()}
+ALL_ON.update(SHARED_BLOCKS="1", SHARED_BLOCK_COUNT="3", NUM_LAYERS="5")
+FEATURES["all"] = ALL_ON
+
+
+def tokens_with_documents(batch, length, seed=0):
+    """Random ids with a few BOS (id 1) document starts, so SmearGate's mask is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(2, 128, (batch, length), generator=gen)
+    idx[:, 0], idx[:, length // 3] = 1, 1
+    return idx
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_is_causal(feature):
+    """The output at t must not change when any token after t changes, in training and evaluation mode, with
+    and without carried capsule state; 21 tokens are not a whole number of SKC/capsule chunks."""
+    m = model(**FEATURES[feature])
+    idx = tokens_with_documents(2, 21)
+    for t in (0, 6, 13, 20):
+        changed = idx.clone()
+        changed[:, t + 1 :] = torch.randint(2, 128, changed[:, t + 1 :].shape)
+        if t < 20:
+            changed[:, -1] = 1  # a document start after t too
+        for training in (True, False):
+            m.train(training)
+            a, b = m.logits(idx)[0], m.logits(changed)[0]
+            torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-5)
+            if t < 13:
+                assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+    m.eval()
+    _, state = m.token_nll(idx, idx)
+    a, b = m.logits(idx, state)[0], m.logits(changed, state)[0]
+    torch.testing.assert_close(a[:, :21 - 1], b[:, :21 - 1], rtol=0, atol=1e-5)  # changed[:, 20:] only differs at 20
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_gradients_reach_every_parameter(feature):
+    m = model(**FEATURES[feature])
+    idx = tokens_with_documents(4, 24, seed=1)
+    loss = m(idx, torch.roll(idx, -1, 1))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_all_features_compile_as_one_graph_and_leave_module_state_alone():
+    """fullgraph=True fails on any graph break; the state dict (buffers included) is the same after forward."""
+    m = model(**ALL_ON)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    idx = tokens_with_documents(2, 16)
+    for recur in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, backend="eager", fullgraph=True, dynamic=False)
+        loss = compiled(idx, idx, recur=recur)
+        torch.testing.assert_close(loss, m(idx, idx, recur=recur))
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert set(before) == set(after)
+
+
+def slow_decay_scan(u, decay):
+    s, out = torch.zeros(u.size(0), u.size(2), dtype=torch.float64), []
+    for t in range(u.size(1)):
+        s = decay.double() * s + u[:, t].double()
+        out.append(s.clone())
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("length,chunk", [(1, 4), (7, 4), (16, 4), (19, 8), (5, 64)])
+def test_chunked_decay_scan_matches_slow_loop(length, chunk):
+    u = torch.randn(2, length, 6)
+    decay = torch.tensor([0.0, 0.3, 0.9, 0.99, 0.5, 0.999])[:6].clamp_min(1e-3)
+    got = tg.chunked_decay_scan(u, decay, chunk)
+    assert got.shape == u.shape
+    torch.testing.assert_close(got.double(), slow_decay_scan(u, decay), rtol=1e-4, atol=1e-5)
+
+
+def test_skc_mixer_is_the_gated_recurrence():
+    h = tg.Hyperparameters({**BASE, "SKC_ENABLED": "1", "SKC_CHUNK": "4", "TRAIN_SEQ_LEN": "64"})
+    mixer = tg.SKCMixer(h)
+    decay = torch.sigmoid(mixer.decay_logit)
+    assert 0.05 <= decay.min() < 0.5 and decay.max() > 0.97  # timescales spread from ~1 token to the sequence
+    with torch.no_grad():
+        mixer.out.weight.normal_()
+    x = torch.randn(2, 11, 64)
+    u = mixer.inp(x) * (1 - decay)
+    ref = mixer.out((slow_decay_scan(u, decay).float() * F.silu(mixer.gate(x))))
+    out, v = mixer(x)
+    assert v is None
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_pattern_and_shared_blocks_and_depth_recurrence_layout():
+    m = model(SKC_ENABLED="1", SKC_PATTERN="AAS", NUM_LAYERS="6")
+    kinds = [type(b.mixer).__name__ for b in m.blocks]
+    assert kinds == ["CausalSelfAttention", "CausalSelfAttention", "SKCMixer"] * 2
+    shared = model(SHARED_BLOCKS="1", SHARED_BLOCK_COUNT="2", NUM_LAYERS="5")
+    assert len(shared.blocks) == 2 and shared.layer_scales.shape == (5, 2, 64)  # per-layer residual scales
+    shared_one = model(SHARED_BLOCKS="1", SHARED_BLOCK_COUNT="2", NUM_LAYERS="5")
+    assert tg.count_params(shared)[1] * 2 < tg.count_params(model(NUM_LAYERS="5"))[1]
+    idx = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():  # per-layer scales matter even though layers 0, 2, 4 run the same block
+        shared_one.layer_scales[4].mul_(3.0)
+    assert not torch.allclose(shared.logits(idx)[0], shared_one.logits(idx)[0])
+    rec = model(DEPTH_RECUR="1", RECUR_START="1", RECUR_END="3")
+    assert rec.layer_order(False) == [(i, True) for i in range(4)]
+    assert rec.layer_order(True) == [(0, True), (1, True), (2, True), (1, False), (2, False), (3, True)]
+    assert not torch.allclose(rec.logits(idx, recur=False)[0], rec.logits(idx, recur=True)[0])
+    with pytest.raises(tg.ConfigError, match="RECUR_START"):
+        tg.Hyperparameters({**BASE, "DEPTH_RECUR": "1", "RECUR_START": "3", "RECUR_END": "3"})
+    with pytest.raises(tg.ConfigError, match="SKC_PATTERN"):
+        tg.Hyperparameters({**BASE, "SKC_PATTERN": "AX"})
+
+
+def test_parallel_residual_block_reads_one_normalised_input():
+    h = tg.Hyperparameters({**BASE, "PARALLEL_RESIDUAL": "1"})
+    torch.manual_seed(0)
+    block = tg.Block(h, tg.CausalSelfAttention(h, None))
+    assert not hasattr(block, "mlp_norm")
+    x, scales = torch.randn(2, 7, 64), torch.randn(2, 64)
+    assert torch.equal(block(x, scales)[0], x)  # zero-initialised merge: a fresh block is the identity
+    with torch.no_grad():
+        block.mixer.proj.weight.normal_()
+        block.mlp.down.weight.normal_()
+    n = block.mixer_norm(x)
+    ref = x + scales[0] * block.mixer(n)[0] + scales[1] * block.mlp(n)
+    torch.testing.assert_close(block(x, scales)[0], ref)
+
+
+def test_layer_scale_damps_the_initial_branches():
+    assert torch.equal(tg.GPT(tg.Hyperparameters(BASE)).layer_scales, torch.ones(4, 2, 64))
+    damped = tg.GPT(tg.Hyperparameters({**BASE, "LAYER_SCALE": "1", "LAYER_SCALE_INIT": "0.25"}))
+    assert torch.equal(damped.layer_scales, torch.full((4, 2, 64), 0.25))
+
+
+def test_exclusive_self_attention_output_is_orthogonal_to_own_value():
+    y, v = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    out = tg.exclusive_self_attention(y, v)
+    own = v.repeat_interleave(2, dim=2)  # query head h uses kv head h // 2
+    assert (out * own).sum(-1).abs().max() < 1e-5
+    torch.testing.assert_close(y - out, (y * F.normalize(own, dim=-1)).sum(-1, keepdim=True) * F.normalize(own, dim=-1))
+
+
+def test_value_residual_mixes_the_first_layers_values():
+    h = tg.Hyperparameters({**BASE, "VALUE_RESIDUAL": "1"})
+    torch.manual_seed(0)
+    attn = tg.CausalSelfAttention(h, None)
+    with torch.no_grad():
+        attn.proj.weight.normal_()
+    x, v_first = torch.randn(1, 6, 64), torch.randn(1, 6, 2, 16)
+    out_first, v_own = attn(x)
+    assert v_own.shape == (1, 6, 2, 16)
+    out_mixed, v_own2 = attn(x, v_first)
+    assert torch.equal(v_own, v_own2)  # what is passed on is the layer's own values
+    assert not torch.allclose(out_mixed, out_first)
+    with torch.no_grad():
+        attn.value_mix.zero_()
+        plain = attn(x)[0]
+        torch.testing.assert_close(attn(x, v_first)[0], plain)  # mix 0: the plain layer
+        attn.value_mix.fill_(1.0)
+        torch.testing.assert_close(attn(x)[0], 2 * plain)  # the first layer mixes in its own values: a rescale
+
+
+def test_smear_gate_formula_and_document_mask():
+    h = tg.Hyperparameters({**BASE, "SMEAR_GATE": "1"})
+    smear = tg.SmearGate(h)
+    with torch.no_grad():
+        smear.weight.normal_()
+    x = torch.randn(1, 6, 64)
+    idx = torch.tensor([[5, 7, 1, 9, 1, 3]])
+    out = smear(x, idx)
+    for t in range(6):
+        if t == 0 or idx[0, t] == 1:
+            assert torch.equal(out[0, t], x[0, t])
+        else:
+            g = torch.sigmoid(x[0, t] @ smear.weight + smear.bias)
+            torch.testing.assert_close(out[0, t], x[0, t] + g * x[0, t - 1])
+
+
+def test_engram_hash_buckets_match_a_slow_reference_and_the_gate_is_bounded():
+    h = tg.Hyperparameters({**BASE, **FEATURES["engram"], "ENGRAM_SCALE": "0.5"})
+    eng = tg.EngramHash(h)
+    idx = torch.randint(0, 128, (2, 9))
+    got = eng.bucket_ids(idx)
+    assert got.shape == (2, 9, 4)
+    for b in range(2):
+        for t in range(9):
+            col = 0
+            for n in (2, 3):
+                for j in range(2):
+                    primes = tg.ENGRAM_PRIMES[j * 3 : j * 3 + n]
+                    key = sum((int(idx[b, t - k]) + 1 if t - k >= 0 else 0) * primes[k] for k in range(n))
+                    assert got[b, t, col] == key % 64 + col * 64
+                    col += 1
+    assert (got[..., 0] != got[..., 1]).any()  # distinct primes per head: different buckets
+    with torch.no_grad():
+        eng.proj.weight.normal_()
+        eng.gate.normal_()
+    x = torch.randn(2, 9, 64)
+    e = eng.table(got).flatten(-2)
+    full = eng.proj(F.rms_norm(e, (32,)))
+    out = eng(x, idx)
+    ratio = out / full
+    assert (ratio > 0).all() and (ratio <= 0.5 + 1e-6).all()  # a sigmoid gate times ENGRAM_SCALE
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4, atol=1e-5)  # one gate per token
+
+
+def test_capsule_bank_dynamics_state_carry_and_cold_start():
+    h = tg.Hyperparameters({**BASE, **FEATURES["capsules"]})
+    bank = tg.CapsuleBank(h)
+    x = torch.randn(2, 16, 64)
+    update, consistency, state, read = bank(x)
+    assert torch.equal(update, torch.zeros_like(update))  # cold start: the gate is closed
+    H = tg.hadamard(32)
+    torch.testing.assert_close(H @ H.T, torch.eye(32), rtol=0, atol=1e-6)
+    assert torch.equal(H.abs(), torch.full((32, 32), 32**-0.5)) and torch.equal(H[0], H[:, 0])
+    A = H @ (torch.diag(bank.diag) + bank.u @ bank.v.T) @ H.T
+    torch.testing.assert_close(bank.dynamics(), A)
+    # state: s_c = A s_{c-1} + o_c over the chunk means of x; chunk c reads s_{c-1}
+    pooled = x.view(2, 4, 4, 64).mean(2)
+    obs = F.rms_norm(bank.encode(pooled), (32,))
+    s = torch.zeros(2, 32)
+    for c in range(4):
+        torch.testing.assert_close(read[:, 4 * c : 4 * c + 4], s[:, None].expand(2, 4, 32), rtol=1e-5, atol=1e-5)
+        s = s @ A.T + obs[:, c]
+    torch.testing.assert_close(state, s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(consistency, (obs[:, 1:] - obs[:, :-1] @ A.T).square().mean())
+    # carrying the state across two windows equals one pass over both (chunk-aligned)
+    with torch.no_grad():
+        bank.gate.fill_(0.7)
+    whole = bank(x)[0]
+    first = bank(x[:, :8])
+    second = bank(x[:, 8:], first[2])
+    torch.testing.assert_close(torch.cat((first[0], second[0]), 1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second[2], bank(x)[2], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        bank.diag.fill_(3.0)
+    bank.clamp_dynamics()
+    assert bank.diag.abs().max() <= h.capsule_max_decay
+    with pytest.raises(tg.ConfigError, match="power of 2"):
+        tg.Hyperparameters({**BASE, **FEATURES["capsules"], "CAPSULE_DIM": "12"})
+
+
+def test_feedback_sketch_is_a_prefix_mean_and_fresh_gates_repeat_pass_one():
+    x = torch.randn(2, 7, 5)
+    ref = torch.stack([x[:, : t + 1].mean(1) for t in range(7)], 1)
+    torch.testing.assert_close(tg.FeedbackAdapters.sketch(x), ref)
+    torch.manual_seed(0)
+    m = tg.GPT(tg.Hyperparameters({**BASE, **FEATURES["feedback"]})).eval()
+    plain = tg.GPT(tg.Hyperparameters(BASE)).eval()
+    plain.load_state_dict(m.state_dict(), strict=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2 and p is not m.tok_emb.weight:
+                p.normal_(0, 0.1)
+        plain.load_state_dict(m.state_dict(), strict=False)
+    idx = torch.randint(0, 128, (1, 9))
+    torch.testing.assert_close(m.logits(idx)[0], plain.logits(idx)[0])  # gates 0: passes 2..P change nothing
+    with torch.no_grad():
+        m.feedback.gates.fill_(0.5)
+    assert not torch.allclose(m.logits(idx)[0], plain.logits(idx)[0])
+
+
+def test_feedback_halting_keeps_a_halted_tokens_output(monkeypatch):
+    cfg = {**BASE, **FEATURES["feedback"], "FEEDBACK_HALT_TOL": "1e9"}
+    m = model(**cfg).eval()
+    idx = torch.randint(0, 128, (1, 9))
+    calls = []
+    run = m.run_layers
+    monkeypatch.setattr(m, "run_layers", lambda *a, **k: calls.append(1) or run(*a, **k))
+    halted_logits = m.logits(idx)[0]
+    assert len(calls) == 2  # every token halts after pass 2: pass 3 is skipped
+    m.h.feedback_halt_tol = 0.0
+    calls.clear()
+    two_pass = m.logits(idx)[0]
+    assert len(calls) == 3
+    m.train()
+    calls.clear()
+    m.logits(idx)
+    assert len(calls) == 3  # no halting in training
+    assert not torch.allclose(halted_logits, two_pass)
+
+
+def test_moe_routing_weights_balance_loss_and_single_expert_equals_mlp():
+    h = tg.Hyperparameters({**BASE, "MOE_ENABLED": "1", "MOE_EXPERTS": "4"})
+    moe = tg.MoEMLP(h)
+    with torch.no_grad():
+        moe.down.weight.normal_()
+        moe.router.normal_()
+    x = torch.randn(2, 5, 64)
+    out, balance = moe(x)
+    probs = torch.softmax(x @ moe.router.T, -1)
+    top = probs.argmax(-1)
+    u = moe.activation(x).view(2, 5, 4, 32)
+    mask = F.one_hot(top, 4).float()
+    ref = moe.down((u * (probs * mask)[..., None]).flatten(-2))  # k = 1: weight is the probability itself
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    frac = mask.view(-1, 4).mean(0)
+    torch.testing.assert_close(balance, 4 * (frac * probs.view(-1, 4).mean(0)).sum())
+    h2 = tg.Hyperparameters({**BASE, "MOE_ENABLED": "1", "MOE_EXPERTS": "4", "MOE_TOP_K": "2"})
+    moe2 = tg.MoEMLP(h2)
+    moe2.load_state_dict(moe.state_dict())
+    p2, i2 = probs.topk(2, -1)
+    w2 = torch.zeros_like(probs).scatter(-1, i2, p2 / p2.sum(-1, keepdim=True))
+    torch.testing.assert_close(moe2(x)[0], moe.down((u * w2[..., None]).flatten(-2)), rtol=1e-4, atol=1e-5)
+    one = tg.MoEMLP(tg.Hyperparameters({**BASE, "MOE_ENABLED": "1", "MOE_EXPERTS": "1"}))
+    dense = tg.MLP(h)
+    with torch.no_grad():
+        one.down.weight.normal_()
+    dense.load_state_dict({k: v for k, v in one.state_dict().items() if k != "router"})
+    torch.testing.assert_close(one(x)[0], dense(x))
+    with pytest.raises(tg.ConfigError, match="MOE_TOP_K"):
+        tg.Hyperparameters({**BASE, "MOE_ENABLED": "1", "MOE_TOP_K": "5"})

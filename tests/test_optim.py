@@ -100,3 +100,77 @@ def test_muon_momentum_warmup_and_ema():
     ema.update()
     ema.copy_to_model()
     torch.testing.assert_close(lin.weight.detach(), start + 1.0)
+
+
+def test_feature_parameters_land_in_the_right_optimizer():
+    from test_model import ALL_ON
+
+    m = model(**ALL_ON)
+    adam, muon = tg.build_optimizers(m, tg.Hyperparameters(ALL_ON))
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert muon_ids == {id(mod.weight) for mod in m.modules() if isinstance(mod, tg.TernaryLinear)} | {
+        id(m.embed_in.weight), id(m.embed_out.weight)}
+    assert {id(p) for p in adam.param_groups[0]["params"]} == {id(m.tok_emb.weight), id(m.engram.table.weight)}
+    small = {id(p) for p in adam.param_groups[1]["params"]}
+    for p in (m.capsules.u, m.capsules.diag, m.feedback.gates, m.blocks[0].mlp.router, m.layer_scales):
+        assert id(p) in small
+    assert len(muon_ids) + sum(len(g["params"]) for g in adam.param_groups) == len(list(m.parameters()))
+
+
+def test_idle_moe_expert_is_not_decayed():
+    """An expert no token was routed to has zero gradient rows (up) / columns (down): weight decay spares them,
+    while the experts that got tokens (and every dense matrix) are decayed."""
+    h = tg.Hyperparameters({"MOE_ENABLED": "1", "MOE_EXPERTS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
+                            "NUM_KV_HEADS": "2", "MLP_MULT": "2", "GROUP_SIZE": "32"})
+    moe = tg.MoEMLP(h)
+    with torch.no_grad():
+        moe.down.weight.normal_()
+        moe.router.zero_()
+        moe.router[2] = 5.0  # positive inputs all route to expert 2
+    x = torch.rand(3, 6, 64)
+    moe(x)[0].square().sum().backward()
+    assert moe.up.weight.grad.view(4, 32, 64)[[0, 1, 3]].abs().sum() == 0
+    opt = tg.Muon([moe.up.weight, moe.down.weight], lr=0.1, momentum=0.0, backend_steps=5, weight_decay=0.5)
+    up0, down0 = moe.up.weight.detach().clone(), moe.down.weight.detach().clone()
+    opt.step()
+    up_change = (moe.up.weight - up0).view(4, 32, 64).abs().sum(dim=(1, 2))
+    down_change = (moe.down.weight - down0).view(64, 4, 32).abs().sum(dim=(0, 2))
+    assert up_change[2] > 0 and down_change[2] > 0
+    assert up_change[[0, 1, 3]].sum() == 0 and down_change[[0, 1, 3]].sum() == 0
+    dense = torch.nn.Parameter(torch.randn(8, 8))
+    dense.grad = torch.zeros(8, 8)
+    dense.grad[0, 0] = 1.0
+    before = dense.detach().clone()
+    tg.Muon([dense], lr=0.1, momentum=0.0, backend_steps=5, weight_decay=0.5).step()
+    assert (dense[1:, 1:] != before[1:, 1:]).all()  # no sparse_decay mark: decayed everywhere
+
+
+class OneBatchLoader:
+    def __init__(self, x, y):
+        self.batch = [(x, y)]
+
+    def next_batch(self):
+        return self.batch
+
+
+def test_train_step_clamps_capsule_dynamics_and_switches_depth_recurrence(monkeypatch):
+    from test_model import FEATURES
+
+    cfg = {**FEATURES["capsules"], **FEATURES["recur"], "RECUR_FROM_FRAC": "0.5", "ITERATIONS": "10",
+           "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0"}
+    m = model(**cfg)
+    h = tg.Hyperparameters({"VOCAB_SIZE": "128", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
+                            "NUM_KV_HEADS": "2", "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2", **cfg})
+    opts = tg.build_optimizers(m, h)
+    with torch.no_grad():
+        m.capsules.diag.fill_(2.0)
+    seen = []
+    forward = m.forward
+    monkeypatch.setattr(m, "forward", lambda x, y, **kw: seen.append(kw["recur"]) or forward(x, y, **kw))
+    idx = torch.randint(0, 128, (2, 12))
+    for step in (0, 4, 5, 9):
+        tg.train_step(m, m, OneBatchLoader(idx, idx), opts, h, step, 0.0)
+        assert m.capsules.diag.abs().max() <= h.capsule_max_decay
+    assert seen == [False, False, True, True]  # recurrence from half of the 10 steps on
+    tg.train_step(m, m, OneBatchLoader(idx, idx), opts, h, 0, 0.0, recur=True)
+    assert seen[-1] is True

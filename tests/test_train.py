@@ -41,3 +41,15 @@ def test_ema_run_exports_the_averaged_weights(shards, tmp_path):
     pre = event_bpb(r.stdout, "pre_export")
     final = event_bpb(r.stdout, "final_roundtrip")
     assert abs(final - pre) < 0.01  # the artifact holds the EMA weights that pre_export scored
+
+
+@pytest.mark.slow
+def test_every_feature_on_trains_and_roundtrips(shards, tmp_path):
+    from test_model import ALL_ON
+
+    r = run_train(shards, tmp_path, **ALL_ON, ITERATIONS=16, MATRIX_LR=0.04, EMBED_LR=0.05, COMPILE_WARMUP_STEPS=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    losses = log_values(r.stdout, "train_loss")
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    pre, final = event_bpb(r.stdout, "pre_export"), event_bpb(r.stdout, "final_roundtrip")
+    assert abs(final - pre) < 0.01
