@@ -1,0 +1,56 @@
+"""Builds results.md / results.csv of the architecture ablation from the run logs in logs/ (golf-proxy-300).
+Usage: python3 records/ablations/make_table.py"""
+import csv
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = [  # (run id, flags on top of the default, commit of the train_gpt.py that ran)
+    ("proxy300_default_f01ccd9", "(none: foundation default)", "f01ccd9"),
+    ("abl_tricks", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1", "c547810"),
+    ("abl_engram", "ENGRAM_ENABLED=1", "c547810"),
+    ("abl_skc", "SKC_ENABLED=1 SKC_PATTERN=AS", "c547810"),
+    ("abl_capsules", "CAPSULES_ENABLED=1", "c547810"),
+    ("abl_tricks_seed2", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1 SEED=2024", "764df7e"),
+]
+FIELDS = {
+    "final_val_bpb": r"final_roundtrip val_loss:\S+ val_bpb:(\S+)",
+    "pre_export_val_bpb": r"pre_export val_loss:\S+ val_bpb:(\S+)",
+    "q5_model_bytes": r"export q5_\w+:(\d+)",
+    "code_bytes": r"code_bytes:(\d+)",
+    "steps": r"train_done steps:(\d+)",
+    "tok_s": r"train_done .*?tok/s:(\d+)",
+    "peak_mem_mib": r"peak_mem_mib:(\d+)",
+    "compile_s": r"compile_warmup steps:\d+ seconds:(\S+)",
+    "params": r"model params:(\d+)",
+}
+
+
+def main():
+    rows = []
+    for run, flags, commit in RUNS:
+        path = HERE / "logs" / f"{run}.txt"
+        if not path.exists():
+            continue
+        text = path.read_text()
+        row = {"run": run, "flags": flags, "commit": commit}
+        row.update({k: (re.findall(p, text) or [""])[0] for k, p in FIELDS.items()})
+        rows.append(row)
+    base = float(rows[0]["final_val_bpb"])
+    for r in rows:
+        r["delta_bpb"] = f"{float(r['final_val_bpb']) - base:+.4f}"
+        r["q5_total_bytes"] = str(int(r["q5_model_bytes"]) + int(r["code_bytes"]))
+    keys = ["run", "flags", "commit", "final_val_bpb", "delta_bpb", "pre_export_val_bpb", "q5_total_bytes", "steps",
+            "tok_s", "peak_mem_mib", "compile_s", "params"]
+    with open(HERE / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
