@@ -152,9 +152,9 @@ class Hyperparameters:
     moe_experts = Knob("MOE_EXPERTS", 4, check=POS)
     moe_top_k = Knob("MOE_TOP_K", 1, check=POS)
     moe_balance = Knob("MOE_BALANCE", 0.01, check=NONNEG)
-    xsa_enabled = Knob("XSA_ENABLED", False)  # exclusive self-attention
-    value_residual = Knob("VALUE_RESIDUAL", False)
-    smear_gate = Knob("SMEAR_GATE", False)
+    xsa_enabled = Knob("XSA_ENABLED", True)  # exclusive self-attention
+    value_residual = Knob("VALUE_RESIDUAL", True)
+    smear_gate = Knob("SMEAR_GATE", True)
     layer_scale = Knob("LAYER_SCALE", False)  # residual branch scales start at LAYER_SCALE_INIT instead of 1
     layer_scale_init = Knob("LAYER_SCALE_INIT", 0.1, check=POS)
     # optimizer

@@ -102,7 +102,8 @@ def test_param_count_and_ternary_share():
     # per block: q 64x64, k/v 32x64 each, proj 64x64, mlp up 128x64 and down 64x128
     per_block = 64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 2
     assert ternary == 4 * per_block
-    assert total == ternary + 128 * 32 + 2 * 32 * 64 + 4 * (4 * 64 + 4) + 2 * 64 + 64
+    tricks = 4 + 64 + 1  # default-on: a value-residual mix per layer, SmearGate's weight and bias
+    assert total == ternary + 128 * 32 + 2 * 32 * 64 + 4 * (4 * 64 + 4) + 2 * 64 + 64 + tricks
 
 
 def test_attention_backend_resolution(monkeypatch):
