@@ -12,6 +12,7 @@ RUNS = [  # (run id, flags on top of the default, commit of the train_gpt.py tha
     ("abl_skc", "SKC_ENABLED=1 SKC_PATTERN=AS", "c547810"),
     ("abl_capsules", "CAPSULES_ENABLED=1", "c547810"),
     ("abl_tricks_seed2", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1 SEED=2024", "764df7e"),
+    ("abl_parallel", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1 PARALLEL_RESIDUAL=1 (tricks are defaults there)", "a84c0c3"),
 ]
 FIELDS = {
     "final_val_bpb": r"final_roundtrip val_loss:\S+ val_bpb:(\S+)",
