@@ -1122,48 +1122,50 @@ def target_bytes(inputs, targets, luts):
     return base[targets] + (space[targets] & ~boundary[inputs])
 
 
+def rank_windows(tokens, seq_len, rank, world):
+    """(lo, hi, n_windows): this rank's contiguous share [lo, hi) of the split's windows of seq_len targets."""
+    n_windows = -(-(len(tokens) - 1) // seq_len)
+    return n_windows * rank // world, n_windows * (rank + 1) // world, n_windows
+
+
+def window_batch(tokens, windows, seq_len, rows):
+    """(inputs, targets, mask) numpy arrays of shape (rows, seq_len); row r holds window windows[r] (None, or no
+    entry: a padding row). The tail of the split's last window is padding too; padding has mask 0."""
+    n_targets = len(tokens) - 1
+    x = np.zeros((rows, seq_len), np.int64)
+    y = np.zeros((rows, seq_len), np.int64)
+    m = np.zeros((rows, seq_len), bool)
+    for r, w in enumerate(windows):
+        if w is None:
+            continue
+        a = w * seq_len
+        n = min(seq_len, n_targets - a)
+        x[r, :n], y[r, :n], m[r, :n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
+    return x, y, m
+
+
 def eval_batches(tokens, seq_len, batch_seqs, rank, world):
     """Yields (inputs, targets, mask) numpy batches of fixed shape (batch_seqs, seq_len) for this rank. Every
     target position 1..N-1 of the split lands in exactly one batch of exactly one rank; the tail of the last
     sequence and the spare rows of the last batch are padding with mask 0 (causal, so padding after a token
     cannot change its score)."""
-    n_targets = len(tokens) - 1
-    n_seqs = -(-n_targets // seq_len)
-    lo, hi = n_seqs * rank // world, n_seqs * (rank + 1) // world
-    batch_seqs = max(1, min(batch_seqs, -(-n_seqs // world)))  # same shape on every rank, no wasted rows
+    lo, hi, n_windows = rank_windows(tokens, seq_len, rank, world)
+    batch_seqs = max(1, min(batch_seqs, -(-n_windows // world)))  # same shape on every rank, no wasted rows
     for start in range(lo, hi, batch_seqs):
-        rows = min(batch_seqs, hi - start)
-        x = np.zeros((batch_seqs, seq_len), np.int64)
-        y = np.zeros((batch_seqs, seq_len), np.int64)
-        m = np.zeros((batch_seqs, seq_len), bool)
-        for r in range(rows):
-            a = (start + r) * seq_len
-            n = min(seq_len, n_targets - a)
-            x[r, :n], y[r, :n], m[r, :n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
-        yield x, y, m
+        yield window_batch(tokens, range(start, min(start + batch_seqs, hi)), seq_len, batch_seqs)
 
 
 def eval_stream_batches(tokens, seq_len, batch_seqs, rank, world):
     """Like eval_batches (same rank shares, every target once, padding masked), but row r of consecutive
     batches walks through one contiguous run of this rank's sequences, so state left by a window (the capsule
     bank's) flows into the next window of the same text."""
-    n_targets = len(tokens) - 1
-    n_seqs = -(-n_targets // seq_len)
-    lo, hi = n_seqs * rank // world, n_seqs * (rank + 1) // world
+    lo, hi, _ = rank_windows(tokens, seq_len, rank, world)
     rows = max(1, min(batch_seqs, hi - lo))
     per_row = -(-(hi - lo) // rows)
     for b in range(per_row):
-        x = np.zeros((rows, seq_len), np.int64)
-        y = np.zeros((rows, seq_len), np.int64)
-        m = np.zeros((rows, seq_len), bool)
-        for r in range(rows):
-            seq = lo + r * per_row + b
-            if seq >= min(hi, lo + (r + 1) * per_row):
-                continue
-            a = seq * seq_len
-            n = min(seq_len, n_targets - a)
-            x[r, :n], y[r, :n], m[r, :n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
-        yield x, y, m
+        windows = [lo + r * per_row + b for r in range(rows)]
+        ends = [min(hi, lo + (r + 1) * per_row) for r in range(rows)]
+        yield window_batch(tokens, [w if w < end else None for w, end in zip(windows, ends)], seq_len, rows)
 
 
 @torch.no_grad()
