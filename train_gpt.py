@@ -985,9 +985,14 @@ class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov) whose update is orthogonalized by Newton-Schulz, for 2-D weights. Gradients are
     already averaged across ranks by DDP, so every rank applies the same update."""
 
-    def __init__(self, params, lr, momentum, backend_steps, row_norm=False, weight_decay=0.0):
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, row_norm=row_norm, weight_decay=weight_decay)
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0):
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def scale(update, p):
+        # an RMS of 1/sqrt(fan_in) for the orthogonalized update, whatever the matrix's aspect ratio
+        return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
     @torch.no_grad()
     def step(self):
@@ -1003,13 +1008,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(mom).add_(p.grad)
                 update = newton_schulz(p.grad.add(buf, alpha=mom), group["backend_steps"], ns_dtype)
-                # both variants give the update an RMS of 1/sqrt(fan_in), so MATRIX_LR means the same in each
-                if group["row_norm"]:
-                    # equal rows: no output channel's ternary scale runs away from the others
-                    row_rms = update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7
-                    update = update / (row_rms * p.size(1) ** 0.5).to(update.dtype)
-                else:
-                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                update = self.scale(update, p)
                 if group["weight_decay"]:
                     decay = lr * group["weight_decay"]
                     if getattr(p, "sparse_decay", False):
@@ -1019,6 +1018,16 @@ class Muon(torch.optim.Optimizer):
                         decay = decay * (g.any(dim=1, keepdim=True) & g.any(dim=0, keepdim=True))
                     p.mul_(1 - decay)
                 p.add_(update.to(p.dtype), alpha=-lr)
+
+
+class RowNormMuon(Muon):
+    """MUON_ROW_NORM: every row of the update gets the same RMS, so no output channel's ternary scale runs away
+    from the others. The overall RMS stays 1/sqrt(fan_in), so MATRIX_LR means the same as for Muon."""
+
+    @staticmethod
+    def scale(update, p):
+        row_rms = update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7
+        return update / (row_rms * p.size(1) ** 0.5).to(update.dtype)
 
 
 def build_optimizers(model, h):
@@ -1041,7 +1050,10 @@ def build_optimizers(model, h):
         ],
         betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused,
     )
-    muon = Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_row_norm, h.muon_wd)
+    muon_class = Muon
+    if h.muon_row_norm:
+        muon_class = RowNormMuon
+    muon = muon_class(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd)
     for g in muon.param_groups:
         g["base_lr"] = h.matrix_lr
     return [adam, muon]

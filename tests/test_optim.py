@@ -47,7 +47,7 @@ def test_muon_row_norm_equalises_rows_at_the_default_update_rms(shape):
     updates = {}
     for row_norm in (False, True):
         p = torch.nn.Parameter(torch.zeros(*shape))
-        opt = tg.Muon([p], lr=1.0, momentum=0.0, backend_steps=5, row_norm=row_norm)
+        opt = (tg.RowNormMuon if row_norm else tg.Muon)([p], lr=1.0, momentum=0.0, backend_steps=5)
         p.grad = grad.clone()
         opt.step()
         updates[row_norm] = -p.detach()
