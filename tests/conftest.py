@@ -33,13 +33,14 @@ def shards(tmp_path_factory):
     return out
 
 
-def run_train(shards_dir, workdir, nproc=1, **overrides):
-    """Runs train_gpt.py (under torchrun when nproc > 1); returns the CompletedProcess. Logs go to workdir."""
+def run_train(shards_dir, workdir, nproc=1, script=None, **overrides):
+    """Runs train_gpt.py, or `script` (under torchrun when nproc > 1); returns the CompletedProcess. Logs go to
+    workdir."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(TINY, DATA_PATH=str(shards_dir), LOG_DIR=str(Path(workdir) / "logs"),
                ARTIFACT_PATH=str(Path(workdir) / "model.ptz"), OMP_NUM_THREADS="1")
     env.update({k: str(v) for k, v in overrides.items()})
-    script = str(ROOT / "train_gpt.py")
+    script = str(script or ROOT / "train_gpt.py")
     cmd = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,341 @@
+"""build_submission.py: guard folding and pruning on a small synthetic trainer with known answers, every feature
+flag of train_gpt.py on and off, identical training of the full and the extracted file, the cap, the record
+writer and its refusals."""
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, log_values, run_train
+
+import build_submission as bs
+from test_model import ALL_ON
+
+# ---------------------------------------------------------------------------------------------------------------
+# the DCE itself, on a synthetic trainer whose extraction is known
+
+TOY = textwrap.dedent('''
+    """toy trainer"""
+    import math
+    import json
+
+
+    class ConfigError(ValueError):
+        pass
+
+
+    class Knob:
+        def __init__(self, name, default, kind=None, check=None, choices=None):
+            self.name, self.default, self.kind, self.choices = name, default, kind or type(default), choices
+
+        def read(self, environ):
+            raw = environ.get(self.name)
+            v = self.default if raw is None else (raw == "1" if self.kind is bool else self.kind(raw))
+            if self.choices is not None and v not in self.choices:
+                raise ConfigError(f"{self.name}={v!r} must be one of {sorted(self.choices)}")
+            return v
+
+
+    class Hyperparameters:
+        fancy = Knob("FANCY", False)
+        mode = Knob("MODE", "a", choices={"a", "b"})
+        width = Knob("WIDTH", 4)
+        fancy_width = Knob("FANCY_WIDTH", 2)  # read only by fancy code
+
+        def __init__(self, environ):
+            for attr, knob in vars(Hyperparameters).items():
+                if isinstance(knob, Knob):
+                    setattr(self, attr, knob.read(environ))
+
+
+    def fancy_helper(x):
+        return math.sqrt(x)
+
+
+    class Model:
+        def __init__(self, h):
+            self.h = h
+
+        def fancy(self, x):  # same name as the knob: must not keep it alive
+            return fancy_helper(x) * self.h.fancy_width
+
+        def forward(self, x, extra=None):
+            h = self.h
+            if h.fancy and extra is not None:
+                x = self.fancy(x)
+            elif h.mode == "b":
+                x = -x
+            else:
+                x = x + 1
+            y = 2 if not h.fancy else 3
+            return x * y * h.width
+
+
+    def main():
+        h = Hyperparameters({})
+        print(Model(h).forward(4.0, extra=1))
+
+
+    if __name__ == "__main__":
+        main()
+''')
+
+
+class ToyTrainer:
+    """A loaded toy trainer and its extraction under an env."""
+
+    def __init__(self, tmp_path, env, source=TOY):
+        self.path = tmp_path / "toy.py"
+        self.path.write_text(source)
+        self.config = bs.Config(bs.load_trainer(self.path), env)
+
+    def extract(self):
+        return bs.extract(self.path, self.config)
+
+    def run(self, text, tmp_path):
+        out = tmp_path / "out.py"
+        out.write_text(text)
+        return subprocess.run([sys.executable, str(out)], capture_output=True, text=True).stdout.strip()
+
+
+def test_guards_fold_and_dead_code_goes(tmp_path):
+    toy = ToyTrainer(tmp_path, {})
+    text = toy.extract()
+    assert "fancy_helper" not in text and "def fancy" not in text and "import math" not in text
+    assert "FANCY_WIDTH" not in text  # a knob only dead code read
+    assert "import json" not in text and '"""' not in text and "toy trainer" not in text
+    tree = ast.parse(text)
+    assert not any(isinstance(n, ast.If) and "h.mode" in ast.unparse(n.test) for n in ast.walk(tree))
+    assert "x = x + 1" in text and "x = -x" not in text and "y = 2" in text
+    assert toy.run(text, tmp_path) == toy.run(TOY, tmp_path) == str((4.0 + 1) * 2 * 4)
+
+
+def test_partial_boolean_guard_keeps_the_unknown_part(tmp_path):
+    toy = ToyTrainer(tmp_path, {"FANCY": "1", "MODE": "b", "WIDTH": "5"})
+    text = toy.extract()
+    assert "if extra is not None:" in text and "x = -x" in text  # `h.fancy and extra is not None` -> the rest
+    assert "fancy_helper" in text and "FANCY_WIDTH" in text and "y = 3" in text
+    assert "Knob('WIDTH', 5)" in text  # the configuration is baked in as the default
+    assert toy.run(text, tmp_path) == str(math_sqrt(4.0) * 2 * 3 * 5)
+
+
+def math_sqrt(x):
+    return x ** 0.5
+
+
+def test_switches_are_frozen(tmp_path):
+    toy = ToyTrainer(tmp_path, {"MODE": "b"})
+    (tmp_path / "x.py").write_text(toy.extract())
+    frozen = bs.load_trainer(tmp_path / "x.py")
+    assert frozen.Hyperparameters({}).mode == "b"
+    with pytest.raises(frozen.ConfigError, match="MODE"):
+        frozen.Hyperparameters({"MODE": "a"})  # loud, not silently ignored
+    with pytest.raises(frozen.ConfigError, match="FANCY"):
+        frozen.Hyperparameters({"FANCY": "1"})
+
+
+def test_unsound_sources_are_refused(tmp_path):
+    assert TOY.count("        h = self.h\n") == 1
+    rebinds = TOY.replace("        h = self.h\n", "        h = self.h\n        h.fancy = True\n")
+    with pytest.raises(bs.BuildError, match="assigns config switch"):
+        ToyTrainer(tmp_path, {}, rebinds).extract()
+    other_h = TOY.replace("        h = self.h\n", "        h = dict(fancy=1)\n")
+    with pytest.raises(bs.BuildError, match="the name h must always be"):
+        ToyTrainer(tmp_path, {}, other_h).extract()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_gpt.py: every feature flag on and off
+
+MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its code has)
+    "SKC_ENABLED": ({}, "class SKCMixer"),
+    "PARALLEL_RESIDUAL": ({}, "scales[0] * mixed + scales[1] * out"),
+    "SHARED_BLOCKS": ({"SHARED_BLOCK_COUNT": "1"}, "SHARED_BLOCK_COUNT"),
+    "DEPTH_RECUR": ({"RECUR_START": "0", "RECUR_END": "1"}, "RECUR_FROM_FRAC"),
+    "CAPSULES_ENABLED": ({"CAPSULE_LAYER": "0", "CAPSULE_DIM": "16"}, "class CapsuleBank"),
+    "FEEDBACK_ENABLED": ({}, "class FeedbackAdapters"),
+    "ENGRAM_ENABLED": ({}, "class EngramHash"),
+    "MOE_ENABLED": ({}, "class MoEMLP"),
+    "XSA_ENABLED": ({}, "def exclusive_self_attention"),
+    "VALUE_RESIDUAL": ({}, "value_mix"),
+    "SMEAR_GATE": ({}, "class SmearGate"),
+    "LAYER_SCALE": ({}, "LAYER_SCALE_INIT"),
+    "EMA_ENABLED": ({}, "class EMA"),
+    "MUON_ROW_NORM": ({}, "class RowNormMuon"),
+}
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return bs.load_trainer(ROOT / "train_gpt.py")
+
+
+def test_every_bool_flag_has_a_marker(trainer):
+    flags = {k.name for k in vars(trainer.Hyperparameters).values() if isinstance(k, trainer.Knob) and k.kind is bool}
+    assert flags == set(MARKERS)
+
+
+@pytest.mark.parametrize("flag", list(MARKERS))
+def test_flag_on_and_off(trainer, flag, tmp_path):
+    extra, marker = MARKERS[flag]
+    texts = {}
+    for on in ("1", "0"):
+        config = bs.Config(trainer, {**TINY, **extra, flag: on})
+        texts[on] = bs.extract(ROOT / "train_gpt.py", config)
+        bs.py_compile_check(texts[on])
+        path = tmp_path / f"x{on}.py"
+        path.write_text(texts[on])
+        frozen = bs.load_trainer(path)
+        baked = vars(frozen.Hyperparameters({}))
+        assert baked == {k: v for k, v in vars(config.h).items() if k in baked}  # the run's configuration
+        assert {"model_dim", "num_layers", "seed", flag.lower()} <= set(baked)
+        with pytest.raises(frozen.ConfigError, match=flag):
+            frozen.Hyperparameters({flag: "0" if on == "1" else "1"})
+    assert marker in texts["1"] and marker not in texts["0"]
+    assert max(len(texts["0"]), len(texts["1"])) < len((ROOT / "train_gpt.py").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the extracted file trains exactly like the full one
+
+@pytest.fixture(scope="module")
+def seed_runs(shards, tmp_path_factory):
+    """The full train_gpt.py at the TINY default, two seeds: {seed: (stdout, log path)}."""
+    runs = {}
+    for seed in (7, 8):
+        d = tmp_path_factory.mktemp(f"seed{seed}")
+        r = run_train(shards, d, ITERATIONS=6, SEED=seed, RUN_ID=f"s{seed}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs[seed] = (r.stdout, d / "logs" / f"s{seed}.txt")
+    return runs
+
+
+def extracted_run(shards, tmp_path, env, wrap):
+    config = bs.Config(bs.load_trainer(ROOT / "train_gpt.py"), {**TINY, **env})
+    code, wrapped = bs.choose_code(bs.extract(ROOT / "train_gpt.py", config), wrap)
+    assert wrapped == (wrap == "always")
+    script = tmp_path / "train_gpt.py"
+    script.write_text(code)
+    r = run_train(shards, tmp_path, script=script, **env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout, len(code.encode())
+
+
+def same_run(full, extracted, code_bytes):
+    assert log_values(extracted, "train_loss") == log_values(full, "train_loss") and log_values(full, "train_loss")
+    for key in ("val_bpb", "model_bytes"):
+        assert log_values(extracted, key) == log_values(full, key)
+    assert log_values(extracted, "code_bytes") == [code_bytes]
+
+
+@pytest.mark.parametrize("wrap", ["never", "always"])
+def test_extracted_default_trains_identically(shards, seed_runs, tmp_path, wrap):
+    extracted, code_bytes = extracted_run(shards, tmp_path, dict(ITERATIONS=6, SEED=7, RUN_ID="s7"), wrap)
+    same_run(seed_runs[7][0], extracted, code_bytes)
+
+
+@pytest.mark.parametrize("features", ["all", "foundation"])
+def test_extracted_feature_configs_train_identically(shards, tmp_path, features):
+    env = dict(ALL_ON, FEEDBACK_HALT_TOL="0") if features == "all" else dict(
+        XSA_ENABLED="0", VALUE_RESIDUAL="0", SMEAR_GATE="0")
+    env.update(ITERATIONS=4, EMA_ENABLED="1")
+    (tmp_path / "full").mkdir()
+    full = run_train(shards, tmp_path / "full", **env)
+    assert full.returncode == 0, full.stdout + full.stderr
+    extracted, code_bytes = extracted_run(shards, tmp_path, env, "never")
+    same_run(full.stdout, extracted, code_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the record writer
+
+def build(tmp_path, logs, *extra, config=None):
+    cfg = tmp_path / "run.env"
+    cfg.write_text(config if config is not None else "".join(f"{k}={v}\n" for k, v in TINY.items()) + "ITERATIONS=6\n")
+    cmd = [sys.executable, str(ROOT / "build_submission.py"), "--dce", "--config", str(cfg), "--name", "2026-11-23_tiny",
+           "--github-id", "tester", "--records-dir", str(tmp_path / "records"), "--date", "2026-11-23",
+           *[a for log in logs for a in ("--log", str(log))], *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+
+
+def record_dir(tmp_path):
+    return tmp_path / "records" / "2026-11-23_tiny"
+
+
+def test_record_is_written_whole(seed_runs, tmp_path):
+    r = build(tmp_path, [seed_runs[7][1], seed_runs[8][1]], "--blurb", "tiny test")
+    assert r.returncode == 0, r.stderr
+    out = record_dir(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["2026-11-23_tiny"]  # no temp dir left
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "requirements.txt", "submission.json",
+                                                      "train_gpt.py", "train_seed7.log", "train_seed8.log"]
+    sub = json.loads((out / "submission.json").read_text())
+    bpb = {s: log_values(seed_runs[s][1].read_text().split("final_roundtrip")[1], "val_bpb")[0] for s in (7, 8)}
+    model = {s: int(log_values(seed_runs[s][1].read_text(), "model_bytes")[0]) for s in (7, 8)}
+    code = (out / "train_gpt.py").stat().st_size
+    assert sub["val_bpb_per_seed"] == {"7": bpb[7], "8": bpb[8]}
+    assert sub["val_bpb"] == pytest.approx((bpb[7] + bpb[8]) / 2, abs=1e-9)
+    assert sub["bytes_code"] == code and sub["bytes_total"] == code + max(model.values())
+    assert sub["github_id"] == "tester" and sub["date"] == "2026-11-23" and sub["blurb"] == "tiny test"
+    assert (out / "train_seed7.log").read_bytes() == seed_runs[7][1].read_bytes()
+    assert set((out / "requirements.txt").read_text().split()) == {"brotli", "numpy", "sentencepiece", "torch"}
+    readme = (out / "README.md").read_text()
+    assert f"{bpb[7]:.4f}" in readme and f"{bpb[8]:.4f}" in readme and f"{code:,}" in readme
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = build(tmp_path, [seed_runs[7][1]])
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_over_cap_is_refused(seed_runs, tmp_path):
+    log = tmp_path / "big.txt"
+    text = seed_runs[7][1].read_text()
+    model = int(log_values(text, "model_bytes")[0])
+    log.write_text(text.replace(f"model_bytes:{model}", "model_bytes:15990000"))
+    r = build(tmp_path, [log])
+    assert r.returncode == 2 and "over the cap" in r.stderr and "15,990,000" in r.stderr
+    assert not (tmp_path / "records").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_log", "unknown_flag", "missing_feature", "other_config", "unfinished",
+                                  "same_seed", "bad_line"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(seed_runs, tmp_path, case):
+    logs, config = [seed_runs[7][1]], None
+    base = "".join(f"{k}={v}\n" for k, v in TINY.items()) + "ITERATIONS=6\n"
+    expect = {"missing_log": "log not found", "unknown_flag": "NUM_LAYER,", "missing_feature": "TTT_ENABLED",
+              "other_config": "SMEAR_GATE", "unfinished": "final_val_bpb", "same_seed": "same seed",
+              "bad_line": "not a KEY=VALUE line"}[case]
+    if case == "missing_log":
+        logs = [tmp_path / "nope.txt"]
+    elif case == "unknown_flag":
+        config = base + "NUM_LAYER=3\n"
+    elif case == "missing_feature":
+        config = base + "TTT_ENABLED=1\n"
+    elif case == "other_config":
+        config = base + "SMEAR_GATE=0\n"
+    elif case == "unfinished":
+        logs = [tmp_path / "cut.txt"]
+        logs[0].write_text(seed_runs[7][1].read_text().split("final_roundtrip")[0])
+    elif case == "same_seed":
+        logs = [seed_runs[7][1], seed_runs[7][1]]
+    elif case == "bad_line":
+        config = base + "this is not a setting\n"
+    r = build(tmp_path, logs, config=config)
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+    assert r.stderr.startswith("build_submission: error:")
+    assert not (tmp_path / "records").exists() or not any((tmp_path / "records").iterdir())
+
+
+def test_extract_only_cli(tmp_path):
+    out = tmp_path / "x.py"
+    r = subprocess.run([sys.executable, str(ROOT / "build_submission.py"), "--dce", "--set", "SKC_ENABLED=1",
+                        "--extract-only", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "class SKCMixer" in bs.lzma.decompress(bs.base64.b85decode(out.read_text().split('"')[1])).decode()
+    assert f"code_bytes:{out.stat().st_size}" in r.stdout
+    assert not os.path.exists(f"{out}.tmp")
