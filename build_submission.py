@@ -43,6 +43,8 @@ CAP_BYTES = 16_000_000
 # Knobs a log may legitimately differ on from the configuration: per-run paths, the seed, torchrun's variables.
 PER_RUN_KNOBS = {"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_PATH", "DATA_PATH", "TOKENIZER_PATH", "WORLD_SIZE", "RANK",
                  "LOCAL_RANK"}
+# Enumerated knobs that describe the machine, not the model: never frozen, so the submission still runs anywhere.
+MACHINE_KNOBS = {"DEVICE", "COMPILE", "ATTN_IMPL"}
 # Methods called implicitly (by Python, torch or the optimizer protocol), so never "unreferenced".
 IMPLICIT_METHODS = {"forward", "backward", "step", "zero_grad", "extra_repr", "reset_parameters"}
 PIP_NAMES = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece", "brotli": "brotli"}
@@ -115,8 +117,9 @@ class Config:
         return getattr(self.h, attr)
 
     def static_values(self):
-        """Feature switches: boolean and enumerated knobs. Guards over these fold to constants."""
-        return {a: self.value(a) for a, k in self.knobs.items() if k.kind is bool or k.choices is not None}
+        """Feature switches: boolean and enumerated knobs (except MACHINE_KNOBS). Guards over these fold."""
+        return {a: self.value(a) for a, k in self.knobs.items()
+                if (k.kind is bool or k.choices is not None) and k.name not in MACHINE_KNOBS}
 
     def check_log(self, run, log_name):
         """The log must come from this configuration: every knob its config line shows must agree."""

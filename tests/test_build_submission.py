@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, log_values, run_train
@@ -339,3 +338,46 @@ def test_extract_only_cli(tmp_path):
     assert "class SKCMixer" in bs.lzma.decompress(bs.base64.b85decode(out.read_text().split('"')[1])).decode()
     assert f"code_bytes:{out.stat().st_size}" in r.stdout
     assert not os.path.exists(f"{out}.tmp")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the launch scripts, on CPU with 2 gloo processes
+
+def launch(tmp_path, shards, *args, config=None, script="run_skc_competition_2gpu_proxy.sh", **env):
+    cfg = tmp_path / "tiny.env"
+    cfg.write_text(config if config is not None else "".join(
+        f"{k}={v}\n" for k, v in TINY.items() if k not in ("TOKENIZER_PATH", "DEVICE")) + "ITERATIONS=4\n")
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GOLFMIX_DIR")}
+    full_env.update(CONFIG=str(cfg), RUNS_DIR=str(tmp_path / "runs"), DATA_PATH=str(shards), DEVICE="cpu",
+                    TOKENIZER_PATH=TINY["TOKENIZER_PATH"], OMP_NUM_THREADS="1")
+    full_env.update(env)
+    return subprocess.run(["bash", str(ROOT / script), *args], env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.ddp
+def test_proxy_launch_runs_the_extracted_file_on_two_processes(shards, tmp_path):
+    # the proxy's own MAX_WALLCLOCK_SECONDS=300 / batch are overridden back to the tiny shape by trailing args
+    r = launch(tmp_path, shards, "7", "MAX_WALLCLOCK_SECONDS=0", "TRAIN_BATCH_TOKENS=2048")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("proxy2_seed7_")
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.env", "commit", "train_gpt.py", "stdout.txt", f"{run_dir.name}.txt",
+            "final_model.ternary.ptz"} <= names
+    log = (run_dir / f"{run_dir.name}.txt").read_text()
+    assert "world_size:2" in log and "SEED=7" in log and "TRAIN_BATCH_TOKENS=2048" in log
+    assert log_values(log, "code_bytes") == [(run_dir / "train_gpt.py").stat().st_size]  # the extracted file ran
+    assert "final_roundtrip" in log and f"run:{run_dir.name} final_val_bpb:" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["typo", "no_data"])
+def test_launch_refuses_bad_setups_before_training(shards, tmp_path, case):
+    if case == "typo":
+        r = launch(tmp_path, shards, "7", "XSA_ENABLE=0")
+        expect = "XSA_ENABLE,"
+    else:
+        r = launch(tmp_path, shards, "7", DATA_PATH=str(tmp_path / "empty"), script="run_skc_competition_8xh100.sh")
+        expect = "no shards in"
+    assert r.returncode != 0 and expect in r.stderr, r.stderr
+    assert "launch:" not in r.stdout
