@@ -1,10 +1,13 @@
 """Builds results.md / results.csv of the architecture ablation from the run logs in logs/ (golf-proxy-300).
 Usage: python3 records/ablations/make_table.py"""
 import csv
-import re
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "scripts"))
+from runlog import read_run_log  # noqa: E402
+
 RUNS = [  # (run id, flags on top of the default, commit of the train_gpt.py that ran)
     ("proxy300_default_f01ccd9", "(none: foundation default)", "f01ccd9"),
     ("abl_tricks", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1", "c547810"),
@@ -14,17 +17,8 @@ RUNS = [  # (run id, flags on top of the default, commit of the train_gpt.py tha
     ("abl_tricks_seed2", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1 SEED=2024", "764df7e"),
     ("abl_parallel", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1 PARALLEL_RESIDUAL=1 (tricks are defaults there)", "a84c0c3"),
 ]
-FIELDS = {
-    "final_val_bpb": r"final_roundtrip val_loss:\S+ val_bpb:(\S+)",
-    "pre_export_val_bpb": r"pre_export val_loss:\S+ val_bpb:(\S+)",
-    "q5_model_bytes": r"export q5_\w+:(\d+)",
-    "code_bytes": r"code_bytes:(\d+)",
-    "steps": r"train_done steps:(\d+)",
-    "tok_s": r"train_done .*?tok/s:(\d+)",
-    "peak_mem_mib": r"peak_mem_mib:(\d+)",
-    "compile_s": r"compile_warmup steps:\d+ seconds:(\S+)",
-    "params": r"model params:(\d+)",
-}
+FIELDS = ["final_val_bpb", "pre_export_val_bpb", "q5_model_bytes", "code_bytes", "steps", "tok_s", "peak_mem_mib",
+          "compile_s", "params"]
 
 
 def main():
@@ -33,9 +27,9 @@ def main():
         path = HERE / "logs" / f"{run}.txt"
         if not path.exists():
             continue
-        text = path.read_text()
+        parsed = read_run_log(path)
         row = {"run": run, "flags": flags, "commit": commit}
-        row.update({k: (re.findall(p, text) or [""])[0] for k, p in FIELDS.items()})
+        row.update({k: "" if parsed[k] is None else f"{parsed[k]:.4f}" if "bpb" in k else str(parsed[k]) for k in FIELDS})
         rows.append(row)
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
