@@ -1,0 +1,329 @@
+"""Runs an environment-variable sweep of train_gpt.py from a manifest, one run after another, and tabulates it.
+
+    python3 scripts/sweep.py MANIFEST [--out DIR] [--dry-run]
+
+MANIFEST is TOML or JSON (by suffix): `command` (optional; default: this Python on train_gpt.py, or e.g.
+"torchrun --standalone --nproc_per_node=2 train_gpt.py"), a `base` table of env vars for every run, and a list
+`runs`, each with a unique `name` and an `env` table of overrides. Values are strings, ints, floats or bools
+(true/false become 1/0). Runs start from the repo root, so relative paths are relative to it.
+
+The whole manifest is checked before anything runs: every key must be a train_gpt.py knob (or OMP_NUM_THREADS,
+CUDA_VISIBLE_DEVICES, PYTHONUNBUFFERED), and every run's config must pass Hyperparameters. The runner sets
+RUN_ID=<name> and LOG_DIR=DIR/logs itself; ARTIFACT_PATH defaults to DIR/artifacts/<name>.ternary.ptz.
+
+Outputs in DIR (default logs/sweep_<manifest stem>): logs/<name>.txt (train_gpt.py's log), logs/<name>.stdout,
+results.csv and results.md (rewritten after every run), sweep.png (final val_bpb per run, loss curves).
+Rerunning the same command resumes: finished runs are skipped, unfinished ones rerun (old log kept in *.prev).
+Exit code: 0 if every run finished, 1 if any failed, 2 for a bad manifest (nothing is run or written then).
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from runlog import read_run_log  # noqa: E402
+
+EXTRA_ENV = {"OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONUNBUFFERED"}  # not knobs, but runs may need them
+RESERVED = {"RUN_ID": "the sweep runner (the run name)", "LOG_DIR": "the sweep runner (OUT/logs)",
+            "WORLD_SIZE": "torchrun", "RANK": "torchrun", "LOCAL_RANK": "torchrun"}
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+COLUMNS = ["name", "status", "env", "final_val_bpb", "delta_bpb", "pre_export_val_bpb", "total_bytes", "steps",
+           "tok_s", "train_seconds", "compile_s", "params", "error"]
+
+
+class SweepError(ValueError):
+    """A bad manifest; the message names the run or key."""
+
+
+# ---- manifest --------------------------------------------------------------------------------------------------
+
+def load_manifest(path):
+    path = Path(path)
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise SweepError(f"{path}: {e}") from None
+    raise SweepError(f"{path}: manifest must end in .toml or .json")
+
+
+def env_str(where, key, value):
+    # bool before int: True is an int too, and train_gpt.py reads 1/0
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise SweepError(f"{where}: {key}={value!r} must be a string, number or bool")
+
+
+def env_table(where, table):
+    if not isinstance(table, dict):
+        raise SweepError(f"{where}: env must be a table of KEY = value")
+    return {k: env_str(where, k, v) for k, v in table.items()}
+
+
+def plan_runs(manifest, out):
+    """The manifest as (command, base, [run]), each run a dict {name, overrides, env}; SweepError if it is bad
+    (the first structural problem, or every unknown key and rejected config at once)."""
+    extra = set(manifest) - {"command", "base", "runs"}
+    if extra:
+        raise SweepError(f"unknown manifest keys {sorted(extra)} (allowed: command, base, runs)")
+    command = manifest.get("command", [sys.executable, "train_gpt.py"])
+    command = shlex.split(command) if isinstance(command, str) else command
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+        raise SweepError(f"command={manifest['command']!r} must be a non-empty string or list of strings")
+    if shutil.which(command[0]) is None:
+        raise SweepError(f"command {command[0]!r} not found on PATH")
+    base = env_table("base", manifest.get("base", {}))
+    runs = manifest.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise SweepError("manifest has no runs: add at least one [[runs]] entry with a name")
+    plan, seen = [], set()
+    for i, run in enumerate(runs):
+        name = run.get("name") if isinstance(run, dict) else None
+        where = f"run {name!r}" if name is not None else f"run #{i + 1}"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise SweepError(f"{where}: name must be a string of [A-Za-z0-9_.-]+")
+        if name in seen:
+            raise SweepError(f"{where}: duplicate run name")
+        seen.add(name)
+        if set(run) - {"name", "env"}:
+            raise SweepError(f"{where}: unknown keys {sorted(set(run) - {'name', 'env'})} (allowed: name, env)")
+        overrides = env_table(where, run.get("env", {}))
+        env = {"ARTIFACT_PATH": str(out / "artifacts" / f"{name}.ternary.ptz"), **base, **overrides,
+               "RUN_ID": name, "LOG_DIR": str(out / "logs")}
+        plan.append({"name": name, "overrides": overrides, "env": env})
+    check_env(plan, base, command)
+    return command, base, plan
+
+
+def check_env(plan, base, command):
+    """Every key must be a knob, and every run's merged env a config that train_gpt.py accepts: a typo or a bad
+    shape should stop the sweep now, not after hours of earlier runs."""
+    sys.path.insert(0, str(ROOT))
+    from train_gpt import ConfigError, Hyperparameters, check_batch_shape
+
+    known = set(Hyperparameters({}).env_names().values()) | EXTRA_ENV
+    # torchrun's process count changes the batch split that check_batch_shape checks
+    nproc = re.search(r"--nproc[_-]per[_-]node[= ](\d+)", " ".join(command))
+    world = int(nproc.group(1)) if nproc else 1
+    base_errors = [f"base: {k} is set by {RESERVED[k]}, not by the manifest" for k in base if k in RESERVED]
+    base_errors += [f"base: unknown key {k} (not a train_gpt.py knob)" for k in base if k not in known]
+    errors = list(base_errors)
+    for run in plan:
+        where = f"run {run['name']!r}"
+        bad = [f"{where}: {k} is set by {RESERVED[k]}, not by the manifest" for k in run["overrides"] if k in RESERVED]
+        bad += [f"{where}: unknown key {k} (not a train_gpt.py knob)" for k in run["overrides"] if k not in known]
+        if not bad and not base_errors:  # with a bad key the config check would only add noise
+            try:
+                check_batch_shape(Hyperparameters({**os.environ, **run["env"]}), world)
+            except ConfigError as e:
+                bad.append(f"{where}: {e}")
+        errors += bad
+    if errors:
+        raise SweepError("\n".join(errors))
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+
+def move_aside(path):
+    """An unfinished run's old output goes to <path>.prev, appended, so repeated reruns never lose one."""
+    if path.exists():
+        with open(f"{path}.prev", "ab") as prev:
+            prev.write(path.read_bytes())
+        path.unlink()
+
+
+def execute(command, run, out):
+    """Runs one config; stdout and stderr both land in logs/<name>.stdout. Returns (exit code, the last `error:`
+    line of train_gpt.py on stderr, else the last stderr line): torchrun ends its stderr with a banner of its own."""
+    logs = out / "logs"
+    for path in (logs / f"{run['name']}.txt", logs / f"{run['name']}.stdout"):
+        move_aside(path)  # train_gpt.py appends to its log, so a stale one would mix two runs
+    with open(logs / f"{run['name']}.stdout", "a") as f:
+        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **run["env"]}, stdout=f,
+                                stderr=subprocess.PIPE, text=True, errors="replace")
+        last, error = "", ""
+        for line in proc.stderr:  # stderr is read here only to remember the message for the table
+            f.write(line)
+            f.flush()
+            last = line.strip() if re.search(r"\w", line) else last
+            error = line.strip() if line.startswith("error: ") else error
+        return proc.wait(), error or last
+
+
+def clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def finished(log):
+    return log.exists() and read_run_log(log)["finished"]
+
+
+def run_sweep(command, plan, out, header):
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "artifacts").mkdir(exist_ok=True)
+    logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
+    results = {r["name"]: {"status": "done" if finished(logs[r["name"]]) else "pending"} for r in plan}
+    todo = sum(res["status"] == "pending" for res in results.values())
+    t0, durations, total = time.time(), [], len(plan)
+    for i, run in enumerate(plan, 1):
+        name, res, log = run["name"], results[run["name"]], logs[run["name"]]
+        if res["status"] == "done":
+            print(f"sweep [{i}/{total}] skip {name}: already finished val_bpb:{read_run_log(log)['final_val_bpb']}",
+                  flush=True)
+            continue
+        # ETA: the mean duration of this invocation's runs so far, times the runs still to go
+        left = todo - len(durations)
+        eta = clock(left * sum(durations) / len(durations)) if durations else "?"
+        print(f"sweep [{i}/{total}] start {name} elapsed:{clock(time.time() - t0)} eta:{eta}", flush=True)
+        t_run = time.time()
+        rc, last = execute(command, run, out)
+        durations.append(time.time() - t_run)
+        if rc == 0 and finished(log):
+            res["status"] = "done"
+        else:
+            res.update(status="failed", error=f"rc:{rc} {last}" if rc else "rc:0 but the log has no final_roundtrip")
+        bpb = read_run_log(log)["final_val_bpb"] if log.exists() else None
+        print(f"sweep [{i}/{total}] {res['status']} {name} in {clock(durations[-1])} val_bpb:{bpb} "
+              f"elapsed:{clock(time.time() - t0)} eta:{clock((left - 1) * sum(durations) / len(durations))}"
+              + (f" error:{res['error']}" if "error" in res else ""), flush=True)
+        write_tables(table_rows(plan, results, logs), out, header)  # a killed sweep keeps what finished
+    rows = table_rows(plan, results, logs)
+    write_tables(rows, out, header)
+    plot(rows, out / "sweep.png")
+    failed = [r["name"] for r in rows if r["status"] == "failed"]
+    print(f"sweep done: {total - len(failed)}/{total} finished" + (f", failed: {' '.join(failed)}" if failed else "")
+          + f"; tables in {out}/results.md, plot {out}/sweep.png")
+    return 1 if failed else 0
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------------
+
+def table_rows(plan, results, logs):
+    """One row per run in manifest order, with the log's fields (None where absent) and its loss curve."""
+    rows = []
+    for run in plan:
+        parsed = read_run_log(logs[run["name"]]) if logs[run["name"]].exists() else {"curve": []}
+        row = {k: parsed.get(k) for k in COLUMNS}
+        row.update(name=run["name"], status=results[run["name"]]["status"], error=results[run["name"]].get("error"),
+                   env=" ".join(f"{k}={v}" for k, v in run["overrides"].items()), curve=parsed["curve"])
+        if row["status"] != "done":
+            row["final_val_bpb"] = None  # no score for a run that crashed after its final eval, or has not run
+        rows.append(row)
+    first = rows[0]["final_val_bpb"]
+    for row in rows:
+        if first is not None and row["final_val_bpb"] is not None:
+            row["delta_bpb"] = f"{row['final_val_bpb'] - first:+.4f}"
+    return rows
+
+
+def write_atomic(path, text_or_bytes):
+    """Temp file + rename, so a reader (or a killed sweep) never sees half a table."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(text_or_bytes.encode() if isinstance(text_or_bytes, str) else text_or_bytes)
+    os.replace(tmp, path)
+
+
+def cell(value):
+    return "" if value is None else str(value)
+
+
+def write_tables(rows, out, header):
+    """results.csv and results.md; `header` is the markdown above the table (manifest, command, base env)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    w.writerows([[cell(r[k]) for k in COLUMNS] for r in rows])
+    write_atomic(out / "results.csv", buf.getvalue())
+    md = header + ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(cell(r[k]).replace("|", "\\|") for k in COLUMNS) + " |" for r in rows]
+    write_atomic(out / "results.md", "\n".join(md) + "\n")
+
+
+def plot(rows, path):
+    """Left: final val_bpb per run (failed ones marked). Right: every run's training loss curve."""
+    try:
+        import matplotlib
+    except ImportError:  # the GPU boxes have no network to install it; the tables are what matters
+        print(f"sweep: matplotlib is not installed, so no {path}", file=sys.stderr)
+        return
+    matplotlib.use("Agg")  # no display on the GPU boxes or in CI
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 5))
+    # the 10 dark tab20 colours first, then the light ones, so neighbouring runs are easy to tell apart
+    colors = [plt.cm.tab20((2 * i + i // 10) % 20) for i in range(len(rows))]
+    scored = [(i, r["final_val_bpb"]) for i, r in enumerate(rows) if r["final_val_bpb"] is not None]
+    if scored:
+        lo, hi = min(v for _, v in scored), max(v for _, v in scored)
+        pad = max(hi - lo, 0.002) * 0.5  # zoom in: ablation differences are ~0.01 bpb on values ~1.36
+        bars.set_ylim(lo - pad, hi + pad)
+        for i, v in scored:
+            bars.bar(i, v, color=colors[i])
+            bars.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=7)
+    bottom = bars.get_ylim()[0]
+    for i, r in enumerate(rows):
+        if r["status"] != "done":
+            bars.text(i, bottom, f" {r['status']}", rotation=90, ha="center", va="bottom", color="red", fontsize=8)
+    bars.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=45, ha="right", fontsize=8)
+    bars.set_ylabel("final val_bpb (reloaded artifact)")
+    bars.set_title("final val_bpb per run")
+    for i, r in enumerate(rows):
+        if r["curve"]:
+            steps, losses = zip(*r["curve"])
+            curves.plot(steps, losses, color=colors[i], label=r["name"], ls="-" if r["status"] == "done" else ":")
+    curves.set_xlabel("step")
+    curves.set_ylabel("train_loss")
+    curves.set_title("training loss")
+    if any(r["curve"] for r in rows):
+        curves.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("manifest")
+    ap.add_argument("--out", help="output folder (default: logs/sweep_<manifest stem> in the repo)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the runs without running them")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve() if args.out else ROOT / "logs" / f"sweep_{Path(args.manifest).stem}"
+    try:
+        command, base, plan = plan_runs(load_manifest(args.manifest), out)
+    except SweepError as e:
+        print(f"sweep: invalid manifest {args.manifest}:\n{e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for i, run in enumerate(plan, 1):
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run["env"].items())
+            skip = " (finished: would skip)" if finished(out / "logs" / f"{run['name']}.txt") else ""
+            print(f"sweep [{i}/{len(plan)}] {run['name']}{skip}: "
+                  f"cd {ROOT} && env {env} {shlex.join(command)}")
+        return 0
+    header = [f"# Sweep {args.manifest}", "", f"Command: `{shlex.join(command)}`", "",
+              "Base env: `" + " ".join(f"{k}={v}" for k, v in base.items()) + "`", ""]
+    return run_sweep(command, plan, out, header)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

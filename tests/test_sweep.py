@@ -1,0 +1,165 @@
+"""scripts/sweep.py: manifest validation, sequential runs with tables and plot, resume, failed runs, dry run."""
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import sweep as sw  # noqa: E402
+from runlog import read_run_log  # noqa: E402
+
+SWEEP = str(ROOT / "scripts" / "sweep.py")
+
+
+def write_manifest(path, runs, base=None, **top):
+    path.write_text(json.dumps({"base": base or {}, "runs": runs, **top}))
+    return path
+
+
+def tiny_base(shards, **extra):
+    return {**TINY, "DATA_PATH": str(shards), "ITERATIONS": 3, "MAX_WALLCLOCK_SECONDS": 0, "OMP_NUM_THREADS": 1,
+            **extra}
+
+
+def sweep(*args):
+    return subprocess.run([sys.executable, SWEEP, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def read_csv(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_two_runs_tables_plot_and_resume(shards, tmp_path):
+    out = tmp_path / "out"
+    runs = [{"name": "base"}, {"name": "no_smear", "env": {"SMEAR_GATE": False}}]
+    manifest = write_manifest(tmp_path / "m.json", runs, base=tiny_base(shards))
+    r = sweep(manifest, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sweep [1/2] start base" in r.stdout and "sweep [2/2] done no_smear" in r.stdout
+    assert "eta:" in r.stdout and "elapsed:" in r.stdout
+    logs = {n: out / "logs" / f"{n}.txt" for n in ("base", "no_smear")}
+    parsed = {n: read_run_log(p) for n, p in logs.items()}
+    assert all(p["finished"] for p in parsed.values())
+    assert parsed["no_smear"]["config"]["SMEAR_GATE"] == "False" and parsed["base"]["config"]["SMEAR_GATE"] == "True"
+    assert parsed["base"]["config"]["ARTIFACT_PATH"] == str(out / "artifacts" / "base.ternary.ptz")
+    assert (out / "artifacts" / "base.ternary.ptz").exists() and (out / "logs" / "base.stdout").exists()
+
+    rows = read_csv(out)
+    assert [row["name"] for row in rows] == ["base", "no_smear"]
+    for row in rows:
+        p = parsed[row["name"]]
+        assert row["status"] == "done"
+        assert float(row["final_val_bpb"]) == p["final_val_bpb"]
+        assert float(row["pre_export_val_bpb"]) == p["pre_export_val_bpb"]
+        assert int(row["steps"]) == p["steps"] == 3 and int(row["total_bytes"]) == p["total_bytes"]
+    assert rows[0]["delta_bpb"] == "+0.0000" and rows[1]["env"] == "SMEAR_GATE=0"
+    assert float(rows[1]["delta_bpb"]) == pytest.approx(
+        parsed["no_smear"]["final_val_bpb"] - parsed["base"]["final_val_bpb"], abs=1e-4)
+    md = (out / "results.md").read_text()
+    assert f"| base | done |  | {parsed['base']['final_val_bpb']} |" in md and "| no_smear | done |" in md
+    assert "Base env: `VOCAB_SIZE=1024 " in md and "ITERATIONS=3 " in md
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # second invocation: both finished, so nothing runs and the logs are untouched
+    mtimes = {n: p.stat().st_mtime_ns for n, p in logs.items()}
+    r = sweep(manifest, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" skip ") == 2 and " start " not in r.stdout
+    assert {n: p.stat().st_mtime_ns for n, p in logs.items()} == mtimes
+    assert [row["final_val_bpb"] for row in read_csv(out)] == [row["final_val_bpb"] for row in rows]
+
+    # a log without its final line is unfinished: only that run reruns, its old log kept aside
+    old = logs["no_smear"].read_text()
+    logs["no_smear"].write_text(old[:old.rindex("final_roundtrip")])
+    r = sweep(manifest, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "skip base" in r.stdout and "start no_smear" in r.stdout and "start base" not in r.stdout
+    assert logs["base"].stat().st_mtime_ns == mtimes["base"]
+    assert read_run_log(logs["no_smear"])["finished"] and logs["no_smear"].read_text().count("run_id:") == 1
+    assert (out / "logs" / "no_smear.txt.prev").read_text() == old[:old.rindex("final_roundtrip")]
+    assert float(read_csv(out)[1]["final_val_bpb"]) == read_run_log(logs["no_smear"])["final_val_bpb"]
+
+
+@pytest.mark.slow
+def test_failed_run_is_recorded_and_the_sweep_goes_on(shards, tmp_path):
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    manifest = write_manifest(tmp_path / "m.json", [{"name": "broken", "env": {"DATA_PATH": str(empty)}},
+                                                    {"name": "fine"}], base=tiny_base(shards))
+    r = sweep(manifest, "--out", out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "sweep [1/2] failed broken" in r.stdout and "sweep [2/2] done fine" in r.stdout
+    broken, fine = read_csv(out)
+    assert broken["status"] == "failed" and broken["final_val_bpb"] == "" and broken["delta_bpb"] == ""
+    assert broken["error"].startswith("rc:2 error: no shard matches") and str(empty) in broken["error"]
+    assert "no shard matches" in (out / "logs" / "broken.stdout").read_text()
+    assert fine["status"] == "done"
+    assert float(fine["final_val_bpb"]) == read_run_log(out / "logs" / "fine.txt")["final_val_bpb"]
+    assert "| broken | failed |" in (out / "results.md").read_text()
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("runs, base, command, expect", [
+    ([{"name": "typo", "env": {"SMEAR_GAT": 0}}], {}, None, "run 'typo': unknown key SMEAR_GAT"),
+    ([{"name": "a"}, {"name": "heads", "env": {"NUM_HEADS": 5}}], {"MODEL_DIM": 64}, None,
+     "run 'heads': MODEL_DIM=64 is not divisible by NUM_HEADS=5"),
+    ([{"name": "lr", "env": {"MATRIX_LR": "fast"}}], {}, None, "run 'lr': MATRIX_LR='fast' is not a valid float"),
+    ([{"name": "mine", "env": {"RUN_ID": "x"}}], {}, None, "run 'mine': RUN_ID is set by the sweep runner"),
+    ([{"name": "a"}], {"LOG_DIR": "x"}, None, "base: LOG_DIR is set by the sweep runner"),
+    ([{"name": "twice"}, {"name": "twice"}], {}, None, "run 'twice': duplicate run name"),
+    ([{"name": "has space"}], {}, None, "run 'has space': name must be"),
+    ([{"name": "lst", "env": {"SEED": [1, 2]}}], {}, None, "run 'lst': SEED=[1, 2] must be"),
+    ([], {}, None, "manifest has no runs"),
+    ([{"name": "a"}], {}, "no_such_launcher_xyz train_gpt.py", "command 'no_such_launcher_xyz' not found"),
+    ([{"name": "a"}], {}, 7, "command=7 must be"),
+    ([{"name": "ddp"}], {"TRAIN_BATCH_TOKENS": 1000, "TRAIN_SEQ_LEN": 100},
+     "python3 -m torch.distributed.run --nproc_per_node=3 train_gpt.py",
+     "run 'ddp': TRAIN_BATCH_TOKENS=1000 must split into WORLD_SIZE=3"),
+])
+def test_bad_manifest_is_rejected_before_anything_runs(tmp_path, runs, base, command, expect):
+    top = {"command": command} if command else {}
+    out = tmp_path / "out"
+    code = sw.main([str(write_manifest(tmp_path / "m.json", runs, base, **top)), "--out", str(out)])
+    assert code == 2
+    assert not out.exists()
+    with pytest.raises(sw.SweepError, match=re.escape(expect)):
+        sw.plan_runs(json.loads((tmp_path / "m.json").read_text()), out)
+
+
+def test_bad_manifest_cli_message(tmp_path):
+    out = tmp_path / "out"
+    r = sweep(write_manifest(tmp_path / "m.json", [{"name": "typo", "env": {"NUM_HEDS": 4}}]), "--out", out)
+    assert r.returncode == 2 and "run 'typo': unknown key NUM_HEDS" in r.stderr and r.stdout == ""
+    assert not out.exists()
+
+
+def test_dry_run_runs_nothing(tmp_path):
+    out = tmp_path / "out"
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('command = "torchrun --standalone --nproc_per_node=2 train_gpt.py"\n'
+                        '[base]\nMAX_WALLCLOCK_SECONDS = 300\n[[runs]]\nname = "a"\n'
+                        '[[runs]]\nname = "b"\nenv = { SMEAR_GATE = false, MATRIX_LR = 0.04 }\n')
+    r = sweep(manifest, "--out", out, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("sweep [2/2] b:")
+    assert "SMEAR_GATE=0 MATRIX_LR=0.04 RUN_ID=b LOG_DIR=" in lines[1]
+    assert lines[1].endswith("torchrun --standalone --nproc_per_node=2 train_gpt.py")
+    assert not out.exists()
+
+
+def test_example_arch_ablation_manifest_validates():
+    r = sweep(ROOT / "scripts" / "sweeps" / "arch_ablation.toml", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    names = [ln.split()[2].rstrip(":") for ln in r.stdout.splitlines()]
+    assert names[0] == "default" and len(names) == 13 and len(set(names)) == 13
+    assert "MOE_ENABLED=1 MOE_EXPERTS=3" in r.stdout and "XSA_ENABLED=0" in r.stdout
+    base = "MAX_WALLCLOCK_SECONDS=300 TRAIN_BATCH_TOKENS=262144 GRAD_ACCUM_STEPS=2 BROTLI_QUALITY=5"
+    assert r.stdout.count(base) == 13
