@@ -188,7 +188,7 @@ class GuardFolder(ast.NodeTransformer):
             left = self.fold(node.left)[0]
             try:
                 right = ast.literal_eval(node.comparators[0])
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError):  # not a literal: a config value, or unknown
                 right = self.config_value(node.comparators[0])
             if left is not UNKNOWN and right is not UNKNOWN:
                 return COMPARE[type(node.ops[0])](left, right), node
