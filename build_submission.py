@@ -1,6 +1,6 @@
 """From a good run to a valid Parameter Golf submission folder, in one command.
 
-    python3 build_submission.py --dce --config best_known_competition.env --name 2026-11-23_ternary_skc \\
+    python3 build_submission.py --dce --config best_known_competition.env --name ternary_skc \\
         --github-id ME --log logs/seed1337.txt --log logs/seed42.txt --log logs/seed2024.txt
     python3 build_submission.py --dce --config best_known_competition.env --extract-only /tmp/train_gpt.py
 
@@ -13,8 +13,8 @@
 4. docstrings go (comments never survive an AST round trip); the result is checked with py_compile, and an
    lzma self-extracting wrapper is kept when it is smaller.
 Then code bytes + each seed's model bytes are counted against the cap, and records/<name>/ is written with
-README.md, submission.json, the logs, the extracted train_gpt.py and requirements.txt, atomically, never over an
-existing record. Any bad input is a clear error (exit 2) and writes nothing.
+README.md, submission.json, the logs, the extracted train_gpt.py and requirements.txt into records/<date>_<name>/,
+atomically, never over an existing record. Any bad input is a clear error (exit 2) and writes nothing.
 """
 import argparse
 import ast
@@ -515,11 +515,12 @@ def readme(args, sub, runs, config, info):
     on = [config.knobs[a].name for a, v in config.static_values().items() if v is True]
     first = runs[0]
     lines = [
-        f"# {sub['name']}", "", sub["blurb"] or "", "",
+        f"# {sub['name']}", "", *([sub["blurb"], ""] if sub["blurb"] else []),
         f"## Results ({len(runs)} seed{'s' * (len(runs) > 1)})", "",
         "| seed | steps | train s | eval s | final val_bpb | model bytes | total bytes |", "|---|---|---|---|---|---|---|",
         *rows, f"| **mean** | | | | **{sub['val_bpb']:.4f}**{std} | | max {sub['bytes_total']:,} |", "",
-        f"Hardware: {first['world_size']} × {first['device']}, torch {first['torch']}. The score is the reloaded "
+        f"Hardware: {first['world_size']} process(es) on {str(first['device']).split(':')[0]}, torch {first['torch']}. "
+        "The score is the reloaded "
         "artifact's (`final_roundtrip`), cap 16,000,000 bytes = code + model.", "",
         "## Code", "",
         f"`train_gpt.py` is {sub['bytes_code']:,} bytes: `build_submission.py"
@@ -538,7 +539,7 @@ def readme(args, sub, runs, config, info):
 
 
 def write_record(args, code, runs, config, info):
-    out = Path(args.records_dir) / args.name
+    out = Path(args.records_dir) / f"{args.date}_{args.name}"
     if out.exists():
         raise BuildError(f"{out} exists; a record is never overwritten (pick another --name)")
     sub = submission_json(args, runs, len(code.encode()))
@@ -549,7 +550,7 @@ def write_record(args, code, runs, config, info):
         "requirements.txt": "\n".join(requirements(code)) + "\n",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{args.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name, text in files.items():
             (tmp / name).write_text(text)
@@ -575,13 +576,13 @@ def parse_args(argv):
     p.add_argument("--wrap", choices=["auto", "never", "always"], default="auto",
                    help="lzma self-extracting wrapper (auto: only when smaller)")
     p.add_argument("--log", action="append", default=[], help="a finished run's log, one per seed (repeatable)")
-    p.add_argument("--name", help="record folder name under --records-dir, e.g. 2026-11-23_ternary_skc")
+    p.add_argument("--name", help="short name; the record goes to --records-dir/<date>_<name>/")
     p.add_argument("--title", help="human-readable name (default: --name)")
     p.add_argument("--author")
     p.add_argument("--github-id")
     p.add_argument("--blurb", default="")
     p.add_argument("--notes", help="markdown file appended to the record's README")
-    p.add_argument("--date", default=datetime.date.today().isoformat())
+    p.add_argument("--date", default=datetime.date.today().isoformat(), help="YYYY-MM-DD (default: today)")
     p.add_argument("--records-dir", default=str(ROOT / "records"))
     p.add_argument("--cap", type=int, default=CAP_BYTES)
     args = p.parse_args(argv)
@@ -591,6 +592,8 @@ def parse_args(argv):
             p.error("a record needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
         if not NAME_RE.match(args.name):
             p.error(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
+            p.error(f"--date {args.date!r}: use YYYY-MM-DD")
         if args.notes and not Path(args.notes).is_file():
             p.error(f"--notes file not found: {args.notes}")
     return args

@@ -68,5 +68,5 @@ python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$SCRIPT
 rc=${PIPESTATUS[0]}
 set -e
 python3 scripts/runlog.py "$RUN_DIR/$RUN_ID.txt" --bench "$SECONDS" 0 | sed 's/^bench:golf-proxy-300/run:'"$RUN_ID"'/'
-echo "next: python3 build_submission.py --dce --config $CONFIG --name <date>_<name> --github-id <you> --log $RUN_DIR/$RUN_ID.txt [--log ...]"
+echo "next: python3 build_submission.py --dce --config $CONFIG --name <name> --github-id <you> --log $RUN_DIR/$RUN_ID.txt [--log ...]"
 exit "$rc"

@@ -255,7 +255,7 @@ def test_extracted_feature_configs_train_identically(shards, tmp_path, features)
 def build(tmp_path, logs, *extra, config=None):
     cfg = tmp_path / "run.env"
     cfg.write_text(config if config is not None else "".join(f"{k}={v}\n" for k, v in TINY.items()) + "ITERATIONS=6\n")
-    cmd = [sys.executable, str(ROOT / "build_submission.py"), "--dce", "--config", str(cfg), "--name", "2026-11-23_tiny",
+    cmd = [sys.executable, str(ROOT / "build_submission.py"), "--dce", "--config", str(cfg), "--name", "tiny",
            "--github-id", "tester", "--records-dir", str(tmp_path / "records"), "--date", "2026-11-23",
            *[a for log in logs for a in ("--log", str(log))], *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
