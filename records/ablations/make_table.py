@@ -16,6 +16,11 @@ RUNS = [  # (run id, flags on top of the default, commit of the train_gpt.py tha
     ("abl_capsules", "CAPSULES_ENABLED=1", "c547810"),
     ("abl_tricks_seed2", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1 SEED=2024", "764df7e"),
     ("abl_parallel", "XSA_ENABLED=1 VALUE_RESIDUAL=1 SMEAR_GATE=1 PARALLEL_RESIDUAL=1 (tricks are defaults there)", "a84c0c3"),
+    ("abl_shared", "SHARED_BLOCKS=1 (tricks on: the default)", "cf44184"),
+    ("abl_recur", "DEPTH_RECUR=1 (tricks on: the default)", "cf44184"),
+    ("abl_feedback", "FEEDBACK_ENABLED=1 (tricks on: the default)", "cf44184"),
+    ("abl_moe", "MOE_ENABLED=1 MOE_EXPERTS=3 (tricks on: the default)", "cf44184"),
+    ("abl_layerscale", "LAYER_SCALE=1 (tricks on: the default)", "cf44184"),
 ]
 FIELDS = ["final_val_bpb", "pre_export_val_bpb", "q5_model_bytes", "code_bytes", "steps", "tok_s", "peak_mem_mib",
           "compile_s", "params"]
