@@ -149,7 +149,7 @@ class Hyperparameters:
     engram_layer = Knob("ENGRAM_LAYER", 0, check=NONNEG)
     engram_scale = Knob("ENGRAM_SCALE", 1.0, check=POS)
     moe_enabled = Knob("MOE_ENABLED", False)  # MLP split into MOE_EXPERTS top-k routed ternary experts
-    moe_experts = Knob("MOE_EXPERTS", 4, check=POS)
+    moe_experts = Knob("MOE_EXPERTS", 3, check=POS)  # 3 splits the default 2,304 hidden units into 128-groups
     moe_top_k = Knob("MOE_TOP_K", 1, check=POS)
     moe_balance = Knob("MOE_BALANCE", 0.01, check=NONNEG)
     xsa_enabled = Knob("XSA_ENABLED", True)  # exclusive self-attention

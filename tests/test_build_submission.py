@@ -158,7 +158,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "CAPSULES_ENABLED": ({"CAPSULE_LAYER": "0", "CAPSULE_DIM": "16"}, "class CapsuleBank"),
     "FEEDBACK_ENABLED": ({}, "class FeedbackAdapters"),
     "ENGRAM_ENABLED": ({}, "class EngramHash"),
-    "MOE_ENABLED": ({}, "class MoEMLP"),
+    "MOE_ENABLED": ({"MOE_EXPERTS": "4"}, "class MoEMLP"),
     "XSA_ENABLED": ({}, "def exclusive_self_attention"),
     "VALUE_RESIDUAL": ({}, "value_mix"),
     "SMEAR_GATE": ({}, "class SmearGate"),
