@@ -33,20 +33,4 @@ env DATA_PATH="$DATA" TOKENIZER_PATH="$TOKENIZER" VOCAB_SIZE="$VOCAB" RUN_ID="$R
   python3 train_gpt.py 2>&1 | tee "$LOG.stdout"
 t_end=$(date +%s)
 
-python3 - "$BENCH_DIR/$RUN_ID.txt" $((t_end - t_start)) $((t_data - t_start)) <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-fields = {
-    "final_val_bpb": r"final_roundtrip val_loss:\S+ val_bpb:(\S+)",
-    "pre_export_val_bpb": r"pre_export val_loss:\S+ val_bpb:(\S+)",
-    "artifact_bytes": r"total_bytes:(\d+)",
-    "steps": r"train_done steps:(\d+)",
-    "tok/s": r"train_done .*?tok/s:(\d+)",
-    "mfu": r"mfu:(\S+)",
-    "peak_mem_mib": r"peak_mem_mib:(\d+)",
-    "final_eval_s": r"final_roundtrip .*?eval_seconds:(\S+)",
-}
-values = {k: (re.findall(p, text) or ["?"])[-1] for k, p in fields.items()}
-values.update(data_s=sys.argv[3], wall_s=sys.argv[2])
-print("bench:golf-proxy-300 " + " ".join(f"{k}:{v}" for k, v in values.items()))
-EOF
+python3 scripts/runlog.py "$BENCH_DIR/$RUN_ID.txt" --bench $((t_end - t_start)) $((t_data - t_start))
