@@ -218,25 +218,28 @@ class GuardFolder(ast.NodeTransformer):
         self.in_hparams = outer
         return node
 
-    def visit_If(self, node):
+    def decide(self, node):
+        """The branch a test takes under the configuration (True/False), or None: then the test is simplified."""
         value, test = self.fold(node.test)
         if value is UNKNOWN:
             node.test = test
-            return self.generic_visit(node)
+            return None
         self.folded += 1
+        return bool(value)
+
+    def visit_If(self, node):
+        taken = self.decide(node)
+        if taken is None:
+            return self.generic_visit(node)
         out = []
-        for stmt in node.body if value else node.orelse:
+        for stmt in node.body if taken else node.orelse:
             new = self.visit(stmt)
             out.extend(new if isinstance(new, list) else [new] if new is not None else [])
         return out
 
     def visit_IfExp(self, node):
-        value, test = self.fold(node.test)
-        if value is UNKNOWN:
-            node.test = test
-            return self.generic_visit(node)
-        self.folded += 1
-        return self.visit(node.body if value else node.orelse)
+        taken = self.decide(node)
+        return self.generic_visit(node) if taken is None else self.visit(node.body if taken else node.orelse)
 
 
 def check_no_config_writes(tree, values):
