@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import glob
 import importlib
 import json
@@ -102,6 +103,7 @@ class Hyperparameters:
     val_loss_every = Knob("VAL_LOSS_EVERY", 0, check=NONNEG)
     val_batch_tokens = Knob("VAL_BATCH_TOKENS", 131072, check=POS)
     max_val_tokens = Knob("MAX_VAL_TOKENS", 0, check=NONNEG)
+    eval_stride = Knob("EVAL_STRIDE", 0, check=NONNEG)  # final scores in windows every EVAL_STRIDE tokens; 0: disjoint
     # model
     num_layers = Knob("NUM_LAYERS", 10, check=POS)
     model_dim = Knob("MODEL_DIM", 768, check=POS)
@@ -196,6 +198,11 @@ class Hyperparameters:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims > self.head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
+        if self.eval_stride > self.train_seq_len:
+            raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be <= TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.capsules_enabled and self.eval_stride not in (0, self.train_seq_len):
+            raise ConfigError("EVAL_STRIDE with CAPSULES_ENABLED: the capsule state is carried across disjoint "
+                              "windows only; overlapping windows would feed it the same tokens twice")
         n = self.num_layers
         if self.depth_recur and not self.recur_start < self.recur_end <= n:
             raise ConfigError(f"RECUR_START={self.recur_start} < RECUR_END={self.recur_end} <= NUM_LAYERS={n} must hold")
@@ -1134,58 +1141,76 @@ def target_bytes(inputs, targets, luts):
     return base[targets] + (space[targets] & ~boundary[inputs])
 
 
-def rank_windows(tokens, seq_len, rank, world):
-    """(lo, hi, n_windows): this rank's contiguous share [lo, hi) of the split's windows of seq_len targets."""
-    n_windows = -(-(len(tokens) - 1) // seq_len)
-    return n_windows * rank // world, n_windows * (rank + 1) // world, n_windows
+def window_count(n_targets, seq_len, stride):
+    """Windows of seq_len targets starting every `stride` tokens until the split's last target is covered."""
+    return 1 + -(-max(0, n_targets - seq_len) // stride)
 
 
-def window_batch(tokens, windows, seq_len, rows):
-    """(inputs, targets, mask) numpy arrays of shape (rows, seq_len); row r holds window windows[r] (None, or no
-    entry: a padding row). The tail of the split's last window is padding too; padding has mask 0."""
+def window_span(k, seq_len, stride):
+    """(start, first scored offset) of window k: it reads tokens[start : start + seq_len + 1] and scores its
+    targets from that offset on. The first window scores all of them; a later one only its last `stride`, the
+    targets the previous window did not reach, each with at least seq_len - stride tokens of context before it.
+    stride == seq_len is the plain chunked evaluation (disjoint windows, every target scored)."""
+    return k * stride, 0 if k == 0 else seq_len - stride
+
+
+def rank_windows(n_windows, rank, world):
+    """[lo, hi): this rank's contiguous share of the split's windows."""
+    return n_windows * rank // world, n_windows * (rank + 1) // world
+
+
+def window_batch(tokens, spans, seq_len, rows):
+    """(inputs, targets, mask) numpy arrays of shape (rows, seq_len); row r holds the window spans[r] = (start,
+    first scored offset), or padding (None, or no entry). The tail of the split's last window is padding too;
+    padding and unscored targets have mask 0."""
     n_targets = len(tokens) - 1
     x = np.zeros((rows, seq_len), np.int64)
     y = np.zeros((rows, seq_len), np.int64)
     m = np.zeros((rows, seq_len), bool)
-    for r, w in enumerate(windows):
-        if w is None:
+    for r, span in enumerate(spans):
+        if span is None:
             continue
-        a = w * seq_len
+        a, first = span
         n = min(seq_len, n_targets - a)
-        x[r, :n], y[r, :n], m[r, :n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
+        x[r, :n], y[r, :n], m[r, first:n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
     return x, y, m
 
 
-def eval_batches(tokens, seq_len, batch_seqs, rank, world):
-    """Yields (inputs, targets, mask) numpy batches of fixed shape (batch_seqs, seq_len) for this rank. Every
-    target position 1..N-1 of the split lands in exactly one batch of exactly one rank; the tail of the last
-    sequence and the spare rows of the last batch are padding with mask 0 (causal, so padding after a token
-    cannot change its score)."""
-    lo, hi, n_windows = rank_windows(tokens, seq_len, rank, world)
+def eval_batches(tokens, seq_len, batch_seqs, rank, world, stride=0):
+    """Yields (inputs, targets, mask) numpy batches of fixed shape (batch_seqs, seq_len) for this rank, of
+    windows every `stride` tokens (0: seq_len, disjoint windows). Every target position 1..N-1 of the split is
+    scored (mask 1) in exactly one row of one batch of one rank; the rest is padding or context (causal, so
+    tokens after a target cannot change its score)."""
+    stride = stride or seq_len
+    n_windows = window_count(len(tokens) - 1, seq_len, stride)
+    lo, hi = rank_windows(n_windows, rank, world)
     batch_seqs = max(1, min(batch_seqs, -(-n_windows // world)))  # same shape on every rank, no wasted rows
     for start in range(lo, hi, batch_seqs):
-        yield window_batch(tokens, range(start, min(start + batch_seqs, hi)), seq_len, batch_seqs)
+        spans = [window_span(k, seq_len, stride) for k in range(start, min(start + batch_seqs, hi))]
+        yield window_batch(tokens, spans, seq_len, batch_seqs)
 
 
 def eval_stream_batches(tokens, seq_len, batch_seqs, rank, world):
     """Like eval_batches (same rank shares, every target once, padding masked), but row r of consecutive
     batches walks through one contiguous run of this rank's sequences, so state left by a window (the capsule
     bank's) flows into the next window of the same text."""
-    lo, hi, _ = rank_windows(tokens, seq_len, rank, world)
+    lo, hi = rank_windows(window_count(len(tokens) - 1, seq_len, seq_len), rank, world)
     rows = max(1, min(batch_seqs, hi - lo))
     per_row = -(-(hi - lo) // rows)
     for b in range(per_row):
         windows = [lo + r * per_row + b for r in range(rows)]
         ends = [min(hi, lo + (r + 1) * per_row) for r in range(rows)]
-        yield window_batch(tokens, [w if w < end else None for w, end in zip(windows, ends)], seq_len, rows)
+        yield window_batch(tokens, [window_span(w, seq_len, seq_len) if w < end else None
+                                    for w, end in zip(windows, ends)], seq_len, rows)
 
 
 @torch.no_grad()
-def evaluate(model, tokens, luts, h, rank, world, device):
-    """(val_loss in nats/token, val_bpb) over the whole split, sharded across ranks and all-reduced.
-    BPB = total target NLL in bits / total UTF-8 bytes of the targets."""
+def evaluate(model, tokens, luts, h, rank, world, device, stride=0):
+    """(val_loss in nats/token, val_bpb) over the whole split, sharded across ranks and all-reduced, in windows
+    every `stride` tokens (0: disjoint windows). BPB = total target NLL in bits / total UTF-8 bytes of the
+    targets."""
     batch_seqs = max(1, h.val_batch_tokens // h.train_seq_len)
-    batches = eval_batches
+    batches = functools.partial(eval_batches, stride=stride)
     if h.capsules_enabled:
         batches = eval_stream_batches  # the capsule state is carried from each window into the next
     was_training = model.training
@@ -1524,8 +1549,10 @@ def export_and_score(base, h, val, rank, world, device, log):
     score of a fresh model loaded from the file on disk. Returns False when over the cap."""
     val_tokens, luts = val
     t_eval = time.perf_counter()
-    pre_loss, pre_bpb = evaluate(base, val_tokens, luts, h, rank, world, device)
-    log(f"pre_export val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} eval_seconds:{time.perf_counter() - t_eval:.1f}")
+    pre_loss, pre_bpb = evaluate(base, val_tokens, luts, h, rank, world, device, h.eval_stride)
+    stride = h.eval_stride or h.train_seq_len
+    log(f"pre_export val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} eval_seconds:{time.perf_counter() - t_eval:.1f} "
+        f"stride:{stride}")
     over_cap = export_artifact(base, h, log) if rank == 0 else False
     if max_across_ranks(float(over_cap), device, world):
         return False
@@ -1534,10 +1561,10 @@ def export_and_score(base, h, val, rank, world, device, log):
     t_rt = time.perf_counter()
     fresh = GPT(h).to(device)
     fresh.load_state_dict(load_artifact(h.artifact_path))
-    rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device)
+    rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride)
     log(
         f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
-        f"eval_seconds:{time.perf_counter() - t_rt:.1f}"
+        f"eval_seconds:{time.perf_counter() - t_rt:.1f} stride:{stride}"
     )
     return True
 

@@ -53,18 +53,61 @@ def test_bytes_equal_utf8_of_decoded_documents():
     assert bytes_of(stream) == expected
 
 
-@pytest.mark.parametrize("n, seq, batch, world", [(1000, 64, 4, 1), (1000, 64, 4, 3), (129, 64, 8, 2), (65, 64, 2, 4)])
-def test_every_target_scored_exactly_once(n, seq, batch, world):
-    tokens = np.arange(n) % 1024
+@pytest.mark.parametrize("n, seq, batch, world, stride", [
+    (1000, 64, 4, 1, 0), (1000, 64, 4, 3, 0), (129, 64, 8, 2, 0), (65, 64, 2, 4, 0), (1000, 64, 4, 1, 64),
+    (1000, 64, 4, 3, 16), (129, 64, 8, 2, 1), (65, 64, 2, 4, 7), (40, 64, 3, 2, 16), (300, 32, 5, 3, 31)])
+def test_every_target_scored_exactly_once(n, seq, batch, world, stride):
+    """Disjoint (stride 0) and sliding windows: each target once, with at least seq - stride + 1 tokens of
+    context (all the tokens before it, near the start of the split)."""
+    tokens = np.arange(n)
     seen = np.zeros(n, int)
     shapes = set()
     for rank in range(world):
-        for x, y, m in tg.eval_batches(tokens, seq, batch, rank, world):
+        for x, y, m in tg.eval_batches(tokens, seq, batch, rank, world, stride):
             shapes.add(x.shape)
             np.testing.assert_array_equal(y[m], x[m] + 1)  # target is the next token
             np.add.at(seen, y[m], 1)
+            rows, offsets = np.nonzero(m)
+            context = offsets + 1
+            np.testing.assert_array_equal(x[rows, 0] + offsets, y[m] - 1)  # the row holds contiguous tokens
+            assert (context >= np.minimum(y[m], seq - (stride or seq) + 1)).all()
     assert seen[0] == 0 and (seen[1:] == 1).all()
     assert len(shapes) == 1  # one shape for every batch of every rank: no recompiles
+
+
+@pytest.mark.parametrize("stride", [3, 8])
+def test_sliding_evaluate_matches_a_per_target_reference(stride):
+    """evaluate() with EVAL_STRIDE against a slow loop that finds each target's window by formula: target j is
+    scored by window 0 if j <= L, else by window ceil((j - L) / stride), which starts at k * stride."""
+    from test_model import BASE, model
+
+    m = model()
+    seq = 8
+    h = tg.Hyperparameters({**BASE, "TRAIN_SEQ_LEN": str(seq), "VAL_BATCH_TOKENS": "24", "EVAL_STRIDE": str(stride)})
+    tokens = np.random.default_rng(1).integers(0, 128, 43)
+    luts = (np.ones(128, np.int64), np.zeros(128, bool), np.zeros(128, bool))  # one byte per token
+    loss, bpb = tg.evaluate(m, tokens, luts, h, 0, 1, torch.device("cpu"), h.eval_stride)
+    m.eval()
+    total, n = 0.0, len(tokens) - 1
+    with torch.no_grad():
+        for j in range(1, n + 1):
+            k = 0 if j <= seq else -(-(j - seq) // stride)
+            a = k * stride
+            x = torch.from_numpy(tokens[a : min(a + seq, n)][None])
+            y = torch.from_numpy(tokens[a + 1 : min(a + seq, n) + 1][None])
+            total += m.token_nll(x, y)[0][0, j - 1 - a].item()
+    assert loss == pytest.approx(total / n, rel=1e-5)
+    assert bpb == pytest.approx(total / n / math.log(2), rel=1e-5)
+    chunked = tg.evaluate(m, tokens, luts, h, 0, 1, torch.device("cpu"))
+    assert tg.evaluate(m, tokens, luts, h, 0, 1, torch.device("cpu"), seq) == pytest.approx(chunked)
+
+
+def test_eval_stride_is_checked():
+    with pytest.raises(tg.ConfigError, match="EVAL_STRIDE=65"):
+        tg.Hyperparameters({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "65"})
+    with pytest.raises(tg.ConfigError, match="CAPSULES_ENABLED"):
+        tg.Hyperparameters({"EVAL_STRIDE": "64", "CAPSULES_ENABLED": "1"})
+    assert tg.Hyperparameters({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "64", "CAPSULES_ENABLED": "1"}).eval_stride == 64
 
 
 class UniformModel(torch.nn.Module):

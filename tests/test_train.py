@@ -53,3 +53,11 @@ def test_every_feature_on_trains_and_roundtrips(shards, tmp_path):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
     pre, final = event_bpb(r.stdout, "pre_export"), event_bpb(r.stdout, "final_roundtrip")
     assert abs(final - pre) < 0.01
+
+
+def test_sliding_final_scores(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=4, EVAL_STRIDE=16)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stride:16" in r.stdout.split("pre_export", 1)[1].splitlines()[0]
+    assert "stride:16" in r.stdout.split("final_roundtrip", 1)[1].splitlines()[0]
+    assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 0.01
