@@ -104,6 +104,8 @@ class Hyperparameters:
     val_batch_tokens = Knob("VAL_BATCH_TOKENS", 131072, check=POS)
     max_val_tokens = Knob("MAX_VAL_TOKENS", 0, check=NONNEG)
     eval_stride = Knob("EVAL_STRIDE", 0, check=NONNEG)  # final scores in windows every EVAL_STRIDE tokens; 0: disjoint
+    temperature_search = Knob("TEMPERATURE_SEARCH", False)  # logit temperature fitted on training tokens, exported
+    temperature_tokens = Knob("TEMPERATURE_TOKENS", 262144, check=POS)  # from the first training shard
     # model
     num_layers = Knob("NUM_LAYERS", 10, check=POS)
     model_dim = Knob("MODEL_DIM", 768, check=POS)
@@ -851,6 +853,8 @@ class GPT(nn.Module):
             self.capsules = CapsuleBank(h)
         if h.feedback_enabled:
             self.feedback = FeedbackAdapters(h)
+        if h.temperature_search:
+            self.register_buffer("logit_temperature", torch.ones(()))  # set after training, travels in the artifact
 
     def layer_order(self, recur):
         """(layer, first visit) in execution order. Layer i runs block i mod len(blocks) (shared blocks reuse them);
@@ -956,7 +960,10 @@ class GPT(nn.Module):
 
     def token_nll(self, idx, targets, state=None):
         """(per-token negative log-likelihood in nats (B, T) fp32, capsule state after the window)."""
+        h = self.h
         logits, _, state = self.logits(idx, state)
+        if h.temperature_search:
+            logits = logits / self.logit_temperature
         nll = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
         return nll, state
 
@@ -1229,6 +1236,35 @@ def evaluate(model, tokens, luts, h, rank, world, device, stride=0):
     model.train(was_training)
     nll, ntok, nbytes = totals.tolist()
     return nll / ntok, nll / math.log(2) / nbytes
+
+
+TEMPERATURE_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(31))  # 0.70 ... 1.30
+
+
+@torch.no_grad()
+def search_temperature(model, tokens, h, rank, world, device):
+    """(T, {T: nll per token}): the grid temperature whose logits / T give the lowest NLL on `tokens`, which the
+    caller takes from the training shards, never from validation. Every rank scores its share and the sums are
+    all-reduced, so every rank picks the same T. T is rounded to what the artifact stores (EXPORT_FLOAT), so the
+    reloaded model scores with exactly the value chosen here."""
+    temps = torch.tensor(TEMPERATURE_GRID, dtype=torch.float32, device=device)
+    totals = torch.zeros(len(temps) + 1, dtype=torch.float64, device=device)  # nll per T, then the token count
+    was_training = model.training
+    model.eval()
+    for x, y, m in eval_batches(tokens, h.train_seq_len, max(1, h.val_batch_tokens // h.train_seq_len), rank, world):
+        with autocast(device):
+            logits = model.logits(torch.from_numpy(x).to(device))[0].flatten(0, 1)
+        targets, mask = torch.from_numpy(y).to(device).flatten(), torch.from_numpy(m).to(device).flatten()
+        for i, t in enumerate(temps):
+            totals[i] += (F.cross_entropy(logits / t, targets, reduction="none").double() * mask).sum()
+        totals[-1] += mask.sum()
+    if world > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    per_token = (totals[:-1] / totals[-1]).tolist()
+    best = TEMPERATURE_GRID[int(np.argmin(per_token))]
+    meta, buf = encode_float(torch.tensor(best), h.export_float)
+    return decode_float(meta, buf, ()).item(), dict(zip(TEMPERATURE_GRID, per_token))
 
 
 def autocast(device):
@@ -1601,6 +1637,13 @@ def main():
     train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
     if h.ema_enabled:
         ema.copy_to_model()
+    if h.temperature_search:
+        t0 = time.perf_counter()
+        calib = load_shard(shard_files(train_pattern)[0], h.vocab_size)[: h.temperature_tokens + 1]
+        t, nll = search_temperature(base, calib, h, rank, world, device)
+        base.logit_temperature.fill_(t)
+        log(f"temperature T:{t:.4f} train_tokens:{len(calib) - 1} nll_at_1:{nll[1.0]:.4f} "
+            f"nll_at_T:{min(nll.values()):.4f} seconds:{time.perf_counter() - t0:.1f}")
     ok = export_and_score(base, h, val, rank, world, device, log)
     if world > 1:
         dist.destroy_process_group()

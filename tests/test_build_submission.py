@@ -165,6 +165,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "LAYER_SCALE": ({}, "LAYER_SCALE_INIT"),
     "EMA_ENABLED": ({}, "class EMA"),
     "MUON_ROW_NORM": ({}, "class RowNormMuon"),
+    "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
 }
 
 

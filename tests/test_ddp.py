@@ -22,9 +22,11 @@ def assert_two_ranks_match_one(shards, tmp_path, steps, tol, **common):
 
 @pytest.mark.ddp
 def test_two_process_gloo_matches_single_process(shards, tmp_path):
+    """Sliding-window scores and the temperature search are sharded too: same T and val_bpb on 2 ranks."""
     out = assert_two_ranks_match_one(shards, tmp_path, 6, 2e-4, TRAIN_LOG_EVERY=1, COMPILE_WARMUP_STEPS=1,
-                                     MAX_VAL_TOKENS=2048)
-    assert "world_size:2" in out
+                                     MAX_VAL_TOKENS=2048, EVAL_STRIDE=16, TEMPERATURE_SEARCH=1,
+                                     TEMPERATURE_TOKENS=4096)
+    assert "world_size:2" in out and "temperature T:" in out and "stride:16" in out
 
 
 @pytest.mark.ddp

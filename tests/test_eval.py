@@ -176,3 +176,29 @@ def test_evaluate_carries_capsule_state_from_window_to_window():
     fresh_total = sum(m.token_nll(torch.from_numpy(tokens[8 * w : 8 * w + 8][None]),
                                   torch.from_numpy(tokens[8 * w + 1 : 8 * w + 9][None]))[0].sum().item() for w in range(7))
     assert abs(fresh_total - total) > 1e-3  # the carried state matters
+
+
+class OverconfidentModel(torch.nn.Module):
+    """Context-free logits c * log p: data drawn from p is best scored at temperature c."""
+
+    def __init__(self, p, c):
+        super().__init__()
+        self.logp, self.c = torch.log(torch.as_tensor(p, dtype=torch.float32)), c
+
+    def logits(self, idx, state=None):
+        return (self.c * self.logp).expand(*idx.shape, -1), 0.0, None
+
+
+def test_temperature_search_finds_the_calibrating_temperature():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(64, 0.3))
+    tokens = rng.choice(64, size=30001, p=p)
+    h = tg.Hyperparameters({"TRAIN_SEQ_LEN": "100", "VAL_BATCH_TOKENS": "2000", "VOCAB_SIZE": "64"})
+    model = OverconfidentModel(p, 1.2)
+    t, nll = tg.search_temperature(model, tokens, h, 0, 1, torch.device("cpu"))
+    assert t == pytest.approx(1.2, abs=0.021) and t == float(np.float16(t))  # stored exactly by an fp16 artifact
+    for temp in (0.8, 1.0, 1.3):  # the per-token NLL by hand
+        logq = 1.2 * np.log(p) / temp
+        logq -= np.log(np.exp(logq).sum())
+        assert nll[temp] == pytest.approx(-logq[tokens[1:]].mean(), rel=1e-4)
+    assert min(nll, key=nll.get) == pytest.approx(t, abs=1e-3)

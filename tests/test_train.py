@@ -61,3 +61,29 @@ def test_sliding_final_scores(shards, tmp_path):
     assert "stride:16" in r.stdout.split("pre_export", 1)[1].splitlines()[0]
     assert "stride:16" in r.stdout.split("final_roundtrip", 1)[1].splitlines()[0]
     assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 0.01
+
+
+def test_temperature_is_fitted_on_training_tokens_and_travels_in_the_artifact(shards, tmp_path):
+    """The same training data with a different validation split gives the same T: validation is never read
+    by the search. The reloaded model scores with the logged T."""
+    import shutil
+
+    import build_shards as bs
+    import train_gpt as tg
+    from conftest import SAMPLE, TOKENIZER
+
+    other = tmp_path / "other_val"
+    other.mkdir()
+    for f in shards.glob("fineweb_train_*.bin"):
+        shutil.copy(f, other)
+    bs.build_shards(str(SAMPLE / "val_docs.jsonl.xz"), "val", TOKENIZER, str(other), workers=1, max_docs=3)
+    temps = []
+    for name, data in (("a", shards), ("b", other)):
+        (tmp_path / name).mkdir()
+        r = run_train(data, tmp_path / name, ITERATIONS=4, TEMPERATURE_SEARCH=1, TEMPERATURE_TOKENS=4096)
+        assert r.returncode == 0, r.stdout + r.stderr
+        temps.append(log_values(r.stdout, "T")[0])
+        assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 1e-3
+        stored = tg.load_artifact(str(tmp_path / name / "model.ptz"))["logit_temperature"].item()
+        assert stored == pytest.approx(temps[-1], abs=5e-5)
+    assert temps[0] == temps[1] and 0.7 <= temps[0] <= 1.3
