@@ -106,6 +106,14 @@ class Hyperparameters:
     eval_stride = Knob("EVAL_STRIDE", 0, check=NONNEG)  # final scores in windows every EVAL_STRIDE tokens; 0: disjoint
     temperature_search = Knob("TEMPERATURE_SEARCH", False)  # logit temperature fitted on training tokens, exported
     temperature_tokens = Knob("TEMPERATURE_TOKENS", 262144, check=POS)  # from the first training shard
+    eval_budget_seconds = Knob("EVAL_BUDGET_SECONDS", 0.0, check=NONNEG)  # 0: none; past it TTT stops adapting
+    # test-time training: legal score-first adaptation on the validation stream
+    ttt_enabled = Knob("TTT_ENABLED", False)
+    ttt_scope = Knob("TTT_SCOPE", "safe", choices={"safe", "capsule_bank", "all"})  # which parameters adapt
+    ttt_chunk_tokens = Knob("TTT_CHUNK_TOKENS", 32768, check=POS)
+    ttt_lr = Knob("TTT_LR", 0.001, check=POS)
+    ttt_momentum = Knob("TTT_MOMENTUM", 0.9, check=UNIT_OPEN)
+    ttt_epochs = Knob("TTT_EPOCHS", 1, check=POS)
     # model
     num_layers = Knob("NUM_LAYERS", 10, check=POS)
     model_dim = Knob("MODEL_DIM", 768, check=POS)
@@ -202,6 +210,8 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
         if self.eval_stride > self.train_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be <= TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.ttt_enabled and self.ttt_scope == "capsule_bank" and not self.capsules_enabled:
+            raise ConfigError("TTT_SCOPE=capsule_bank needs CAPSULES_ENABLED=1")
         if self.capsules_enabled and self.eval_stride not in (0, self.train_seq_len):
             raise ConfigError("EVAL_STRIDE with CAPSULES_ENABLED: the capsule state is carried across disjoint "
                               "windows only; overlapping windows would feed it the same tokens twice")
@@ -1274,6 +1284,82 @@ def autocast(device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# TTT
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ttt_parameters(model, scope):
+    """The parameters test-time training adapts: 'all'; 'capsule_bank'; or 'safe', everything but the weight
+    matrices and embedding tables (norms, scales, gates, skip weights: few values, little room to overfit)."""
+    if scope == "all":
+        return list(model.parameters())
+    if scope == "capsule_bank":
+        return list(model.capsules.parameters())
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (TernaryLinear, nn.Linear, nn.Embedding))}
+    return [p for p in model.parameters() if id(p) not in matrices]
+
+
+def ttt_segment(n_targets, rank, world):
+    """[lo, hi]: token positions of this rank's contiguous share of the stream; it scores targets lo+1..hi."""
+    return n_targets * rank // world, n_targets * (rank + 1) // world
+
+
+def ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
+    """(val_loss, val_bpb) with legal score-first test-time training. Each rank walks its contiguous segment of
+    the validation stream in chunks of TTT_CHUNK_TOKENS. A chunk is first scored under no_grad (windows inside the
+    chunk only, so no window reaches a token it was already trained on); only then does SGD with momentum (kept
+    across chunks) train on that chunk, for TTT_EPOCHS passes. A token is therefore never scored by parameters
+    that saw it. Past EVAL_BUDGET_SECONDS the adaptation stops and scoring goes on to the end."""
+    t0 = time.perf_counter()
+    params = ttt_parameters(model, h.ttt_scope)
+    trainable = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    seq = h.train_seq_len
+    batch_seqs = max(1, h.val_batch_tokens // seq)
+    stride = h.eval_stride
+    if h.capsules_enabled:
+        batch_seqs = 1  # one window at a time, in stream order, so the capsule state flows through the segment
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    state, adapted, chunks = None, 0, 0
+    lo, hi = ttt_segment(len(tokens) - 1, rank, world)
+    for c in range(lo, hi, h.ttt_chunk_tokens):
+        chunk = tokens[c : min(c + h.ttt_chunk_tokens, hi) + 1]
+        batches = list(eval_batches(chunk, seq, batch_seqs, 0, 1, stride))
+        model.eval()
+        with torch.no_grad():
+            for x, y, m in batches:
+                with autocast(device):
+                    nll, state = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), state)
+                mask = torch.from_numpy(m).to(device)
+                totals[0] += (nll.double() * mask).sum()
+                totals[1] += mask.sum()
+                totals[2] += float(target_bytes(x, y, luts)[m].sum())
+        chunks += 1
+        if h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds:
+            continue  # over budget: score the rest without adapting
+        model.train()
+        for _ in range(h.ttt_epochs):
+            for x, y, m in eval_batches(chunk, seq, batch_seqs, 0, 1):  # disjoint windows of the scored chunk
+                with autocast(device):
+                    nll, _ = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+                mask = torch.from_numpy(m).to(device)
+                loss = (nll * mask).sum() / mask.sum().clamp_min(1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        adapted += 1
+    model.eval()
+    if world > 1:
+        dist.all_reduce(totals)
+    log(f"ttt scope:{h.ttt_scope} params:{sum(p.numel() for p in params)} chunks:{chunks} adapted:{adapted} "
+        f"seconds:{time.perf_counter() - t0:.1f}")
+    nll, ntok, nbytes = totals.tolist()
+    return nll / ntok, nll / math.log(2) / nbytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1597,7 +1683,10 @@ def export_and_score(base, h, val, rank, world, device, log):
     t_rt = time.perf_counter()
     fresh = GPT(h).to(device)
     fresh.load_state_dict(load_artifact(h.artifact_path))
-    rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride)
+    if h.ttt_enabled:
+        rt_loss, rt_bpb = ttt_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
+    else:
+        rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride)
     log(
         f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
         f"eval_seconds:{time.perf_counter() - t_rt:.1f} stride:{stride}"

@@ -166,6 +166,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "EMA_ENABLED": ({}, "class EMA"),
     "MUON_ROW_NORM": ({}, "class RowNormMuon"),
     "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
+    "TTT_ENABLED": ({}, "def ttt_evaluate"),
 }
 
 
