@@ -110,10 +110,16 @@ class Hyperparameters:
     # test-time training: legal score-first adaptation on the validation stream
     ttt_enabled = Knob("TTT_ENABLED", False)
     ttt_scope = Knob("TTT_SCOPE", "safe", choices={"safe", "capsule_bank", "all"})  # which parameters adapt
-    ttt_chunk_tokens = Knob("TTT_CHUNK_TOKENS", 32768, check=POS)
+    ttt_chunk_tokens = Knob("TTT_CHUNK_TOKENS", 32768, check=POS)  # also EvalEngram's insertion step
     ttt_lr = Knob("TTT_LR", 0.001, check=POS)
     ttt_momentum = Knob("TTT_MOMENTUM", 0.9, check=UNIT_OPEN)
     ttt_epochs = Knob("TTT_EPOCHS", 1, check=POS)
+    # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
+    eval_engram = Knob("EVAL_ENGRAM", False)
+    eval_engram_order = Knob("EVAL_ENGRAM_ORDER", 3, check=(lambda v: v >= 2, "must be >= 2"))  # context n-1
+    eval_engram_buckets = Knob("EVAL_ENGRAM_BUCKETS", 1 << 15, check=POS)  # context rows of V counts each
+    eval_engram_alpha = Knob("EVAL_ENGRAM_ALPHA", 0.01, check=POS)  # Laplace smoothing
+    eval_engram_weight = Knob("EVAL_ENGRAM_WEIGHT", 0.3, check=UNIT)  # cache share at maximal model entropy
     # model
     num_layers = Knob("NUM_LAYERS", 10, check=POS)
     model_dim = Knob("MODEL_DIM", 768, check=POS)
@@ -968,12 +974,17 @@ class GPT(nn.Module):
             loss = loss + self.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
         return loss + aux
 
-    def token_nll(self, idx, targets, state=None):
-        """(per-token negative log-likelihood in nats (B, T) fp32, capsule state after the window)."""
+    def scored_logits(self, idx, state=None):
+        """(logits as evaluation scores them (the fitted temperature applied), capsule state after the window)."""
         h = self.h
         logits, _, state = self.logits(idx, state)
         if h.temperature_search:
             logits = logits / self.logit_temperature
+        return logits, state
+
+    def token_nll(self, idx, targets, state=None):
+        """(per-token negative log-likelihood in nats (B, T) fp32, capsule state after the window)."""
+        logits, state = self.scored_logits(idx, state)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
         return nll, state
 
@@ -1304,21 +1315,76 @@ def ttt_segment(n_targets, rank, world):
     return n_targets * rank // world, n_targets * (rank + 1) // world
 
 
-def ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
-    """(val_loss, val_bpb) with legal score-first test-time training. Each rank walks its contiguous segment of
-    the validation stream in chunks of TTT_CHUNK_TOKENS. A chunk is first scored under no_grad (windows inside the
-    chunk only, so no window reaches a token it was already trained on); only then does SGD with momentum (kept
-    across chunks) train on that chunk, for TTT_EPOCHS passes. A token is therefore never scored by parameters
-    that saw it. Past EVAL_BUDGET_SECONDS the adaptation stops and scoring goes on to the end."""
+class EvalEngram:
+    """An n-gram cache of the validation tokens scored so far. p_cache(v | ctx) = (c(ctx, v) + a) / (c(ctx) + a V)
+    (Laplace), with contexts of EVAL_ENGRAM_ORDER - 1 tokens hashed into EVAL_ENGRAM_BUCKETS rows of a dense
+    (rows, V) count table. A row's counts and its total grow together, so p_cache is a distribution even when two
+    contexts share a row. The scored distribution is (1 - l) p_model + l p_cache, a mixture of two
+    distributions, so still normalised. The gate l is EVAL_ENGRAM_WEIGHT x the model's entropy / ln V (trust the
+    cache where the model is unsure), and 0 for a context the cache has never seen or a position whose window
+    holds fewer than n - 1 tokens before it. Not a module: nothing of it is trained or exported, and it only
+    ever holds tokens inserted after they were scored. Memory: rows x V x 4 bytes (1 GiB at the defaults)."""
+
+    MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: multiply-xorshift mixing of the context
+
+    def __init__(self, h, device):
+        self.n, self.vocab, self.rows = h.eval_engram_order, h.vocab_size, h.eval_engram_buckets
+        self.alpha, self.weight = h.eval_engram_alpha, h.eval_engram_weight
+        self.counts = torch.zeros(self.rows, self.vocab, dtype=torch.float32, device=device)
+        self.totals = torch.zeros(self.rows, dtype=torch.float32, device=device)
+
+    def context_rows(self, x):
+        """(row of the n-1 tokens ending at each position of x (..., T), whether the window holds them all)."""
+        key = torch.zeros_like(x)
+        for i in range(self.n - 1):
+            key = (key + torch.roll(x, i, dims=-1) + 1) * self.MIX
+            key = key ^ (key >> 29)
+        valid = torch.arange(x.size(-1), device=x.device) >= self.n - 2
+        return key % self.rows, valid.expand_as(x)
+
+    def target_prob(self, logp, x, targets):
+        """Mixed probability of `targets` (..., T) given the model's log-probs (..., T, V) at inputs x."""
+        row, valid = self.context_rows(x)
+        seen = self.totals[row]
+        cache = (self.counts[row, targets] + self.alpha) / (seen + self.alpha * self.vocab)
+        entropy = -(logp.exp() * logp).sum(-1)
+        gate = self.weight * entropy / math.log(self.vocab) * (valid & (seen > 0))
+        model = logp.gather(-1, targets[..., None]).squeeze(-1).exp()
+        return (1 - gate) * model + gate * cache
+
+    def insert(self, tokens):
+        """Counts every n-gram of `tokens` (1-D, already scored)."""
+        t = torch.as_tensor(np.asarray(tokens, np.int64), device=self.counts.device)
+        if len(t) < self.n:
+            return
+        row, valid = self.context_rows(t[:-1])
+        row, nxt = row[valid], t[1:][valid]
+        ones = torch.ones(len(row), dtype=torch.float32, device=row.device)
+        self.counts.view(-1).index_add_(0, row * self.vocab + nxt, ones)
+        self.totals.index_add_(0, row, ones)
+
+
+def stream_evaluate(model, tokens, luts, h, rank, world, device, log, cache=None):
+    """(val_loss, val_bpb) of a legal score-first pass over the validation stream, for TTT and EvalEngram. Each
+    rank walks its contiguous segment in chunks of TTT_CHUNK_TOKENS. A chunk is first scored under no_grad, in
+    windows inside the chunk, by the model (and the cache) as they are before it; only then is the chunk used:
+    inserted into the EvalEngram cache, and trained on by SGD with momentum (kept across chunks) for TTT_EPOCHS
+    passes. A token is therefore never scored by a model or cache that has seen it. Past EVAL_BUDGET_SECONDS the
+    adaptation stops and scoring goes on to the end. The model's EngramHash tables are restored afterwards."""
     t0 = time.perf_counter()
-    params = ttt_parameters(model, h.ttt_scope)
-    trainable = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
-    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    params = []
+    if h.ttt_enabled:
+        params = ttt_parameters(model, h.ttt_scope)
+        trainable = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    if h.eval_engram:
+        cache = cache or EvalEngram(h, device)
+    if h.engram_enabled:
+        saved_table = model.engram.table.weight.detach().clone()
     seq = h.train_seq_len
     batch_seqs = max(1, h.val_batch_tokens // seq)
-    stride = h.eval_stride
     if h.capsules_enabled:
         batch_seqs = 1  # one window at a time, in stream order, so the capsule state flows through the segment
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
@@ -1326,37 +1392,52 @@ def ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     lo, hi = ttt_segment(len(tokens) - 1, rank, world)
     for c in range(lo, hi, h.ttt_chunk_tokens):
         chunk = tokens[c : min(c + h.ttt_chunk_tokens, hi) + 1]
-        batches = list(eval_batches(chunk, seq, batch_seqs, 0, 1, stride))
         model.eval()
         with torch.no_grad():
-            for x, y, m in batches:
+            for x, y, m in eval_batches(chunk, seq, batch_seqs, 0, 1, h.eval_stride):
+                xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
                 with autocast(device):
-                    nll, state = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), state)
+                    if h.eval_engram:
+                        logits, state = model.scored_logits(xt, state)
+                        nll = -torch.log(cache.target_prob(logits.float().log_softmax(-1), xt, yt))
+                    else:
+                        nll, state = model.token_nll(xt, yt, state)
                 mask = torch.from_numpy(m).to(device)
                 totals[0] += (nll.double() * mask).sum()
                 totals[1] += mask.sum()
                 totals[2] += float(target_bytes(x, y, luts)[m].sum())
         chunks += 1
         if h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds:
-            continue  # over budget: score the rest without adapting
-        model.train()
-        for _ in range(h.ttt_epochs):
-            for x, y, m in eval_batches(chunk, seq, batch_seqs, 0, 1):  # disjoint windows of the scored chunk
-                with autocast(device):
-                    nll, _ = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-                mask = torch.from_numpy(m).to(device)
-                loss = (nll * mask).sum() / mask.sum().clamp_min(1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            continue  # over budget: score the rest as the model and cache are now
+        if h.eval_engram:
+            cache.insert(chunk)
+        if h.ttt_enabled:
+            ttt_adapt(model, opt, chunk, h, batch_seqs, device)
         adapted += 1
     model.eval()
+    if h.engram_enabled:
+        with torch.no_grad():
+            model.engram.table.weight.copy_(saved_table)
     if world > 1:
         dist.all_reduce(totals)
-    log(f"ttt scope:{h.ttt_scope} params:{sum(p.numel() for p in params)} chunks:{chunks} adapted:{adapted} "
-        f"seconds:{time.perf_counter() - t0:.1f}")
+    log(f"stream_eval ttt:{int(h.ttt_enabled)} scope:{h.ttt_scope} params:{sum(p.numel() for p in params)} "
+        f"eval_engram:{int(h.eval_engram)} chunks:{chunks} adapted:{adapted} seconds:{time.perf_counter() - t0:.1f}")
     nll, ntok, nbytes = totals.tolist()
     return nll / ntok, nll / math.log(2) / nbytes
+
+
+def ttt_adapt(model, opt, chunk, h, batch_seqs, device):
+    """TTT_EPOCHS passes of SGD over disjoint windows of an already-scored chunk, on the masked mean NLL."""
+    model.train()
+    for _ in range(h.ttt_epochs):
+        for x, y, m in eval_batches(chunk, h.train_seq_len, batch_seqs, 0, 1):
+            with autocast(device):
+                nll, _ = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            mask = torch.from_numpy(m).to(device)
+            loss = (nll * mask).sum() / mask.sum().clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1683,8 +1764,8 @@ def export_and_score(base, h, val, rank, world, device, log):
     t_rt = time.perf_counter()
     fresh = GPT(h).to(device)
     fresh.load_state_dict(load_artifact(h.artifact_path))
-    if h.ttt_enabled:
-        rt_loss, rt_bpb = ttt_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
+    if h.ttt_enabled or h.eval_engram:
+        rt_loss, rt_bpb = stream_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
     else:
         rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride)
     log(

@@ -166,7 +166,8 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "EMA_ENABLED": ({}, "class EMA"),
     "MUON_ROW_NORM": ({}, "class RowNormMuon"),
     "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
-    "TTT_ENABLED": ({}, "def ttt_evaluate"),
+    "TTT_ENABLED": ({}, "def ttt_adapt"),
+    "EVAL_ENGRAM": ({}, "class EvalEngram"),
 }
 
 

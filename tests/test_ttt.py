@@ -55,7 +55,7 @@ def test_canary_no_token_is_scored_after_an_update_that_used_it(monkeypatch, wor
     canary = CanaryModel(512)
     total_nll, total_tokens = 0.0, 0
     for rank in range(world):
-        loss, bpb = tg.ttt_evaluate(canary, tokens, ONE_BYTE, h, rank, world, CPU, log=lambda msg: None)
+        loss, bpb = tg.stream_evaluate(canary, tokens, ONE_BYTE, h, rank, world, CPU, log=lambda msg: None)
         lo, hi = tg.ttt_segment(n - 1, rank, world)
         total_nll += loss * (hi - lo)
         total_tokens += hi - lo
@@ -74,7 +74,7 @@ def test_ttt_matches_a_hand_written_score_then_adapt_loop():
     luts = ONE_BYTE
     m = model()
     ref = copy.deepcopy(m)
-    loss, bpb = tg.ttt_evaluate(m, tokens, luts, h, 0, 1, CPU, log=lambda msg: None)
+    loss, bpb = tg.stream_evaluate(m, tokens, luts, h, 0, 1, CPU, log=lambda msg: None)
 
     params = tg.ttt_parameters(ref, "safe")
     assert 0 < sum(p.numel() for p in params) < sum(p.numel() for p in ref.parameters()) // 10
@@ -105,7 +105,7 @@ def test_over_the_budget_scoring_goes_on_without_adapting():
     canary = CanaryModel(512)
     before = copy.deepcopy(canary.state_dict())
     msgs = []
-    loss, _ = tg.ttt_evaluate(canary, np.arange(n), ONE_BYTE, hparams(EVAL_BUDGET_SECONDS=1e-9), 0, 1, CPU,
+    loss, _ = tg.stream_evaluate(canary, np.arange(n), ONE_BYTE, hparams(EVAL_BUDGET_SECONDS=1e-9), 0, 1, CPU,
                               log=msgs.append)
     assert loss * (n - 1) == pytest.approx(n * (n - 1) / 2)  # still every target, once
     assert canary.updates == 0 and all(torch.equal(v, canary.state_dict()[k]) for k, v in before.items())
@@ -132,5 +132,103 @@ def test_two_process_ttt_owns_contiguous_segments(shards, tmp_path):
     r = run_train(shards, tmp_path, nproc=2, ITERATIONS=4, TTT_ENABLED=1, TTT_CHUNK_TOKENS=512,
                   EVAL_BUDGET_SECONDS=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "world_size:2" in r.stdout and "ttt scope:safe" in r.stdout
+    assert "world_size:2" in r.stdout and "stream_eval ttt:1 scope:safe" in r.stdout
+    assert event_bpb(r.stdout, "final_roundtrip") > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EvalEngram
+
+def engram_h(**kw):
+    env = {"VOCAB_SIZE": "64", "EVAL_ENGRAM": "1", "EVAL_ENGRAM_ORDER": "3", "EVAL_ENGRAM_BUCKETS": str(1 << 12)}
+    return tg.Hyperparameters({**env, **{k: str(v) for k, v in kw.items()}})
+
+
+def test_eval_engram_mixture_is_a_distribution():
+    h = engram_h(EVAL_ENGRAM_WEIGHT=0.7)
+    cache = tg.EvalEngram(h, CPU)
+    rng = np.random.default_rng(0)
+    cache.insert(rng.integers(0, 8, 400))  # a small alphabet, so most contexts below are seen
+    x = torch.from_numpy(rng.integers(0, 8, (3, 10)))
+    logp = torch.randn(3, 10, 64).log_softmax(-1)
+    total = sum(cache.target_prob(logp, x, torch.full((3, 10), v)) for v in range(64))
+    torch.testing.assert_close(total, torch.ones(3, 10), rtol=0, atol=1e-5)
+    mixed = cache.target_prob(logp, x, torch.zeros(3, 10, dtype=torch.long))
+    assert not torch.allclose(mixed, logp[..., 0].exp())  # the cache did move the probabilities
+
+
+def test_eval_engram_counts_match_a_slow_reference():
+    """A uniform model (entropy ln V) and weight 1: the mixture is the cache alone, (c(ctx, v) + a)/(c(ctx) + aV)
+    with c from a plain Counter of trigrams; an unseen context keeps the model's probability."""
+    from collections import Counter
+
+    h = engram_h(EVAL_ENGRAM_WEIGHT=1.0, EVAL_ENGRAM_ALPHA=0.5)
+    cache = tg.EvalEngram(h, CPU)
+    seq = np.random.default_rng(1).integers(0, 5, 300)
+    cache.insert(seq[:150])
+    cache.insert(seq[150:])  # two inserts: the n-grams across the cut are not counted, as in the evaluation
+    tri = Counter(tuple(seq[i : i + 3]) for i in range(148)) + Counter(tuple(seq[150 + i : 153 + i]) for i in range(148))
+    ctx = Counter()
+    for (a, b, _), k in tri.items():
+        ctx[(a, b)] += k
+    logp = torch.full((1, 3, 64), -np.log(64.0))
+    for a, b, v in [(0, 1, 2), (3, 3, 3), (4, 0, 1), (9, 9, 1)]:
+        x = torch.tensor([[7, a, b]])
+        got = cache.target_prob(logp, x, torch.tensor([[0, 0, v]]))[0, 2].item()
+        want = (tri[(a, b, v)] + 0.5) / (ctx[(a, b)] + 0.5 * 64) if ctx[(a, b)] else 1 / 64
+        assert got == pytest.approx(want, rel=1e-5)
+    # position 0 holds one token of context, fewer than the 2 a trigram needs: the model alone
+    x = torch.tensor([[1, 0, 1]])
+    assert cache.target_prob(logp, x, torch.tensor([[2, 2, 2]]))[0, 0].item() == pytest.approx(1 / 64)
+
+
+class RecordingEngram(tg.EvalEngram):
+    """Records what it is asked to score and what it is given to count: a scored target that was already counted
+    is a leak."""
+
+    def __init__(self, h, device):
+        super().__init__(h, device)
+        self.counted, self.leaks, self.scored = set(), [], 0
+
+    def target_prob(self, logp, x, targets):
+        hit = (set(targets.flatten().tolist()) - {0}) & self.counted
+        if hit:
+            self.leaks.append(sorted(hit))
+        self.scored += 1
+        return super().target_prob(logp, x, targets)
+
+    def insert(self, tokens):
+        self.counted |= set(np.asarray(tokens).tolist())
+        super().insert(tokens)
+
+
+@pytest.mark.parametrize("ttt", ["0", "1"])
+def test_canary_eval_engram_counts_only_scored_tokens(ttt):
+    n = 301
+    tokens = np.arange(n)  # ids are positions
+    h = hparams(EVAL_ENGRAM="1", TTT_ENABLED=ttt, EVAL_STRIDE=3)
+    cache = RecordingEngram(h, CPU)
+    canary = CanaryModel(512)
+    canary.scored_logits = lambda idx, state=None: (canary.out(canary.emb(idx)).float(), state)
+    loss, _ = tg.stream_evaluate(canary, tokens, ONE_BYTE, h, 0, 1, CPU, log=lambda m: None, cache=cache)
+    assert cache.leaks == [] and canary.leaks == []
+    assert cache.scored > 0 and cache.counted == set(range(n))
+    assert np.isfinite(loss)
+
+
+def test_engram_hash_tables_are_restored_after_adapting():
+    m = model(ENGRAM_ENABLED="1")
+    h = tg.Hyperparameters({**BASE, "ENGRAM_ENABLED": "1", "TRAIN_SEQ_LEN": "8", "VAL_BATCH_TOKENS": "16",
+                            "TTT_ENABLED": "1", "TTT_SCOPE": "all", "TTT_CHUNK_TOKENS": "16", "TTT_LR": "0.1"})
+    table = m.engram.table.weight.detach().clone()
+    other = m.blocks[0].mlp_norm.weight.detach().clone()
+    tg.stream_evaluate(m, np.random.default_rng(0).integers(0, 128, 97), ONE_BYTE, h, 0, 1, CPU, log=lambda s: None)
+    assert torch.equal(m.engram.table.weight, table)
+    assert not torch.equal(m.blocks[0].mlp_norm.weight, other)  # the rest did adapt
+
+
+def test_end_to_end_eval_engram_run(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=4, EVAL_ENGRAM=1, TTT_CHUNK_TOKENS=512)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stream_eval ttt:0" in r.stdout and "eval_engram:1 chunks:8 adapted:8" in r.stdout
     assert event_bpb(r.stdout, "final_roundtrip") > 0
