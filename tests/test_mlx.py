@@ -3,6 +3,7 @@ weights; the same batches and byte accounting; a smoke training run; artifacts a
 (and byte-identical serialization); flags the port does not implement are a clear error."""
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -264,3 +265,14 @@ def test_runs_without_torch():
     code = "import sys; sys.modules['torch'] = None; import train_gpt_mlx; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_mac_launcher_prints_what_it_runs(shards, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TINY, DATA_PATH=str(shards), LOG_DIR=str(tmp_path / "logs"), ARTIFACT_PATH=str(tmp_path / "m.ptz"),
+               ITERATIONS="2", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    r = subprocess.run([str(ROOT / "run_mlx_reasoner.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"running: {sys.executable} train_gpt_mlx.py" in r.stdout and "MAX_VAL_TOKENS=4096" in r.stdout
+    assert "final_roundtrip" in r.stdout
