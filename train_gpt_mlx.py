@@ -1048,17 +1048,12 @@ def check_batch_shape(h):
         )
 
 
-def make_grad_fn(model, h, use_compile):
-    """(loss, flat grads) of one micro-batch; mx.compile'd when asked (the model's parameters are its state)."""
-    loss_and_grad = nn.value_and_grad(model, lambda x, y: model(x, y))
-
-    def step(x, y):
-        loss, grads = loss_and_grad(x, y)
-        return loss, grads
-
+def make_grad_fn(model, use_compile):
+    """(loss, grads) of one micro-batch; mx.compile'd when asked (the model's parameters are its implicit inputs)."""
+    grad_fn = nn.value_and_grad(model, lambda x, y: model(x, y))
     if use_compile:
-        step = mx.compile(step, inputs=model.state, outputs=model.state)
-    return step
+        grad_fn = mx.compile(grad_fn, inputs=model.state)
+    return grad_fn
 
 
 def train_step(model, grad_fn, loader, optimizers, h, step, elapsed):
@@ -1073,8 +1068,7 @@ def train_step(model, grad_fn, loader, optimizers, h, step, elapsed):
     n = len(micro)
     grads = {k: v / n for k, v in grads.items()}
     if h.grad_clip_norm:
-        flat, _ = optim.clip_grad_norm(grads, h.grad_clip_norm)
-        grads = flat
+        grads, _ = optim.clip_grad_norm(grads, h.grad_clip_norm)
     optimizers.step(model, grads, step, elapsed)
     return total / n
 
@@ -1083,7 +1077,7 @@ def train(model, optimizers, ema, h, train_pattern, val, log, use_compile):
     """The timed loop: stops at ITERATIONS or when the clock passes MAX_WALLCLOCK_SECONDS (evaluation excluded)."""
     val_tokens, luts = val
     loader = TokenLoader(train_pattern, h)
-    grad_fn = make_grad_fn(model, h, use_compile)
+    grad_fn = make_grad_fn(model, use_compile)
     step, train_seconds, stop = 0, 0.0, False
     t_start = time.perf_counter()
     while not stop:

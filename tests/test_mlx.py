@@ -105,7 +105,7 @@ def test_optimizer_steps_match():
     start = {k: v.clone().numpy() for k, v in m.state_dict().items()}
     h = tg.Hyperparameters({**SHAPE, **env})
     opts, mopts = tg.build_optimizers(m, h), tm.Optimizers(mm, tm.Hyperparameters({**SHAPE, **env}))
-    grad_fn = tm.make_grad_fn(mm, mopts.h, use_compile=False)
+    grad_fn = tm.make_grad_fn(mm, use_compile=False)
     for step in range(2):
         x, y = batch(step)
         for opt in opts:  # train_gpt.train_step's schedule
@@ -206,6 +206,27 @@ def test_smoke_run_loss_falls_and_log_parses(mlx_run):
     assert run["model_bytes"] == (work / "model.ptz").stat().st_size
     assert run["config"]["SKC_ENABLED"] == "False" and run["config"]["XSA_ENABLED"] == "True"
     assert abs(run["final_val_bpb"] - run["pre_export_val_bpb"]) < 0.01  # fp16 storage of the small params only
+
+
+def test_other_ported_knobs_and_the_wall_clock_stop(shards, tmp_path):
+    """EMA, row-norm Muon, weight decay, accumulation, clipping, mid-run validation; MAX_WALLCLOCK_SECONDS ends
+    the run long before ITERATIONS, and the exported (EMA) weights are the ones pre_export scored."""
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=1.5, EMA_ENABLED=1,
+                  EMA_DECAY=0.5, MUON_ROW_NORM=1, MUON_WD=0.01, ADAM_WD=0.01, GRAD_ACCUM_STEPS=2, GRAD_CLIP_NORM=1.0,
+                  VAL_LOSS_EVERY=2, EXPORT_FLOAT="fp8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = runlog.parse_run_log(r.stdout)
+    assert 2 <= run["steps"] < 1000 and run["train_seconds"] >= 1.5
+    assert "step:2 val_loss:" in r.stdout
+    assert abs(run["final_val_bpb"] - run["pre_export_val_bpb"]) < 0.02  # fp8 small params
+
+
+def test_over_cap_keeps_the_blob_and_fails(shards, tmp_path):
+    (tmp_path / "model.ptz").write_bytes(b"old")
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=1, ARTIFACT_CAP_BYTES=1000)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ERROR artifact over cap" in r.stdout and "final_roundtrip" not in r.stdout
+    assert (tmp_path / "model.ptz").read_bytes() == b"old" and (tmp_path / "model.ptz.over_cap").stat().st_size > 1000
 
 
 def val_setup(shards):
