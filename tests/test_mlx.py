@@ -1,0 +1,299 @@
+"""MLX port (train_gpt_mlx.py) against train_gpt.py: logits, loss, gradients and optimizer steps on the same
+weights; the same batches and byte accounting; a smoke training run; artifacts across frameworks both ways
+(and byte-identical serialization); flags the port does not implement are a clear error."""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+import mlx.nn as mnn  # noqa: E402
+import torch  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+import train_gpt_mlx as tm  # noqa: E402
+from conftest import ROOT, TINY, TOKENIZER, event_bpb, log_values, run_train  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import runlog  # noqa: E402
+
+MLX_SCRIPT = ROOT / "train_gpt_mlx.py"
+MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "EMBED_DIM",
+              "GROUP_SIZE", "TRAIN_SEQ_LEN")
+SHAPE = {k: TINY[k] for k in MODEL_KEYS} | {"NUM_LAYERS": "3"}  # odd depth: the last layer gets no skip
+
+
+@pytest.fixture(autouse=True)
+def _cpu():
+    mx.set_default_device(mx.cpu)  # the torch side runs on CPU too; fp32 on both
+
+
+def torch_model(**overrides):
+    torch.manual_seed(0)
+    m = tg.GPT(tg.Hyperparameters({**SHAPE, **overrides}))
+    with torch.no_grad():  # zero-init projections would make every block an identity: perturb them
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+def mlx_copy(m, **overrides):
+    mm = tm.GPT(tm.Hyperparameters({**SHAPE, **overrides}))
+    tm.load_state(mm, {k: v.detach().numpy() for k, v in m.state_dict().items()})
+    return mm
+
+
+def batch(seed=0, rows=3, seq=64):
+    """Tokens with documents: BOS (id 1) at a few positions of every row, the first row starts with one."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(2, 1024, (rows, seq + 1), generator=g)
+    idx[:, [0, 17, 40]] = 1
+    idx[1, 0] = 5  # a row that starts mid-document
+    return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+
+def to_mx(t):
+    return mx.array(t.numpy().astype(np.int32))
+
+
+VARIANTS = [{}, {"XSA_ENABLED": "0", "VALUE_RESIDUAL": "0", "SMEAR_GATE": "0"},
+            {"EMBED_DIM": "0", "MLP_ACT": "leaky_relu2", "ROPE_DIMS": "8", "LAYER_SCALE": "1", "LOGIT_SOFTCAP": "0"}]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_same_weights_same_logits(overrides):
+    m = torch_model(**overrides).eval()
+    mm = mlx_copy(m, **overrides)
+    assert list(tm.state_dict(mm)) == list(m.state_dict())  # names and order map 1:1
+    x, _ = batch()
+    with torch.no_grad():
+        ref = m.logits(x)[0].numpy()
+    got = np.array(mm.logits(to_mx(x)))
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 1e-4 * scale, (np.abs(got - ref).max(), scale)
+
+
+def test_same_loss_and_gradients():
+    m = torch_model(Z_LOSS="1e-4")
+    mm = mlx_copy(m, Z_LOSS="1e-4")
+    x, y = batch(1)
+    loss = m(x, y)
+    loss.backward()
+    mloss, mgrads = mnn.value_and_grad(mm, lambda a, b: mm(a, b))(to_mx(x), to_mx(y))
+    np.testing.assert_allclose(float(mloss), loss.item(), rtol=1e-5)
+    mgrads = dict(tree_flatten(mgrads))
+    assert set(mgrads) == {n for n, _ in m.named_parameters()}
+    for name, p in m.named_parameters():
+        ref, got = p.grad.numpy(), np.array(mgrads[name])
+        err = float(np.abs(got - ref).max() / np.abs(ref).max())
+        assert err < 1e-3, (name, err)  # fp32 sums in another order, through a dozen layers' backward
+
+
+def test_optimizer_steps_match():
+    """Two Muon + Adam steps from the same weights and batches move the weights the same way (schedule and
+    weight decay included). Compared as whole updates (L2): Adam turns a tiny gradient entry into a full-size
+    step, so the few entries whose gradient is ~0 differ elementwise at the fp32 noise level."""
+    env = {"WARMUP_STEPS": "2", "ADAM_WD": "0.01", "MUON_WD": "0.01", "ITERATIONS": "4"}
+    m = torch_model(**env)
+    mm = mlx_copy(m, **env)
+    start = {k: v.clone().numpy() for k, v in m.state_dict().items()}
+    h = tg.Hyperparameters({**SHAPE, **env})
+    opts, mopts = tg.build_optimizers(m, h), tm.Optimizers(mm, tm.Hyperparameters({**SHAPE, **env}))
+    grad_fn = tm.make_grad_fn(mm, use_compile=False)
+    for step in range(2):
+        x, y = batch(step)
+        for opt in opts:  # train_gpt.train_step's schedule
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * tg.lr_multiplier(step, 0.0, h)
+                if isinstance(opt, tg.Muon):
+                    g["momentum"] = tg.muon_momentum(step, h)
+        m(x, y).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _, grads = grad_fn(to_mx(x), to_mx(y))
+        mopts.step(mm, dict(tree_flatten(grads)), step, 0.0)
+    for name, p in m.state_dict().items():
+        ref, got = p.numpy() - start[name], np.array(tm.state_dict(mm)[name]) - start[name]
+        err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        assert err < 1e-3, (name, err)
+
+
+def test_same_batches_as_the_torch_loader(shards):
+    h_env = {**TINY, "DATA_PATH": str(shards), "GRAD_ACCUM_STEPS": "2"}
+    pattern = str(shards / "fineweb_train_*.bin")
+    ref = tg.DistributedTokenLoader(pattern, tg.Hyperparameters(h_env), 0, 1, torch.device("cpu"))
+    got = tm.TokenLoader(pattern, tm.Hyperparameters(h_env))
+    try:
+        for _ in range(3):
+            for (rx, ry), (gx, gy) in zip(ref.next_batch(), got.next_batch(), strict=True):
+                assert np.array_equal(rx.numpy(), np.array(gx)) and np.array_equal(ry.numpy(), np.array(gy))
+    finally:
+        ref.close()
+
+
+def test_byte_accounting_matches_train_gpt():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
+    ref, got = tg.build_byte_luts(sp, 1024), tm.build_byte_luts(sp, 1024)
+    for r, g in zip(ref, got, strict=True):
+        assert np.array_equal(r, g)
+    x, y = (t.numpy() for t in batch())
+    assert np.array_equal(tg.target_bytes(x, y, ref), tm.target_bytes(x, y, got))
+
+
+def payload_tensors(payload):
+    """{name: (table entry, bytes)} of an uncompressed artifact payload."""
+    (hlen,) = struct.unpack("<I", payload[5:9])
+    body, header = 9 + hlen, json.loads(payload[9 : 9 + hlen])
+    return {t["name"]: (t, payload[body + t["offset"] : body + t["offset"] + t["nbytes"]]) for t in header["tensors"]}
+
+
+@pytest.mark.parametrize("kind", ["fp16", "fp8"])
+def test_same_weights_serialize_alike(kind):
+    """Same table, same float bytes (fp16, and fp8 through the numpy e4m3 encoder), same trits. A ternary scale
+    may differ by one fp16 ulp: the two frameworks sum a group's absmean in different orders, so a group whose
+    fp32 absmean lands on an fp16 rounding tie can round either way (here 1 group of 3,000)."""
+    m = torch_model()
+    mm = mlx_copy(m)
+    for packing, (_, unpack) in tg.TRIT_PACKERS.items():
+        ref_payload = tg.serialize_model(m, tg.Hyperparameters({"EXPORT_FLOAT": kind}), packing)
+        ref = payload_tensors(ref_payload)
+        got = payload_tensors(tm.serialize_model(mm, tm.Hyperparameters({"EXPORT_FLOAT": kind}), packing))
+        assert [t for t, _ in ref.values()] == [t for t, _ in got.values()]  # names, shapes, offsets, sizes
+        ties, groups = 0, 0
+        for name, (t, ref_bytes) in ref.items():
+            got_bytes = got[name][1]
+            if t["kind"] != "ternary":
+                assert got_bytes == ref_bytes, name
+                continue
+            n, tb = math.prod(t["shape"]), t["trit_bytes"]
+            trits = [unpack(b[:tb], n).reshape(t["shape"][0], -1, t["group_size"]) for b in (ref_bytes, got_bytes)]
+            scales = [np.frombuffer(b[tb:], np.float16).reshape(t["shape"][0], -1) for b in (ref_bytes, got_bytes)]
+            same = scales[0] == scales[1]
+            assert np.array_equal(trits[0][same], trits[1][same]), name
+            ulps = np.abs(scales[0].view(np.int16).astype(int) - scales[1].view(np.int16).astype(int))
+            assert ulps.max() <= 1, name
+            ties, groups = ties + int((~same).sum()), groups + same.size
+        assert ties <= max(1, groups // 1000), (ties, groups)
+        ref_state, got_state = tg.deserialize_state(ref_payload), tm.deserialize_state(ref_payload)
+        for name, t in ref_state.items():  # both loaders read one payload to the same numbers
+            assert np.array_equal(t.numpy(), got_state[name]), name
+
+
+@pytest.fixture(scope="module")
+def mlx_run(shards, tmp_path_factory):
+    work = tmp_path_factory.mktemp("mlx_run")
+    r = run_train(shards, work, script=MLX_SCRIPT, ITERATIONS=12, MATRIX_LR=0.04, EMBED_LR=0.05, WARMDOWN_FRAC=0.3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r, work
+
+
+def test_smoke_run_loss_falls_and_log_parses(mlx_run):
+    r, work = mlx_run
+    losses = log_values(r.stdout, "train_loss")
+    assert losses[0] > 6.5  # ln(1024) = 6.93 at init
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.8
+    run = runlog.parse_run_log((work / "logs" / "ternary.txt").read_text())
+    assert run["finished"] and run["steps"] == 12 and len(run["curve"]) == 12
+    assert run["model_bytes"] == (work / "model.ptz").stat().st_size
+    assert run["config"]["SKC_ENABLED"] == "False" and run["config"]["XSA_ENABLED"] == "True"
+    assert abs(run["final_val_bpb"] - run["pre_export_val_bpb"]) < 0.01  # fp16 storage of the small params only
+
+
+def test_other_ported_knobs_and_the_wall_clock_stop(shards, tmp_path):
+    """EMA, row-norm Muon, weight decay, accumulation, clipping, mid-run validation; MAX_WALLCLOCK_SECONDS ends
+    the run long before ITERATIONS, and the exported (EMA) weights are the ones pre_export scored."""
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=1.5, EMA_ENABLED=1,
+                  EMA_DECAY=0.5, MUON_ROW_NORM=1, MUON_WD=0.01, ADAM_WD=0.01, GRAD_ACCUM_STEPS=2, GRAD_CLIP_NORM=1.0,
+                  VAL_LOSS_EVERY=2, EXPORT_FLOAT="fp8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = runlog.parse_run_log(r.stdout)
+    assert 2 <= run["steps"] < 1000 and run["train_seconds"] >= 1.5
+    assert "step:2 val_loss:" in r.stdout
+    assert abs(run["final_val_bpb"] - run["pre_export_val_bpb"]) < 0.02  # fp8 small params
+
+
+def test_over_cap_keeps_the_blob_and_fails(shards, tmp_path):
+    (tmp_path / "model.ptz").write_bytes(b"old")
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=1, ARTIFACT_CAP_BYTES=1000)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ERROR artifact over cap" in r.stdout and "final_roundtrip" not in r.stdout
+    assert (tmp_path / "model.ptz").read_bytes() == b"old" and (tmp_path / "model.ptz.over_cap").stat().st_size > 1000
+
+
+def val_setup(shards):
+    import sentencepiece as spm
+
+    h_env = {**TINY, "DATA_PATH": str(shards)}
+    tokens = tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), 1024, int(TINY["MAX_VAL_TOKENS"]))
+    luts = tg.build_byte_luts(spm.SentencePieceProcessor(model_file=TOKENIZER), 1024)
+    return h_env, tokens, luts
+
+
+def torch_score(path, h_env, tokens, luts):
+    h = tg.Hyperparameters(h_env)
+    m = tg.GPT(h)
+    m.load_state_dict(tg.load_artifact(path))
+    return m, tg.evaluate(m, tokens, luts, h, 0, 1, torch.device("cpu"))[1]
+
+
+def test_mlx_artifact_scores_the_same_in_torch(mlx_run, shards):
+    r, work = mlx_run
+    h_env, tokens, luts = val_setup(shards)
+    _, bpb = torch_score(work / "model.ptz", h_env, tokens, luts)
+    assert abs(bpb - event_bpb(r.stdout, "final_roundtrip")) < 1e-4  # the log prints 4 decimals
+
+
+def test_torch_artifact_loads_into_mlx(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=4)
+    assert r.returncode == 0, r.stdout + r.stderr
+    h_env, tokens, luts = val_setup(shards)
+    m, bpb = torch_score(tmp_path / "model.ptz", h_env, tokens, luts)
+    mm = tm.GPT(tm.Hyperparameters(h_env))
+    tm.load_state(mm, tm.load_artifact(tmp_path / "model.ptz"))
+    mbpb = tm.evaluate(mm, tokens, luts, tm.Hyperparameters(h_env))[1]
+    assert abs(mbpb - bpb) < 1e-5 and abs(mbpb - event_bpb(r.stdout, "final_roundtrip")) < 1e-4
+    x, _ = batch()
+    with torch.no_grad():
+        ref = m.logits(x)[0].numpy()
+    assert np.abs(np.array(mm.logits(to_mx(x))) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", ["SKC_ENABLED", "PARALLEL_RESIDUAL", "SHARED_BLOCKS", "DEPTH_RECUR",
+                                  "CAPSULES_ENABLED", "FEEDBACK_ENABLED", "ENGRAM_ENABLED", "MOE_ENABLED"])
+def test_unported_flag_is_a_clear_error(name):
+    with pytest.raises(tm.ConfigError, match=f"{name}=True is not implemented in train_gpt_mlx.py"):
+        tm.Hyperparameters({name: "1"})
+
+
+def test_unported_flag_stops_the_script(shards, tmp_path):
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, SKC_ENABLED=1)
+    assert r.returncode == 2
+    assert "SKC_ENABLED=True is not implemented in train_gpt_mlx.py" in r.stderr
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, WORLD_SIZE=2)
+    assert r.returncode == 2 and "WORLD_SIZE=2" in r.stderr
+
+
+def test_runs_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import train_gpt_mlx; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_mac_launcher_prints_what_it_runs(shards, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TINY, DATA_PATH=str(shards), LOG_DIR=str(tmp_path / "logs"), ARTIFACT_PATH=str(tmp_path / "m.ptz"),
+               ITERATIONS="2", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    r = subprocess.run([str(ROOT / "run_mlx_reasoner.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"running: {sys.executable} train_gpt_mlx.py" in r.stdout and "MAX_VAL_TOKENS=4096" in r.stdout
+    assert "final_roundtrip" in r.stdout
