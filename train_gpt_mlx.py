@@ -77,7 +77,7 @@ UNIT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 UNPORTED = {
     "skc_enabled": False, "parallel_residual": False, "shared_blocks": False, "depth_recur": False,
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
-    "world_size": 1,
+    "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
 }
 
 
@@ -108,6 +108,24 @@ class Hyperparameters:
     val_loss_every = Knob("VAL_LOSS_EVERY", 0, check=NONNEG)
     val_batch_tokens = Knob("VAL_BATCH_TOKENS", 131072, check=POS)
     max_val_tokens = Knob("MAX_VAL_TOKENS", 0, check=NONNEG)
+    # train_gpt.py's evaluation stages: read for the same config line, refused when on (UNPORTED)
+    eval_stride = Knob("EVAL_STRIDE", 0, check=NONNEG)  # final scores in windows every EVAL_STRIDE tokens; 0: disjoint
+    temperature_search = Knob("TEMPERATURE_SEARCH", False)  # logit temperature fitted on training tokens, exported
+    temperature_tokens = Knob("TEMPERATURE_TOKENS", 262144, check=POS)  # from the first training shard
+    eval_budget_seconds = Knob("EVAL_BUDGET_SECONDS", 0.0, check=NONNEG)  # 0: none; past it TTT stops adapting
+    # test-time training: legal score-first adaptation on the validation stream
+    ttt_enabled = Knob("TTT_ENABLED", False)
+    ttt_scope = Knob("TTT_SCOPE", "safe", choices={"safe", "capsule_bank", "all"})  # which parameters adapt
+    ttt_chunk_tokens = Knob("TTT_CHUNK_TOKENS", 32768, check=POS)  # also EvalEngram's insertion step
+    ttt_lr = Knob("TTT_LR", 0.001, check=POS)
+    ttt_momentum = Knob("TTT_MOMENTUM", 0.9, check=UNIT_OPEN)
+    ttt_epochs = Knob("TTT_EPOCHS", 1, check=POS)
+    # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
+    eval_engram = Knob("EVAL_ENGRAM", False)
+    eval_engram_order = Knob("EVAL_ENGRAM_ORDER", 3, check=(lambda v: v >= 2, "must be >= 2"))  # context n-1
+    eval_engram_buckets = Knob("EVAL_ENGRAM_BUCKETS", 1 << 15, check=POS)  # context rows of V counts each
+    eval_engram_alpha = Knob("EVAL_ENGRAM_ALPHA", 0.01, check=POS)  # Laplace smoothing
+    eval_engram_weight = Knob("EVAL_ENGRAM_WEIGHT", 0.3, check=UNIT)  # cache share at maximal model entropy
     # model
     num_layers = Knob("NUM_LAYERS", 10, check=POS)
     model_dim = Knob("MODEL_DIM", 768, check=POS)

@@ -268,10 +268,21 @@ def test_torch_artifact_loads_into_mlx(shards, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["SKC_ENABLED", "PARALLEL_RESIDUAL", "SHARED_BLOCKS", "DEPTH_RECUR",
-                                  "CAPSULES_ENABLED", "FEEDBACK_ENABLED", "ENGRAM_ENABLED", "MOE_ENABLED"])
+                                  "CAPSULES_ENABLED", "FEEDBACK_ENABLED", "ENGRAM_ENABLED", "MOE_ENABLED",
+                                  "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM"])
 def test_unported_flag_is_a_clear_error(name):
     with pytest.raises(tm.ConfigError, match=f"{name}=True is not implemented in train_gpt_mlx.py"):
         tm.Hyperparameters({name: "1"})
+    with pytest.raises(tm.ConfigError, match="EVAL_STRIDE=16 is not implemented"):
+        tm.Hyperparameters({"EVAL_STRIDE": "16"})
+
+
+def test_the_same_knobs_as_train_gpt():
+    """The port reads every env var train_gpt.py reads, with the same default: a knob added there has to come here
+    too, ported or refused in UNPORTED."""
+    ours = {k.name: k.default for k in vars(tm.Hyperparameters).values() if isinstance(k, tm.Knob)}
+    theirs = {k.name: k.default for k in vars(tg.Hyperparameters).values() if isinstance(k, tg.Knob)}
+    assert ours == theirs
 
 
 def test_unported_flag_stops_the_script(shards, tmp_path):
