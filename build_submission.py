@@ -148,8 +148,14 @@ COMPARE = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.In: 
            ast.NotIn: lambda a, b: a not in b, ast.Is: lambda a, b: a is b, ast.IsNot: lambda a, b: a is not b}
 
 
-def has_call(node):
-    return any(isinstance(n, ast.Call) for n in ast.walk(node))
+PURE_CALLS = {"tuple", "list", "dict", "set", "frozenset", "range", "round", "len", "min", "max", "sum", "int",
+              "float", "str", "sorted", "zip", "enumerate"}
+
+
+def has_call(node, allow_pure=False):
+    """Whether evaluating `node` may call something with side effects (builtins in PURE_CALLS have none)."""
+    return any(isinstance(n, ast.Call) and not (allow_pure and isinstance(n.func, ast.Name) and n.func.id in PURE_CALLS)
+               for n in ast.walk(node))
 
 
 class GuardFolder(ast.NodeTransformer):
@@ -297,7 +303,7 @@ def defined_names(stmt):
     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return {stmt.name}
     if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets) \
-            and not has_call(stmt.value):
+            and not has_call(stmt.value, allow_pure=True):
         return {t.id for t in stmt.targets}
     return set()
 

@@ -55,6 +55,10 @@ TOY = textwrap.dedent('''
         return math.sqrt(x)
 
 
+    UNUSED_GRID = tuple(round(0.5 * i, 1) for i in range(3))  # pure and unreferenced: goes
+    STAMP = print("toy loaded")  # unreferenced, but a call with an effect: stays
+
+
     class Model:
         def __init__(self, h):
             self.h = h
@@ -98,7 +102,9 @@ class ToyTrainer:
     def run(self, text, tmp_path):
         out = tmp_path / "out.py"
         out.write_text(text)
-        return subprocess.run([sys.executable, str(out)], capture_output=True, text=True).stdout.strip()
+        lines = subprocess.run([sys.executable, str(out)], capture_output=True, text=True).stdout.split()
+        assert lines[0] == "toy" and lines[1] == "loaded"
+        return lines[-1]
 
 
 def test_guards_fold_and_dead_code_goes(tmp_path):
@@ -107,6 +113,7 @@ def test_guards_fold_and_dead_code_goes(tmp_path):
     assert "fancy_helper" not in text and "def fancy" not in text and "import math" not in text
     assert "FANCY_WIDTH" not in text  # a knob only dead code read
     assert "import json" not in text and '"""' not in text and "toy trainer" not in text
+    assert "UNUSED_GRID" not in text and "STAMP = print('toy loaded')" in text
     tree = ast.parse(text)
     assert not any(isinstance(n, ast.If) and "h.mode" in ast.unparse(n.test) for n in ast.walk(tree))
     assert "x = x + 1" in text and "x = -x" not in text and "y = 2" in text
