@@ -107,6 +107,12 @@ class Hyperparameters:
     temperature_search = Knob("TEMPERATURE_SEARCH", False)  # logit temperature fitted on training tokens, exported
     temperature_tokens = Knob("TEMPERATURE_TOKENS", 262144, check=POS)  # from the first training shard
     eval_budget_seconds = Knob("EVAL_BUDGET_SECONDS", 0.0, check=NONNEG)  # 0: none; past it TTT stops adapting
+    # ternary calibration: per-tensor threshold and scale multipliers that minimise the quantized model's loss
+    ternary_calib = Knob("TERNARY_CALIB", False)
+    calib_tokens = Knob("CALIB_TOKENS", 65536, check=POS)  # from the first training shard
+    calib_max_evals = Knob("CALIB_MAX_EVALS", 200, check=POS)
+    calib_seconds = Knob("CALIB_SECONDS", 60.0, check=POS)
+    calib_at_frac = Knob("CALIB_AT_FRAC", 1.0, check=UNIT)  # < 1: calibrate then, train on with it (export-aligned)
     # test-time training: legal score-first adaptation on the validation stream
     ttt_enabled = Knob("TTT_ENABLED", False)
     ttt_scope = Knob("TTT_SCOPE", "safe", choices={"safe", "capsule_bank", "all"})  # which parameters adapt
@@ -453,14 +459,46 @@ class TernaryLinear(nn.Module):
         else:
             nn.init.normal_(self.weight, std=in_features**-0.5)
 
+    def quantize(self):
+        """(trits, scale) of the current weight: what the forward uses and what the artifact stores."""
+        return ternary_quantize(self.weight.detach(), self.group_size)
+
     def quantized_weight(self):
         w = self.weight
-        trits, scale = ternary_quantize(w.detach(), self.group_size)
-        wq = dequantize_ternary(trits, scale, self.group_size)
+        wq = dequantize_ternary(*self.quantize(), self.group_size)
         return w + (wq - w).detach()
 
     def forward(self, x):
         return F.linear(x, self.quantized_weight().to(x.dtype))
+
+
+CALIB_SCALES = (0.9, 0.95, 1.05, 1.1)
+CALIB_THRESHOLDS = (0.4, 0.45, 0.55, 0.6)
+
+
+class CalibratedTernaryLinear(TernaryLinear):
+    """TERNARY_CALIB: a TernaryLinear whose buffer calib = (threshold, scale multiplier) replaces the fixed rule:
+    an entry is non-zero when |w| > threshold x the group's absmean (0.5: round to nearest, the default), and the
+    stored scale is multiplier x absmean. (0.5, 1) is exactly TernaryLinear. The buffer is not saved: the artifact
+    holds the trits and scales it produced, and a plain TernaryLinear reloads those exactly."""
+
+    def quantize(self):
+        threshold, mult = self.calib[0], self.calib[1]
+        rows, cols = self.weight.shape
+        g = self.weight.detach().float().reshape(rows, cols // self.group_size, self.group_size)
+        base = g.abs().mean(dim=-1, keepdim=True).clamp_min(SCALE_EPS).half().float()
+        trits = torch.sign(g) * ((g / base).abs() > threshold)
+        scale = (base * mult).half().float()
+        return trits.reshape(rows, cols), scale.squeeze(-1)
+
+
+def enable_calibration(model):
+    """Turns every TernaryLinear of the model into a CalibratedTernaryLinear at (0.5, 1). Swapping the class here
+    keeps the layers that build TernaryLinears unaware of calibration."""
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.__class__ = CalibratedTernaryLinear
+            m.register_buffer("calib", torch.tensor([0.5, 1.0], device=m.weight.device), persistent=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -871,6 +909,8 @@ class GPT(nn.Module):
             self.feedback = FeedbackAdapters(h)
         if h.temperature_search:
             self.register_buffer("logit_temperature", torch.ones(()))  # set after training, travels in the artifact
+        if h.ternary_calib:
+            enable_calibration(self)
 
     def layer_order(self, recur):
         """(layer, first visit) in execution order. Layer i runs block i mod len(blocks) (shared blocks reuse them);
@@ -1288,6 +1328,66 @@ def search_temperature(model, tokens, h, rank, world, device):
     return decode_float(meta, buf, ()).item(), dict(zip(TEMPERATURE_GRID, per_token))
 
 
+def calibrate_ternary(model, tokens, h, rank, world, device, log):
+    """Greedy per-tensor search of (threshold, scale multiplier) on `tokens` (training tokens; the caller never
+    passes validation). Tensors go most sensitive first (|grad| x |quantized weight|, one backward pass), and for
+    each the scale multipliers are tried, then the thresholds; a candidate stays only if it lowers the loss. Every
+    rank scores its share of the tokens and the losses are all-reduced together with an "over budget" flag, so
+    every rank runs the same evaluations and stops at the same one (CALIB_MAX_EVALS, CALIB_SECONDS); the
+    results are broadcast from rank 0 at the end all the same."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, CalibratedTernaryLinear)]
+    batches = [tuple(torch.from_numpy(a).to(device) for a in b)
+               for b in eval_batches(tokens, h.train_seq_len, max(1, h.val_batch_tokens // h.train_seq_len), rank, world)]
+
+    def loss(grad=False):
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, over-budget flag
+        with torch.set_grad_enabled(grad):
+            for x, y, m in batches:
+                with autocast(device):
+                    nll = (model.token_nll(x, y)[0] * m).sum()
+                if grad:
+                    nll.backward()
+                totals[0] += nll.detach().double()
+                totals[1] += m.sum()
+        totals[2] = float(time.perf_counter() - t0 > h.calib_seconds)
+        if world > 1:
+            dist.all_reduce(totals)
+        return (totals[0] / totals[1]).item(), totals[2].item() > 0
+
+    model.zero_grad(set_to_none=True)
+    best, _ = loss(grad=True)
+    start, evals, over = best, 1, False
+    sensitivity = torch.stack([m.weight.grad.norm() * dequantize_ternary(*m.quantize(), m.group_size).norm()
+                               for m in layers]).double()
+    if world > 1:
+        dist.all_reduce(sensitivity)  # one order on every rank, though each saw its own share of the tokens
+    order = [layers[i] for i in sensitivity.argsort(descending=True).tolist()]
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for m in order:
+            for i, values in ((1, CALIB_SCALES), (0, CALIB_THRESHOLDS)):
+                keep = m.calib[i].item()
+                for v in values:
+                    if over or evals >= h.calib_max_evals:
+                        break
+                    m.calib[i] = v
+                    trial, over = loss()
+                    evals += 1
+                    if trial < best:
+                        best, keep = trial, v
+                m.calib[i] = keep
+        if world > 1:
+            for m in layers:
+                dist.broadcast(m.calib, 0)
+    model.train(was_training)
+    changed = sum(not torch.equal(m.calib.cpu(), torch.tensor([0.5, 1.0])) for m in layers)
+    log(f"calibration tensors:{len(layers)} changed:{changed} evals:{evals} loss_before:{start:.4f} "
+        f"loss_after:{best:.4f} seconds:{time.perf_counter() - t0:.1f}")
+
+
 def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -1512,7 +1612,7 @@ def serialize_model(model, h, trit_packing="base3"):
     table, chunks, offset = [], [], 0
     for name, p in model.state_dict().items():
         if name in ternary:
-            trits, scale = ternary_quantize(p, ternary[name].group_size)
+            trits, scale = ternary[name].quantize()
             meta = {"kind": "ternary", "group_size": ternary[name].group_size}
             data = pack(trits.to(torch.int8).cpu().numpy()) + scale.half().cpu().numpy().tobytes()
             meta["trit_bytes"] = len(data) - 2 * scale.numel()
@@ -1687,6 +1787,11 @@ def train_step(model, base, loader, optimizers, h, step, elapsed, recur=None):
     return total
 
 
+def calibration_tokens(train_pattern, h):
+    """The first CALIB_TOKENS tokens of the first training shard: calibration never reads validation."""
+    return load_shard(shard_files(train_pattern)[0], h.vocab_size)[: h.calib_tokens + 1]
+
+
 def h100_mfu(tokens_per_s, flops_per_token, world):
     return tokens_per_s * flops_per_token / (989e12 * world)
 
@@ -1710,14 +1815,20 @@ def compile_warmup(model, base, optimizers, h, train_pattern, rank, world, devic
 
 
 def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log):
-    """The timed loop: stops at ITERATIONS or when the slowest rank's clock passes MAX_WALLCLOCK_SECONDS."""
+    """The timed loop: stops at ITERATIONS or when the slowest rank's clock passes MAX_WALLCLOCK_SECONDS.
+    Returns whether it calibrated the ternary quantizer on the way (CALIB_AT_FRAC < 1)."""
     val_tokens, luts = val
     flops_per_token = 6 * count_params(base)[0] + 12 * h.num_layers * h.model_dim * h.train_seq_len
     loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
     step, train_seconds, stop = 0, 0.0, False
+    calibrated = False
     sync(device)
     t_start = time.perf_counter()
     while not stop:
+        if h.ternary_calib:
+            if not calibrated and h.calib_at_frac < 1 and run_progress(step, train_seconds, h) >= h.calib_at_frac:
+                calibrate_ternary(base, calibration_tokens(train_pattern, h), h, rank, world, device, log)
+                calibrated = True  # the rest of the run trains through the calibrated quantizer
         loss = train_step(model, base, loader, optimizers, h, step, train_seconds)
         if h.ema_enabled:
             ema.update()
@@ -1745,6 +1856,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     loader.close()
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     log(f"train_done steps:{step} train_seconds:{train_seconds:.1f} tok/s:{step * h.train_batch_tokens / train_seconds:.0f} peak_mem_mib:{peak_mem:.0f}")
+    return calibrated
 
 
 def export_and_score(base, h, val, rank, world, device, log):
@@ -1804,9 +1916,12 @@ def main():
         ema = EMA(base, h.ema_decay)
     if h.compile_warmup_steps:
         compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log)
-    train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
+    calibrated = train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
     if h.ema_enabled:
         ema.copy_to_model()
+    if h.ternary_calib:
+        if not calibrated:  # after the weights are final (EMA included), before anything scores them
+            calibrate_ternary(base, calibration_tokens(train_pattern, h), h, rank, world, device, log)
     if h.temperature_search:
         t0 = time.perf_counter()
         calib = load_shard(shard_files(train_pattern)[0], h.vocab_size)[: h.temperature_tokens + 1]

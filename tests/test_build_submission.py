@@ -175,6 +175,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
     "TTT_ENABLED": ({}, "def ttt_adapt"),
     "EVAL_ENGRAM": ({}, "class EvalEngram"),
+    "TERNARY_CALIB": ({}, "class CalibratedTernaryLinear"),
 }
 
 

@@ -37,3 +37,12 @@ def test_two_process_gloo_with_every_feature_on_matches_single_process(shards, t
 
     assert_two_ranks_match_one(shards, tmp_path, 4, 5e-4, **ALL_ON, TRAIN_LOG_EVERY=1, COMPILE_WARMUP_STEPS=1,
                                MAX_VAL_TOKENS=2048, RECUR_FROM_FRAC=0.5, MUON_WD=0.01)
+
+
+@pytest.mark.ddp
+def test_two_process_calibration_keeps_the_ranks_in_step(shards, tmp_path):
+    """Every rank runs the same evaluations (losses and the budget flag are all-reduced): no hang, one result."""
+    r = run_train(shards, tmp_path, nproc=2, ITERATIONS=4, TERNARY_CALIB=1, CALIB_MAX_EVALS=10, CALIB_TOKENS=4096)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world_size:2" in r.stdout and "calibration tensors:" in r.stdout
+    assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 1e-3

@@ -202,3 +202,33 @@ def test_temperature_search_finds_the_calibrating_temperature():
         logq -= np.log(np.exp(logq).sum())
         assert nll[temp] == pytest.approx(-logq[tokens[1:]].mean(), rel=1e-4)
     assert min(nll, key=nll.get) == pytest.approx(t, abs=1e-3)
+
+
+def calibration_run(**kw):
+    from test_model import BASE, model
+
+    m = model(TERNARY_CALIB="1")
+    h = tg.Hyperparameters({**BASE, "TERNARY_CALIB": "1", "TRAIN_SEQ_LEN": "16", "VAL_BATCH_TOKENS": "64",
+                            **{k: str(v) for k, v in kw.items()}})
+    tokens = np.random.default_rng(2).integers(0, 128, 257)
+    lines = []
+    tg.calibrate_ternary(m, tokens, h, 0, 1, torch.device("cpu"), lines.append)
+    return m, tokens, h, lines[-1]
+
+
+def test_calibration_lowers_the_loss_within_its_budget():
+    m, tokens, h, line = calibration_run(CALIB_MAX_EVALS=30)
+    evals = int(line.split("evals:")[1].split()[0])
+    before, after = (float(line.split(k)[1].split()[0]) for k in ("loss_before:", "loss_after:"))
+    assert evals == 30 and after <= before
+    m.eval()
+    with torch.no_grad():  # the model as left scores exactly what the search reported
+        x, y = torch.from_numpy(tokens[:-1].reshape(16, 16)), torch.from_numpy(tokens[1:].reshape(16, 16))
+        assert m.token_nll(x, y)[0].mean().item() == pytest.approx(after, abs=1e-4)
+    changed = int(line.split("changed:")[1].split()[0])
+    assert changed == sum(not torch.equal(x.calib, torch.tensor([0.5, 1.0])) for x in m.modules() if hasattr(x, "calib"))
+
+
+def test_calibration_stops_at_its_time_budget():
+    _, _, _, line = calibration_run(CALIB_SECONDS=1e-9)
+    assert "evals:2 " in line  # the baseline, then one candidate, after which the over-budget flag stops it

@@ -75,3 +75,60 @@ def test_master_from_export_requantizes_exactly():
     master = tg.ternary_master_from_export(trits.to(torch.int8), scale, 32)
     t2, s2 = tg.ternary_quantize(master, 32)
     assert torch.equal(t2, trits) and torch.equal(s2, scale)
+
+
+def calibrated(layer, threshold, mult):
+    holder = torch.nn.Sequential(layer)
+    tg.enable_calibration(holder)
+    layer.calib.copy_(torch.tensor([threshold, mult]))
+    return layer
+
+
+def test_calibrated_quantizer_at_its_defaults_is_the_plain_one():
+    torch.manual_seed(0)
+    plain = tg.TernaryLinear(256, 64, 32)
+    cal = calibrated(tg.TernaryLinear(256, 64, 32), 0.5, 1.0)
+    cal.load_state_dict(plain.state_dict())
+    for a, b in zip(plain.quantize(), cal.quantize()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threshold, mult", [(0.6, 1.1), (0.4, 0.9)])
+def test_calibrated_quantizer_matches_numpy(threshold, mult):
+    """Non-zero where |w| > threshold x the fp16 absmean of the group; scale = fp16(mult x that absmean)."""
+    torch.manual_seed(1)
+    layer = calibrated(tg.TernaryLinear(128, 8, 32), threshold, mult)
+    w = layer.weight.detach().numpy().astype(np.float64).reshape(8, 4, 32)
+    base = np.float16(np.abs(w).mean(-1, keepdims=True)).astype(np.float64)
+    want = np.sign(w) * (np.abs(w) / base > threshold)
+    trits, scale = layer.quantize()
+    np.testing.assert_array_equal(trits.numpy().reshape(8, 4, 32), want)
+    base32 = base[..., 0].astype(np.float32)
+    np.testing.assert_array_equal(scale.numpy(), np.float16(np.float32(mult) * base32).astype(np.float32))
+
+
+def test_calibrated_model_exports_what_it_computes():
+    """The artifact holds the calibrated trits and scales; a fresh model, its calibration at the defaults,
+    reloads them exactly and gives the same logits."""
+    from test_model import BASE, model
+
+    m = model(TERNARY_CALIB="1")
+    layers = [x for x in m.modules() if isinstance(x, tg.CalibratedTernaryLinear)]
+    assert layers and not any(isinstance(x, tg.TernaryLinear) and not isinstance(x, tg.CalibratedTernaryLinear)
+                              for x in m.modules())
+    for i, layer in enumerate(layers):
+        layer.calib.copy_(torch.tensor([(0.4, 0.55, 0.6)[i % 3], (0.9, 1.1, 1.05)[i % 3]]))
+    ternary = {id(x.weight) for x in layers}
+    with torch.no_grad():  # the other parameters travel as fp16: make them fp16-exact to compare exactly
+        for p in m.parameters():
+            if id(p) not in ternary:
+                p.copy_(p.half().float())
+    h = tg.Hyperparameters({**BASE, "TERNARY_CALIB": "1"})
+    fresh = tg.GPT(h)
+    fresh.load_state_dict(tg.deserialize_state(tg.serialize_model(m, h)))
+    assert all(torch.equal(x.calib, torch.tensor([0.5, 1.0])) for x in fresh.modules() if hasattr(x, "calib"))
+    idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    m.eval()
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.logits(idx)[0], m.logits(idx)[0], rtol=1e-5, atol=1e-5)

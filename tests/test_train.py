@@ -87,3 +87,15 @@ def test_temperature_is_fitted_on_training_tokens_and_travels_in_the_artifact(sh
         stored = tg.load_artifact(str(tmp_path / name / "model.ptz"))["logit_temperature"].item()
         assert stored == pytest.approx(temps[-1], abs=5e-5)
     assert temps[0] == temps[1] and 0.7 <= temps[0] <= 1.3
+
+
+@pytest.mark.parametrize("at_frac", ["1.0", "0.5"])
+def test_ternary_calibration_runs_on_training_tokens_and_exports_exactly(shards, tmp_path, at_frac):
+    r = run_train(shards, tmp_path, ITERATIONS=6, TERNARY_CALIB=1, CALIB_MAX_EVALS=12, CALIB_TOKENS=2048,
+                  CALIB_AT_FRAC=at_frac)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert out.count("calibration tensors:") == 1 and log_values(out, "evals")[0] <= 12
+    mid_run = out.index("calibration tensors:") < out.index("train_done")
+    assert mid_run == (at_frac == "0.5")  # the export-aligned phase trains on through the calibrated quantizer
+    assert abs(event_bpb(out, "final_roundtrip") - event_bpb(out, "pre_export")) < 1e-3
