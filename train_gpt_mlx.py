@@ -78,6 +78,7 @@ UNPORTED = {
     "skc_enabled": False, "parallel_residual": False, "shared_blocks": False, "depth_recur": False,
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
+    "ternary_calib": False,
 }
 
 
@@ -113,6 +114,12 @@ class Hyperparameters:
     temperature_search = Knob("TEMPERATURE_SEARCH", False)  # logit temperature fitted on training tokens, exported
     temperature_tokens = Knob("TEMPERATURE_TOKENS", 262144, check=POS)  # from the first training shard
     eval_budget_seconds = Knob("EVAL_BUDGET_SECONDS", 0.0, check=NONNEG)  # 0: none; past it TTT stops adapting
+    # ternary calibration: per-tensor threshold and scale multipliers that minimise the quantized model's loss
+    ternary_calib = Knob("TERNARY_CALIB", False)
+    calib_tokens = Knob("CALIB_TOKENS", 65536, check=POS)  # from the first training shard
+    calib_max_evals = Knob("CALIB_MAX_EVALS", 200, check=POS)
+    calib_seconds = Knob("CALIB_SECONDS", 60.0, check=POS)
+    calib_at_frac = Knob("CALIB_AT_FRAC", 1.0, check=UNIT)  # < 1: calibrate then, train on with it (export-aligned)
     # test-time training: legal score-first adaptation on the validation stream
     ttt_enabled = Knob("TTT_ENABLED", False)
     ttt_scope = Knob("TTT_SCOPE", "safe", choices={"safe", "capsule_bank", "all"})  # which parameters adapt
