@@ -63,9 +63,9 @@ def test_sliding_final_scores(shards, tmp_path):
     assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 0.01
 
 
-def test_temperature_is_fitted_on_training_tokens_and_travels_in_the_artifact(shards, tmp_path):
-    """The same training data with a different validation split gives the same T: validation is never read
-    by the search. The reloaded model scores with the logged T."""
+def test_temperature_and_calibration_see_training_tokens_only(shards, tmp_path):
+    """The same training data with a different validation split gives the same T and the same calibration:
+    neither search reads validation. The reloaded model scores with the logged T."""
     import shutil
 
     import build_shards as bs
@@ -77,16 +77,19 @@ def test_temperature_is_fitted_on_training_tokens_and_travels_in_the_artifact(sh
     for f in shards.glob("fineweb_train_*.bin"):
         shutil.copy(f, other)
     bs.build_shards(str(SAMPLE / "val_docs.jsonl.xz"), "val", TOKENIZER, str(other), workers=1, max_docs=3)
-    temps = []
+    temps, calibrations = [], []
     for name, data in (("a", shards), ("b", other)):
         (tmp_path / name).mkdir()
-        r = run_train(data, tmp_path / name, ITERATIONS=4, TEMPERATURE_SEARCH=1, TEMPERATURE_TOKENS=4096)
+        r = run_train(data, tmp_path / name, ITERATIONS=4, TEMPERATURE_SEARCH=1, TEMPERATURE_TOKENS=4096,
+                      TERNARY_CALIB=1, CALIB_MAX_EVALS=8, CALIB_TOKENS=2048)
         assert r.returncode == 0, r.stdout + r.stderr
         temps.append(log_values(r.stdout, "T")[0])
+        calibrations.append(r.stdout.split("calibration ")[1].split(" seconds:")[0])
         assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 1e-3
         stored = tg.load_artifact(str(tmp_path / name / "model.ptz"))["logit_temperature"].item()
         assert stored == pytest.approx(temps[-1], abs=5e-5)
     assert temps[0] == temps[1] and 0.7 <= temps[0] <= 1.3
+    assert calibrations[0] == calibrations[1] and "evals:8" in calibrations[0]
 
 
 @pytest.mark.parametrize("at_frac", ["1.0", "0.5"])
