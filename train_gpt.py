@@ -252,6 +252,10 @@ class Hyperparameters:
         return self.model_dim // self.num_heads
 
     @property
+    def eval_batch_seqs(self):
+        return max(1, self.val_batch_tokens // self.train_seq_len)
+
+    @property
     def mlp_hidden(self):
         return int(round(self.mlp_mult * self.model_dim))
 
@@ -325,6 +329,12 @@ def load_tokenizer(path, vocab_size):
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab {sp.vocab_size()} != VOCAB_SIZE={vocab_size}")
     return sp
+
+
+def training_prefix(pattern, n_tokens, vocab_size):
+    """The first n_tokens targets (n_tokens + 1 tokens) of the first training shard: what the post-training
+    searches (calibration, temperature) fit on, so that they never read validation."""
+    return load_shard(shard_files(pattern)[0], vocab_size)[: n_tokens + 1]
 
 
 def load_validation_tokens(pattern, vocab_size, max_tokens=0):
@@ -1222,9 +1232,9 @@ def window_span(k, seq_len, stride):
     return k * stride, 0 if k == 0 else seq_len - stride
 
 
-def rank_windows(n_windows, rank, world):
-    """[lo, hi): this rank's contiguous share of the split's windows."""
-    return n_windows * rank // world, n_windows * (rank + 1) // world
+def rank_share(n, rank, world):
+    """[lo, hi): this rank's contiguous share of n items (windows, or the targets of the stream)."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 def window_batch(tokens, spans, seq_len, rows):
@@ -1251,7 +1261,7 @@ def eval_batches(tokens, seq_len, batch_seqs, rank, world, stride=0):
     tokens after a target cannot change its score)."""
     stride = stride or seq_len
     n_windows = window_count(len(tokens) - 1, seq_len, stride)
-    lo, hi = rank_windows(n_windows, rank, world)
+    lo, hi = rank_share(n_windows, rank, world)
     batch_seqs = max(1, min(batch_seqs, -(-n_windows // world)))  # same shape on every rank, no wasted rows
     for start in range(lo, hi, batch_seqs):
         spans = [window_span(k, seq_len, stride) for k in range(start, min(start + batch_seqs, hi))]
@@ -1262,7 +1272,7 @@ def eval_stream_batches(tokens, seq_len, batch_seqs, rank, world):
     """Like eval_batches (same rank shares, every target once, padding masked), but row r of consecutive
     batches walks through one contiguous run of this rank's sequences, so state left by a window (the capsule
     bank's) flows into the next window of the same text."""
-    lo, hi = rank_windows(window_count(len(tokens) - 1, seq_len, seq_len), rank, world)
+    lo, hi = rank_share(window_count(len(tokens) - 1, seq_len, seq_len), rank, world)
     rows = max(1, min(batch_seqs, hi - lo))
     per_row = -(-(hi - lo) // rows)
     for b in range(per_row):
@@ -1277,7 +1287,7 @@ def evaluate(model, tokens, luts, h, rank, world, device, stride=0):
     """(val_loss in nats/token, val_bpb) over the whole split, sharded across ranks and all-reduced, in windows
     every `stride` tokens (0: disjoint windows). BPB = total target NLL in bits / total UTF-8 bytes of the
     targets."""
-    batch_seqs = max(1, h.val_batch_tokens // h.train_seq_len)
+    batch_seqs = h.eval_batch_seqs
     batches = functools.partial(eval_batches, stride=stride)
     if h.capsules_enabled:
         batches = eval_stream_batches  # the capsule state is carried from each window into the next
@@ -1288,13 +1298,23 @@ def evaluate(model, tokens, luts, h, rank, world, device, stride=0):
     for x, y, m in batches(tokens, h.train_seq_len, batch_seqs, rank, world):
         with autocast(device):
             nll, state = model.token_nll(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), state)
-        mask = torch.from_numpy(m).to(device)
-        totals[0] += (nll.double() * mask).sum()
-        totals[1] += mask.sum()
-        totals[2] += float(target_bytes(x, y, luts)[m].sum())
+        add_scores(totals, nll, x, y, m, luts)
+    model.train(was_training)
+    return loss_and_bpb(totals, world)
+
+
+def add_scores(totals, nll, x, y, m, luts):
+    """Adds a batch's masked NLL sum, scored-target count and target UTF-8 bytes to totals (3 float64s)."""
+    mask = torch.from_numpy(m).to(totals.device)
+    totals[0] += (nll.double() * mask).sum()
+    totals[1] += mask.sum()
+    totals[2] += float(target_bytes(x, y, luts)[m].sum())
+
+
+def loss_and_bpb(totals, world):
+    """(val_loss in nats/token, val_bpb) of the totals summed over every rank."""
     if world > 1:
         dist.all_reduce(totals)
-    model.train(was_training)
     nll, ntok, nbytes = totals.tolist()
     return nll / ntok, nll / math.log(2) / nbytes
 
@@ -1312,7 +1332,7 @@ def search_temperature(model, tokens, h, rank, world, device):
     totals = torch.zeros(len(temps) + 1, dtype=torch.float64, device=device)  # nll per T, then the token count
     was_training = model.training
     model.eval()
-    for x, y, m in eval_batches(tokens, h.train_seq_len, max(1, h.val_batch_tokens // h.train_seq_len), rank, world):
+    for x, y, m in eval_batches(tokens, h.train_seq_len, h.eval_batch_seqs, rank, world):
         with autocast(device):
             logits = model.logits(torch.from_numpy(x).to(device))[0].flatten(0, 1)
         targets, mask = torch.from_numpy(y).to(device).flatten(), torch.from_numpy(m).to(device).flatten()
@@ -1340,7 +1360,7 @@ def calibrate_ternary(model, tokens, h, rank, world, device, log):
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, CalibratedTernaryLinear)]
     batches = [tuple(torch.from_numpy(a).to(device) for a in b)
-               for b in eval_batches(tokens, h.train_seq_len, max(1, h.val_batch_tokens // h.train_seq_len), rank, world)]
+               for b in eval_batches(tokens, h.train_seq_len, h.eval_batch_seqs, rank, world)]
 
     def loss(grad=False):
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, over-budget flag
@@ -1408,11 +1428,6 @@ def ttt_parameters(model, scope):
         return list(model.capsules.parameters())
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (TernaryLinear, nn.Linear, nn.Embedding))}
     return [p for p in model.parameters() if id(p) not in matrices]
-
-
-def ttt_segment(n_targets, rank, world):
-    """[lo, hi]: token positions of this rank's contiguous share of the stream; it scores targets lo+1..hi."""
-    return n_targets * rank // world, n_targets * (rank + 1) // world
 
 
 class EvalEngram:
@@ -1484,12 +1499,12 @@ def stream_evaluate(model, tokens, luts, h, rank, world, device, log, cache=None
     if h.engram_enabled:
         saved_table = model.engram.table.weight.detach().clone()
     seq = h.train_seq_len
-    batch_seqs = max(1, h.val_batch_tokens // seq)
+    batch_seqs = h.eval_batch_seqs
     if h.capsules_enabled:
         batch_seqs = 1  # one window at a time, in stream order, so the capsule state flows through the segment
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     state, adapted, chunks = None, 0, 0
-    lo, hi = ttt_segment(len(tokens) - 1, rank, world)
+    lo, hi = rank_share(len(tokens) - 1, rank, world)  # token positions; this rank scores targets lo+1..hi
     for c in range(lo, hi, h.ttt_chunk_tokens):
         chunk = tokens[c : min(c + h.ttt_chunk_tokens, hi) + 1]
         model.eval()
@@ -1502,10 +1517,7 @@ def stream_evaluate(model, tokens, luts, h, rank, world, device, log, cache=None
                         nll = -torch.log(cache.target_prob(logits.float().log_softmax(-1), xt, yt))
                     else:
                         nll, state = model.token_nll(xt, yt, state)
-                mask = torch.from_numpy(m).to(device)
-                totals[0] += (nll.double() * mask).sum()
-                totals[1] += mask.sum()
-                totals[2] += float(target_bytes(x, y, luts)[m].sum())
+                add_scores(totals, nll, x, y, m, luts)
         chunks += 1
         if h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds:
             continue  # over budget: score the rest as the model and cache are now
@@ -1518,12 +1530,9 @@ def stream_evaluate(model, tokens, luts, h, rank, world, device, log, cache=None
     if h.engram_enabled:
         with torch.no_grad():
             model.engram.table.weight.copy_(saved_table)
-    if world > 1:
-        dist.all_reduce(totals)
     log(f"stream_eval ttt:{int(h.ttt_enabled)} scope:{h.ttt_scope} params:{sum(p.numel() for p in params)} "
         f"eval_engram:{int(h.eval_engram)} chunks:{chunks} adapted:{adapted} seconds:{time.perf_counter() - t0:.1f}")
-    nll, ntok, nbytes = totals.tolist()
-    return nll / ntok, nll / math.log(2) / nbytes
+    return loss_and_bpb(totals, world)
 
 
 def ttt_adapt(model, opt, chunk, h, batch_seqs, device):
@@ -1787,11 +1796,6 @@ def train_step(model, base, loader, optimizers, h, step, elapsed, recur=None):
     return total
 
 
-def calibration_tokens(train_pattern, h):
-    """The first CALIB_TOKENS tokens of the first training shard: calibration never reads validation."""
-    return load_shard(shard_files(train_pattern)[0], h.vocab_size)[: h.calib_tokens + 1]
-
-
 def h100_mfu(tokens_per_s, flops_per_token, world):
     return tokens_per_s * flops_per_token / (989e12 * world)
 
@@ -1827,7 +1831,8 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     while not stop:
         if h.ternary_calib:
             if not calibrated and h.calib_at_frac < 1 and run_progress(step, train_seconds, h) >= h.calib_at_frac:
-                calibrate_ternary(base, calibration_tokens(train_pattern, h), h, rank, world, device, log)
+                tokens = training_prefix(train_pattern, h.calib_tokens, h.vocab_size)
+                calibrate_ternary(base, tokens, h, rank, world, device, log)
                 calibrated = True  # the rest of the run trains through the calibrated quantizer
         loss = train_step(model, base, loader, optimizers, h, step, train_seconds)
         if h.ema_enabled:
@@ -1921,10 +1926,11 @@ def main():
         ema.copy_to_model()
     if h.ternary_calib:
         if not calibrated:  # after the weights are final (EMA included), before anything scores them
-            calibrate_ternary(base, calibration_tokens(train_pattern, h), h, rank, world, device, log)
+            tokens = training_prefix(train_pattern, h.calib_tokens, h.vocab_size)
+            calibrate_ternary(base, tokens, h, rank, world, device, log)
     if h.temperature_search:
         t0 = time.perf_counter()
-        calib = load_shard(shard_files(train_pattern)[0], h.vocab_size)[: h.temperature_tokens + 1]
+        calib = training_prefix(train_pattern, h.temperature_tokens, h.vocab_size)
         t, nll = search_temperature(base, calib, h, rank, world, device)
         base.logit_temperature.fill_(t)
         log(f"temperature T:{t:.4f} train_tokens:{len(calib) - 1} nll_at_1:{nll[1.0]:.4f} "

@@ -56,7 +56,7 @@ def test_canary_no_token_is_scored_after_an_update_that_used_it(monkeypatch, wor
     total_nll, total_tokens = 0.0, 0
     for rank in range(world):
         loss, bpb = tg.stream_evaluate(canary, tokens, ONE_BYTE, h, rank, world, CPU, log=lambda msg: None)
-        lo, hi = tg.ttt_segment(n - 1, rank, world)
+        lo, hi = tg.rank_share(n - 1, rank, world)
         total_nll += loss * (hi - lo)
         total_tokens += hi - lo
     assert canary.leaks == []
