@@ -338,8 +338,10 @@ def prune_unreferenced(tree, keep=(), keep_knobs=()):
             hp = cls.name == "Hyperparameters"
             for stmt in list(cls.body):
                 name = member_name(stmt)
+                if not name or (hp and name in keep_knobs):
+                    continue
                 own = references(stmt, self_is_h=hp)
-                if name and not (hp and name in keep_knobs) and uses(total, name, hp) - uses(own, name, hp) == 0:
+                if uses(total, name, hp) - uses(own, name, hp) == 0:
                     cls.body.remove(stmt)
                     total -= own
                     removed.append(f"{cls.name}.{name}")
@@ -466,8 +468,7 @@ def git_commit(path):
 
 def requirements(text):
     """pip names of the third-party modules the submission imports (optional flash-attn is found at run time)."""
-    tree = ast.parse(text if not text.startswith("import lzma,base64") else
-                     lzma.decompress(base64.b85decode(text.split('"')[1])).decode())
+    tree = ast.parse(text)
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     return sorted(PIP_NAMES[m] for m in mods if m in PIP_NAMES)
@@ -556,7 +557,7 @@ def write_record(args, code, runs, config, info):
         "train_gpt.py": code,
         "submission.json": json.dumps(sub, indent=2) + "\n",
         "README.md": readme(args, sub, runs, config, info),
-        "requirements.txt": "\n".join(requirements(code)) + "\n",
+        "requirements.txt": "\n".join(info["requirements"]) + "\n",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -622,7 +623,8 @@ def build(args):
         text = source_text
     code, wrapped = choose_code(text, args.wrap)
     py_compile_check(code)
-    info = {"commit": commit, "source_bytes": len(source_text.encode()), "wrapped": wrapped}
+    info = {"commit": commit, "source_bytes": len(source_text.encode()), "wrapped": wrapped,
+            "requirements": requirements(text)}  # from the source before any wrapper hides its imports
     print(f"code_bytes:{len(code.encode())} source_bytes:{info['source_bytes']} extracted_bytes:{len(text.encode())} "
           f"wrapped:{wrapped}")
     if args.extract_only:
