@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 import train_gpt as tg  # noqa: E402
 import train_gpt_mlx as tm  # noqa: E402
 from conftest import ROOT, TINY, TOKENIZER, event_bpb, log_values, run_train  # noqa: E402
+from test_model import model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import runlog  # noqa: E402
@@ -35,12 +36,7 @@ def _cpu():
 
 
 def torch_model(**overrides):
-    torch.manual_seed(0)
-    m = tg.GPT(tg.Hyperparameters({**SHAPE, **overrides}))
-    with torch.no_grad():  # zero-init projections would make every block an identity: perturb them
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m
+    return model(SHAPE, **overrides)  # test_model's perturbed GPT, at this file's shape
 
 
 def mlx_copy(m, **overrides):

@@ -11,9 +11,9 @@ BASE = {"VOCAB_SIZE": "128", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": 
         "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2"}
 
 
-def model(**overrides):
+def model(base=BASE, **overrides):
     torch.manual_seed(0)
-    m = tg.GPT(tg.Hyperparameters({**BASE, **overrides}))
+    m = tg.GPT(tg.Hyperparameters({**base, **overrides}))
     with torch.no_grad():  # zero-init projections would make every block an identity: perturb them
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
