@@ -484,6 +484,9 @@ def read_runs(logs, config):
         for key in ("final_val_bpb", "model_bytes", "seed"):
             if run[key] is None:
                 raise BuildError(f"{path}: no {key} in the log; did the run finish and export?")
+        if run["steps"] is None:
+            raise BuildError(f"{path}: no training in the log (no train_done line); a record needs the run that "
+                             "trained the model, not one that re-scored a checkpoint (EVAL_FROM_CHECKPOINT)")
         config.check_log(run, path)
         run["path"] = Path(path)
         runs.append(run)

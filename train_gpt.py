@@ -12,6 +12,7 @@ import copy
 import functools
 import glob
 import importlib
+import io
 import json
 import math
 import os
@@ -203,6 +204,10 @@ class Hyperparameters:
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
     export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8"})
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
+    # checkpoint: score one trained model under other post-training settings without training it again
+    checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
+    eval_from_checkpoint = Knob("EVAL_FROM_CHECKPOINT", False)  # no training: load them, then calibrate/T/export/score
+    checkpoint_path = Knob("CHECKPOINT_PATH", "final_model.float.pt")
 
     def __init__(self, environ=None):
         environ = os.environ if environ is None else environ
@@ -222,6 +227,8 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
         if self.eval_stride > self.train_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be <= TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.checkpoint_save and self.eval_from_checkpoint:
+            raise ConfigError("CHECKPOINT_SAVE=1 with EVAL_FROM_CHECKPOINT=1: a run that loads a checkpoint trains nothing to save")
         if self.ttt_enabled and self.ttt_scope == "capsule_bank" and not self.capsules_enabled:
             raise ConfigError("TTT_SCOPE=capsule_bank needs CAPSULES_ENABLED=1")
         if self.capsules_enabled and self.eval_stride not in (0, self.train_seq_len):
@@ -272,6 +279,9 @@ class Hyperparameters:
 
     def env_names(self):
         return {k: v.name for k, v in vars(Hyperparameters).items() if isinstance(v, Knob)}
+
+    def by_env_name(self):
+        return {self.env_names()[k]: v for k, v in self.as_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1709,6 +1719,59 @@ def code_bytes():
     return Path(__file__).stat().st_size
 
 
+# knobs that may differ between the run that saved a checkpoint and one that scores it: what happens after training
+CHECKPOINT_FREE_PREFIXES = ("EVAL_", "TEMPERATURE_", "TTT_", "CHECKPOINT_")
+CHECKPOINT_FREE_KNOBS = {
+    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "ATTN_IMPL", "WORLD_SIZE", "RANK",
+    "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB", "CALIB_TOKENS", "CALIB_MAX_EVALS",
+    "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT", "BROTLI_QUALITY",
+}
+
+
+def save_checkpoint(model, calibrated, h, log):
+    """CHECKPOINT_SAVE: the trained float weights, the thresholds of an export-aligned calibration (`calibrated`:
+    CALIB_AT_FRAC < 1 ran it during training) and the run's config, written atomically. Rank 0 only; no collective."""
+    calib = {n: m.calib.cpu() for n, m in model.named_modules() if calibrated and hasattr(m, "calib")}
+    # logit_temperature (TEMPERATURE_SEARCH) is still 1 here and exists only when the scoring run searches T
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "logit_temperature"}
+    buf = io.BytesIO()
+    torch.save({"state": state, "calib": calib, "config": h.by_env_name()}, buf)
+    write_atomic(h.checkpoint_path, buf.getvalue())
+    log(f"checkpoint_saved path:{h.checkpoint_path} bytes:{buf.tell()} calibrated_tensors:{len(calib)}")
+
+
+def load_checkpoint(model, h, device, log):
+    """EVAL_FROM_CHECKPOINT: loads what CHECKPOINT_SAVE wrote into `model`. Refused unless every knob that shaped
+    the trained model equals this run's, so the config line of this run still describes the model it scores.
+    Returns whether the weights come with an export-aligned calibration."""
+    if not os.path.exists(h.checkpoint_path):
+        raise ConfigError(f"EVAL_FROM_CHECKPOINT=1 but CHECKPOINT_PATH={h.checkpoint_path} does not exist "
+                          "(a training run with CHECKPOINT_SAVE=1 writes it)")
+    try:
+        ckpt = torch.load(h.checkpoint_path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"CHECKPOINT_PATH={h.checkpoint_path} is not a checkpoint: {e}") from None
+    ours, theirs = h.by_env_name(), ckpt["config"]
+    differ = sorted(k for k in ours.keys() | theirs.keys()
+                    if ours.get(k) != theirs.get(k) and k not in CHECKPOINT_FREE_KNOBS and not k.startswith(CHECKPOINT_FREE_PREFIXES))
+    if differ:
+        raise ConfigError("checkpoint trained with other settings: " + ", ".join(
+            f"{k}={theirs.get(k)} (this run: {ours.get(k)})" for k in differ))
+    calib = ckpt["calib"]
+    if calib and not h.ternary_calib:
+        raise ConfigError("the checkpoint was trained through calibrated quantizers (CALIB_AT_FRAC < 1): set TERNARY_CALIB=1")
+    if h.ternary_calib:
+        for n, m in model.named_modules():  # GPT made them CalibratedTernaryLinears; the rest stay at (0.5, 1)
+            if n in calib:
+                m.calib.copy_(calib[n])
+    missing, unexpected = model.load_state_dict(ckpt["state"], strict=False)
+    if unexpected or set(missing) - {"logit_temperature"}:
+        raise ArtifactError(f"CHECKPOINT_PATH={h.checkpoint_path} does not fit this model: missing {missing}, "
+                            f"unexpected {unexpected}")
+    log(f"checkpoint_loaded path:{h.checkpoint_path} trained_by:{theirs['RUN_ID']} calibrated_tensors:{len(calib)}")
+    return bool(calib)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------------
@@ -1892,26 +1955,9 @@ def export_and_score(base, h, val, rank, world, device, log):
     return True
 
 
-def main():
-    h = Hyperparameters()
-    rank, world, device = setup_distributed(h)
-    check_batch_shape(h, world)
-    log = Logger(h, rank == 0)
-    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-    log(f"run_id:{h.run_id} world_size:{world} device:{device} torch:{torch.__version__} compile:{use_compile}")
-    log("config " + " ".join(f"{h.env_names()[k]}={v}" for k, v in h.as_dict().items()))
-
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.vocab_size, h.max_val_tokens)
-    val = (val_tokens, build_byte_luts(sp, h.vocab_size))
-    train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
-    log(f"data train_shards:{len(shard_files(train_pattern))} val_tokens:{len(val_tokens) - 1}")
-
-    base = GPT(h).to(device)
-    total_params, ternary_params = count_params(base)
-    log(f"model params:{total_params} ternary:{ternary_params} attention:{base.attn_backend}")
+def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
+    """Compiles and wraps the model, trains it, and leaves the weights to export in `base` (the EMA's, when on).
+    Returns whether training calibrated the ternary quantizer on the way."""
     model = torch.compile(base, dynamic=False) if use_compile else base
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -1924,6 +1970,36 @@ def main():
     calibrated = train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
     if h.ema_enabled:
         ema.copy_to_model()
+    return calibrated
+
+
+def main():
+    h = Hyperparameters()
+    rank, world, device = setup_distributed(h)
+    check_batch_shape(h, world)
+    log = Logger(h, rank == 0)
+    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+    log(f"run_id:{h.run_id} world_size:{world} device:{device} torch:{torch.__version__} compile:{use_compile}")
+    log("config " + " ".join(f"{k}={v}" for k, v in h.by_env_name().items()))
+
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.vocab_size, h.max_val_tokens)
+    val = (val_tokens, build_byte_luts(sp, h.vocab_size))
+    train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
+    log(f"data train_shards:{len(shard_files(train_pattern))} val_tokens:{len(val_tokens) - 1}")
+
+    base = GPT(h).to(device)
+    total_params, ternary_params = count_params(base)
+    log(f"model params:{total_params} ternary:{ternary_params} attention:{base.attn_backend}")
+    if h.eval_from_checkpoint:
+        calibrated = load_checkpoint(base, h, device, log)
+    else:
+        calibrated = fit(base, h, train_pattern, val, rank, world, device, log, use_compile)
+        if h.checkpoint_save:
+            if rank == 0:
+                save_checkpoint(base, calibrated, h, log)
     if h.ternary_calib:
         if not calibrated:  # after the weights are final (EMA included), before anything scores them
             tokens = training_prefix(train_pattern, h.calib_tokens, h.vocab_size)

@@ -78,7 +78,7 @@ UNPORTED = {
     "skc_enabled": False, "parallel_residual": False, "shared_blocks": False, "depth_recur": False,
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
-    "ternary_calib": False,
+    "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False,
 }
 
 
@@ -210,6 +210,10 @@ class Hyperparameters:
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
     export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8"})
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
+    # train_gpt.py's checkpoint re-scoring: read for the same config line, refused when on (UNPORTED)
+    checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
+    eval_from_checkpoint = Knob("EVAL_FROM_CHECKPOINT", False)  # no training: load them, then calibrate/T/export/score
+    checkpoint_path = Knob("CHECKPOINT_PATH", "final_model.float.pt")
 
     def __init__(self, environ=None):
         environ = os.environ if environ is None else environ

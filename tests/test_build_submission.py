@@ -176,6 +176,8 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "TTT_ENABLED": ({}, "def ttt_adapt"),
     "EVAL_ENGRAM": ({}, "class EvalEngram"),
     "TERNARY_CALIB": ({}, "class CalibratedTernaryLinear"),
+    "CHECKPOINT_SAVE": ({}, "def save_checkpoint"),
+    "EVAL_FROM_CHECKPOINT": ({}, "def load_checkpoint"),
 }
 
 
@@ -313,13 +315,13 @@ def test_over_cap_is_refused(seed_runs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_log", "unknown_flag", "missing_feature", "other_config", "unfinished",
-                                  "same_seed", "bad_line"])
+                                  "same_seed", "bad_line", "no_training"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(seed_runs, tmp_path, case):
     logs, config = [seed_runs[7][1]], None
     base = "".join(f"{k}={v}\n" for k, v in TINY.items()) + "ITERATIONS=6\n"
     expect = {"missing_log": "log not found", "unknown_flag": "NUM_LAYER,", "missing_feature": "TTT_ENABLED",
               "other_config": "SMEAR_GATE", "unfinished": "final_val_bpb", "same_seed": "same seed",
-              "bad_line": "not a KEY=VALUE line"}[case]
+              "bad_line": "not a KEY=VALUE line", "no_training": "no training in the log"}[case]
     if case == "missing_log":
         logs = [tmp_path / "nope.txt"]
     elif case == "unknown_flag":
@@ -335,6 +337,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(seed_runs, tmp_path, case
         logs = [seed_runs[7][1], seed_runs[7][1]]
     elif case == "bad_line":
         config = base + "this is not a setting\n"
+    elif case == "no_training":  # what an EVAL_FROM_CHECKPOINT run logs: scores and an artifact, no training
+        logs = [tmp_path / "rescored.txt"]
+        text = seed_runs[7][1].read_text()
+        logs[0].write_text("".join(l for l in text.splitlines(True) if not l.startswith(("train_done", "step:"))))
     r = build(tmp_path, logs, config=config)
     assert r.returncode == 2 and expect in r.stderr, r.stderr
     assert r.stderr.startswith("build_submission: error:")

@@ -2,6 +2,7 @@
 import pytest
 
 from conftest import event_bpb, log_values, run_train
+from test_export import without_timings
 
 
 def assert_two_ranks_match_one(shards, tmp_path, steps, tol, **common):
@@ -41,8 +42,18 @@ def test_two_process_gloo_with_every_feature_on_matches_single_process(shards, t
 
 @pytest.mark.ddp
 def test_two_process_calibration_keeps_the_ranks_in_step(shards, tmp_path):
-    """Every rank runs the same evaluations (losses and the budget flag are all-reduced): no hang, one result."""
-    r = run_train(shards, tmp_path, nproc=2, ITERATIONS=4, TERNARY_CALIB=1, CALIB_MAX_EVALS=10, CALIB_TOKENS=4096)
+    """Every rank runs the same evaluations (losses and the budget flag are all-reduced): no hang, one result.
+    The run also saves its checkpoint (rank 0 only); 2 ranks re-scoring it reproduce calibration and scores."""
+    knobs = dict(ITERATIONS=4, TERNARY_CALIB=1, CALIB_MAX_EVALS=10, CALIB_TOKENS=4096,
+                 CHECKPOINT_PATH=tmp_path / "ckpt.pt")
+    (tmp_path / "again").mkdir()
+    r = run_train(shards, tmp_path, nproc=2, CHECKPOINT_SAVE=1, **knobs)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world_size:2" in r.stdout and "calibration tensors:" in r.stdout
     assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 1e-3
+    again = run_train(shards, tmp_path / "again", nproc=2, EVAL_FROM_CHECKPOINT=1, **knobs)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "train_done" not in again.stdout and "checkpoint_loaded" in again.stdout
+    for event in ("calibration", "final_roundtrip"):
+        assert without_timings(again.stdout, event) == without_timings(r.stdout, event)
+    assert (tmp_path / "again" / "model.ptz").read_bytes() == (tmp_path / "model.ptz").read_bytes()

@@ -1,13 +1,15 @@
 """Export: trit packing against slow references, artifact round trip (ternary bit-exact, floats within their
 precision, identical logits), and the over-cap path."""
 
+import re
+
 import brotli
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import log_values, run_train
+from conftest import event_bpb, log_values, run_train
 from test_model import model
 
 
@@ -125,3 +127,83 @@ def test_feature_parameters_roundtrip_through_the_artifact(feature):
         plain = tg.serialize_model(fp16_exact(model()), tg.Hyperparameters(BASE))
         table_bytes = 4 * 64 * 8 * 2  # 2 orders x 2 heads x 64 buckets x dim 8, fp16
         assert len(payload) - len(plain) > table_bytes  # the tables (and their gate and projection) count
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint: one trained model scored again under other post-training settings
+
+POST = dict(TEMPERATURE_SEARCH=1, TEMPERATURE_TOKENS=2048, TERNARY_CALIB=1, CALIB_TOKENS=1024, CALIB_MAX_EVALS=6,
+            EVAL_STRIDE=32)
+
+
+def without_timings(text, event):
+    """The `event` line of a log with its seconds fields dropped (those differ between runs)."""
+    line = next(l for l in text.splitlines() if l.startswith(event))
+    return re.sub(r"\S*seconds:\S+", "", line)
+
+
+@pytest.fixture(scope="module", params=[1.0, 0.5], ids=["calib_after", "calib_aligned"])
+def saved(request, shards, tmp_path_factory):
+    """A training run that writes its checkpoint, then runs calibration, temperature, export and the sliding score
+    itself; CALIB_AT_FRAC=0.5 calibrates halfway through training instead (the checkpoint must carry that)."""
+    work = tmp_path_factory.mktemp("ckpt")
+    knobs = dict(ITERATIONS=6, EMA_ENABLED=1, CALIB_AT_FRAC=request.param, CHECKPOINT_PATH=work / "ckpt.pt", **POST)
+    r = run_train(shards, work, CHECKPOINT_SAVE=1, **knobs)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "checkpoint_saved" in r.stdout and (work / "ckpt.pt").exists()
+    return work, r, knobs
+
+
+def test_rescoring_a_checkpoint_reproduces_the_training_run(saved, shards, tmp_path):
+    work, trained, knobs = saved
+    r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, **knobs)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "train_done" not in r.stdout and "train_loss" not in r.stdout  # nothing trained
+    aligned = knobs["CALIB_AT_FRAC"] < 1
+    assert f"calibrated_tensors:{0 if not aligned else ''}" in r.stdout.split("checkpoint_loaded", 1)[1]
+    events = ["temperature", "pre_export", "artifact ", "final_roundtrip"] + ([] if aligned else ["calibration"])
+    for event in events:
+        assert without_timings(r.stdout, event) == without_timings(trained.stdout, event), event
+    assert (tmp_path / "model.ptz").read_bytes() == (work / "model.ptz").read_bytes()
+
+
+@pytest.mark.parametrize("saved", [1.0], indirect=True, ids=["calib_after"])  # aligned ones need TERNARY_CALIB=1
+def test_rescoring_under_other_evaluation_settings(saved, shards, tmp_path):
+    """The point of the checkpoint: the same weights under other settings. Without the post-training stages the
+    artifact differs from the calibrated one, and the score is the one this process computes for the weights."""
+    work, trained, knobs = saved
+    plain = {k: v for k, v in knobs.items() if k not in POST}
+    r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, **plain)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "temperature T:" not in r.stdout and "calibration " not in r.stdout and "stride:64" in r.stdout
+    assert (tmp_path / "model.ptz").read_bytes() != (work / "model.ptz").read_bytes()
+    # the weights it scored are the checkpoint's: score them here, in this process, with the plain evaluation
+    import sentencepiece as spm
+    from conftest import TINY, TOKENIZER
+
+    h = tg.Hyperparameters({**TINY, **{k: str(v) for k, v in plain.items()}})
+    ckpt = torch.load(knobs["CHECKPOINT_PATH"], weights_only=True)
+    assert ckpt["config"]["NUM_LAYERS"] == 2 and ckpt["config"]["EMA_ENABLED"] is True and ckpt["calib"] == {}
+    ref = tg.GPT(h)
+    ref.load_state_dict(ckpt["state"])
+    val = tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), 1024, h.max_val_tokens)
+    luts = tg.build_byte_luts(spm.SentencePieceProcessor(model_file=TOKENIZER), 1024)
+    _, bpb = tg.evaluate(ref, val, luts, h, 0, 1, torch.device("cpu"))
+    assert f"{bpb:.4f}" == f"{event_bpb(r.stdout, 'pre_export'):.4f}"
+
+
+def test_rescoring_refuses_a_checkpoint_it_cannot_describe(saved, shards, tmp_path):
+    work, _, knobs = saved
+    cases = [  # (overrides, message)
+        (dict(MODEL_DIM=32), "MODEL_DIM=64 (this run: 32)"),
+        (dict(CHECKPOINT_PATH=tmp_path / "none.pt"), "does not exist"),
+        (dict(CHECKPOINT_PATH=tmp_path / "junk.pt"), "is not a checkpoint"),
+        (dict(CHECKPOINT_SAVE=1), "trains nothing to save"),
+    ]
+    if knobs["CALIB_AT_FRAC"] < 1:
+        cases.append((dict(TERNARY_CALIB=0), "set TERNARY_CALIB=1"))
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    for overrides, message in cases:
+        r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, **{**knobs, **overrides})
+        assert r.returncode == 2 and message in r.stderr, (overrides, r.stdout + r.stderr)
+        assert not (tmp_path / "model.ptz").exists()
