@@ -38,8 +38,8 @@ EXTRA_ENV = {"OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONUNBUFFERED"}  # n
 RESERVED = {"RUN_ID": "the sweep runner (the run name)", "LOG_DIR": "the sweep runner (OUT/logs)",
             "WORLD_SIZE": "torchrun", "RANK": "torchrun", "LOCAL_RANK": "torchrun"}
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
-COLUMNS = ["name", "status", "env", "final_val_bpb", "delta_bpb", "pre_export_val_bpb", "total_bytes", "steps",
-           "tok_s", "train_seconds", "compile_s", "params", "error"]
+COLUMNS = ["name", "status", "env", "final_val_bpb", "delta_bpb", "pre_export_val_bpb", "final_eval_s", "total_bytes",
+           "steps", "tok_s", "train_seconds", "compile_s", "calib_s", "temperature_s", "params", "error"]
 
 
 class SweepError(ValueError):

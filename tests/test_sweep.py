@@ -163,3 +163,37 @@ def test_example_arch_ablation_manifest_validates():
     assert "MOE_ENABLED=1 MOE_EXPERTS=3" in r.stdout and "XSA_ENABLED=0" in r.stdout
     base = "MAX_WALLCLOCK_SECONDS=300 TRAIN_BATCH_TOKENS=262144 GRAD_ACCUM_STEPS=2 BROTLI_QUALITY=5"
     assert r.stdout.count(base) == 13
+
+
+@pytest.mark.slow
+def test_eval_ladder_manifest_runs_end_to_end(shards, tmp_path):
+    """scripts/sweeps/eval_ladder.toml at the TINY shape: one training run keeps its checkpoint, every later row
+    re-scores it with one more post-training stage on, and the table carries each row's evaluation seconds."""
+    import tomllib
+
+    ladder = tomllib.loads((ROOT / "scripts" / "sweeps" / "eval_ladder.toml").read_text())
+    names = [run["name"] for run in ladder["runs"]]
+    assert names == ["chunked", "sliding", "temperature", "calibration", "ttt", "eval_engram"]
+    tiny = {"EVAL_STRIDE": 32, "TEMPERATURE_TOKENS": 2048, "CALIB_TOKENS": 1024, "CALIB_MAX_EVALS": 6,
+            "TTT_CHUNK_TOKENS": 1024, "EVAL_ENGRAM_BUCKETS": 256}
+    for run in ladder["runs"][1:]:
+        assert run["env"]["EVAL_FROM_CHECKPOINT"] == 1
+        run["env"].update(tiny)  # stride 32: the ladder's 64 is the whole TINY sequence
+    base = {**ladder["base"], **tiny_base(shards, BROTLI_QUALITY=1, CHECKPOINT_PATH=str(tmp_path / "ckpt.pt"))}
+    out = tmp_path / "out"
+    r = sweep(write_manifest(tmp_path / "ladder.json", ladder["runs"], base=base), "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    rows = {row["name"]: row for row in read_csv(out)}
+    logs = {n: (out / "logs" / f"{n}.txt").read_text() for n in names}
+    assert all(row["status"] == "done" and row["final_eval_s"] for row in rows.values())
+    assert rows["chunked"]["steps"] == "3" and "checkpoint_saved" in logs["chunked"]
+    for i, name in enumerate(names[1:], 2):  # stage k is on from row k on, and nothing was trained again
+        assert rows[name]["steps"] == "" and "checkpoint_loaded" in logs[name] and "stride:32" in logs[name]
+        assert bool(rows[name]["temperature_s"]) == (i >= 3) and bool(rows[name]["calib_s"]) == (i >= 4)
+        assert ("stream_eval ttt:1" in logs[name]) == (i >= 5) and ("eval_engram:1" in logs[name]) == (i >= 6)
+    assert read_run_log(out / "logs" / "ttt.txt")["ttt_adapted"] == 4  # 4096 val tokens in chunks of 1024
+    artifacts = {n: (out / "artifacts" / f"{n}.ternary.ptz").read_bytes() for n in names}
+    # the same weights exported twice are the same bytes; T and the calibrated trits change them
+    assert artifacts["sliding"] == artifacts["chunked"] != artifacts["temperature"] != artifacts["calibration"]
+    assert artifacts["calibration"] == artifacts["ttt"] == artifacts["eval_engram"]  # TTT/EvalEngram: eval only
