@@ -57,3 +57,17 @@ def test_two_process_calibration_keeps_the_ranks_in_step(shards, tmp_path):
     for event in ("calibration", "final_roundtrip"):
         assert without_timings(again.stdout, event) == without_timings(r.stdout, event)
     assert (tmp_path / "again" / "model.ptz").read_bytes() == (tmp_path / "model.ptz").read_bytes()
+
+
+@pytest.mark.ddp
+def test_two_process_exit_codes(shards, tmp_path):
+    """Ranks leave through os._exit after destroying the group: a finished run exits 0, an over-cap one 1, and
+    the log is complete either way."""
+    (tmp_path / "model.ptz").write_bytes(b"old")
+    over = run_train(shards, tmp_path, nproc=2, ITERATIONS=2, ARTIFACT_CAP_BYTES=1000)
+    assert over.returncode == 1, over.stdout + over.stderr
+    assert "ERROR artifact over cap" in (tmp_path / "logs" / "ternary.txt").read_text()
+    assert (tmp_path / "model.ptz").read_bytes() == b"old" and "final_roundtrip" not in over.stdout
+    good = run_train(shards, tmp_path, nproc=2, ITERATIONS=2)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("final_roundtrip")
