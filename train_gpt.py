@@ -1418,6 +1418,13 @@ def calibrate_ternary(model, tokens, h, rank, world, device, log):
         f"loss_after:{best:.4f} seconds:{time.perf_counter() - t0:.1f}")
 
 
+def calibrate_on_training_tokens(model, h, train_pattern, rank, world, device, log):
+    """calibrate_ternary on the first CALIB_TOKENS tokens of the first training shard (after training, or at
+    CALIB_AT_FRAC of it)."""
+    tokens = training_prefix(train_pattern, h.calib_tokens, h.vocab_size)
+    calibrate_ternary(model, tokens, h, rank, world, device, log)
+
+
 def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -1894,8 +1901,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     while not stop:
         if h.ternary_calib:
             if not calibrated and h.calib_at_frac < 1 and run_progress(step, train_seconds, h) >= h.calib_at_frac:
-                tokens = training_prefix(train_pattern, h.calib_tokens, h.vocab_size)
-                calibrate_ternary(base, tokens, h, rank, world, device, log)
+                calibrate_on_training_tokens(base, h, train_pattern, rank, world, device, log)
                 calibrated = True  # the rest of the run trains through the calibrated quantizer
         loss = train_step(model, base, loader, optimizers, h, step, train_seconds)
         if h.ema_enabled:
@@ -2002,14 +2008,13 @@ def main():
                 save_checkpoint(base, calibrated, h, log)
     if h.ternary_calib:
         if not calibrated:  # after the weights are final (EMA included), before anything scores them
-            tokens = training_prefix(train_pattern, h.calib_tokens, h.vocab_size)
-            calibrate_ternary(base, tokens, h, rank, world, device, log)
+            calibrate_on_training_tokens(base, h, train_pattern, rank, world, device, log)
     if h.temperature_search:
         t0 = time.perf_counter()
-        calib = training_prefix(train_pattern, h.temperature_tokens, h.vocab_size)
-        t, nll = search_temperature(base, calib, h, rank, world, device)
+        tokens = training_prefix(train_pattern, h.temperature_tokens, h.vocab_size)
+        t, nll = search_temperature(base, tokens, h, rank, world, device)
         base.logit_temperature.fill_(t)
-        log(f"temperature T:{t:.4f} train_tokens:{len(calib) - 1} nll_at_1:{nll[1.0]:.4f} "
+        log(f"temperature T:{t:.4f} train_tokens:{len(tokens) - 1} nll_at_1:{nll[1.0]:.4f} "
             f"nll_at_T:{min(nll.values()):.4f} seconds:{time.perf_counter() - t0:.1f}")
     ok = export_and_score(base, h, val, rank, world, device, log)
     if world > 1:
