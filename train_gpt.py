@@ -75,6 +75,9 @@ POS = (lambda v: v > 0, "must be > 0")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
 UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 UNIT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+# TTT_MODE=lora: what TTT_LORA_TARGETS may name -> the module adapted (a path in each block, or the model's head)
+LORA_TARGETS = {"q": "mixer.q", "k": "mixer.k", "v": "mixer.v", "proj": "mixer.proj", "up": "mlp.up",
+                "down": "mlp.down", "head": "embed_out"}
 
 
 class Hyperparameters:
@@ -105,6 +108,7 @@ class Hyperparameters:
     val_batch_tokens = Knob("VAL_BATCH_TOKENS", 131072, check=POS)
     max_val_tokens = Knob("MAX_VAL_TOKENS", 0, check=NONNEG)
     eval_stride = Knob("EVAL_STRIDE", 0, check=NONNEG)  # final scores in windows every EVAL_STRIDE tokens; 0: disjoint
+    eval_doc_isolated = Knob("EVAL_DOC_ISOLATED", False)  # final scores: no window reaches back across a BOS
     temperature_search = Knob("TEMPERATURE_SEARCH", False)  # logit temperature fitted on training tokens, exported
     temperature_tokens = Knob("TEMPERATURE_TOKENS", 262144, check=POS)  # from the first training shard
     eval_budget_seconds = Knob("EVAL_BUDGET_SECONDS", 0.0, check=NONNEG)  # 0: none; past it TTT stops adapting
@@ -121,6 +125,12 @@ class Hyperparameters:
     ttt_lr = Knob("TTT_LR", 0.001, check=POS)
     ttt_momentum = Knob("TTT_MOMENTUM", 0.9, check=UNIT_OPEN)
     ttt_epochs = Knob("TTT_EPOCHS", 1, check=POS)
+    ttt_mode = Knob("TTT_MODE", "sgd", choices={"sgd", "lora"})  # sgd: TTT_SCOPE on stream chunks; lora: per document
+    ttt_lora_rank = Knob("TTT_LORA_RANK", 8, check=POS)
+    ttt_lora_lr = Knob("TTT_LORA_LR", 0.003, check=POS)  # Adam
+    ttt_lora_targets = Knob("TTT_LORA_TARGETS", "q,v,head", check=(lambda v: v and set(v.split(",")) <= set(LORA_TARGETS), f"must be a comma list of {sorted(LORA_TARGETS)}"))
+    ttt_lora_chunk = Knob("TTT_LORA_CHUNK", 256, check=POS)  # scored tokens of a document between two updates
+    ttt_lora_docs = Knob("TTT_LORA_DOCS", 64, check=POS)  # documents adapted side by side, one batch row each
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
     eval_engram = Knob("EVAL_ENGRAM", False)
     eval_engram_order = Knob("EVAL_ENGRAM_ORDER", 3, check=(lambda v: v >= 2, "must be >= 2"))  # context n-1
@@ -231,6 +241,10 @@ class Hyperparameters:
             raise ConfigError("CHECKPOINT_SAVE=1 with EVAL_FROM_CHECKPOINT=1: a run that loads a checkpoint trains nothing to save")
         if self.ttt_enabled and self.ttt_scope == "capsule_bank" and not self.capsules_enabled:
             raise ConfigError("TTT_SCOPE=capsule_bank needs CAPSULES_ENABLED=1")
+        if self.ttt_enabled and self.ttt_mode == "lora":
+            self._check_lora()
+        if self.capsules_enabled and self.eval_doc_isolated:
+            raise ConfigError("EVAL_DOC_ISOLATED with CAPSULES_ENABLED: the capsule state is carried across windows")
         if self.capsules_enabled and self.eval_stride not in (0, self.train_seq_len):
             raise ConfigError("EVAL_STRIDE with CAPSULES_ENABLED: the capsule state is carried across disjoint "
                               "windows only; overlapping windows would feed it the same tokens twice")
@@ -253,6 +267,17 @@ class Hyperparameters:
             if self.mlp_hidden % (self.moe_experts * self.group_size):
                 raise ConfigError(f"MLP hidden {self.mlp_hidden} must split into MOE_EXPERTS={self.moe_experts} "
                                   f"experts of whole GROUP_SIZE={self.group_size} groups")
+
+    def _check_lora(self):
+        if self.ttt_lora_chunk > self.train_seq_len:
+            raise ConfigError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk} must be <= TRAIN_SEQ_LEN={self.train_seq_len}: "
+                              "a chunk is scored in one window")
+        if "head" in self.ttt_lora_targets.split(",") and self.embed_dim in (0, self.model_dim):
+            raise ConfigError("TTT_LORA_TARGETS=head adapts the embedding's output projection; EMBED_DIM "
+                              f"{self.embed_dim} has none")
+        for knob, on in (("CAPSULES_ENABLED", self.capsules_enabled), ("EVAL_ENGRAM", self.eval_engram)):
+            if on:
+                raise ConfigError(f"TTT_MODE=lora with {knob}=1: not supported (documents are adapted side by side)")
 
     @property
     def head_dim(self):
@@ -1234,12 +1259,28 @@ def window_count(n_targets, seq_len, stride):
     return 1 + -(-max(0, n_targets - seq_len) // stride)
 
 
-def window_span(k, seq_len, stride):
-    """(start, first scored offset) of window k: it reads tokens[start : start + seq_len + 1] and scores its
-    targets from that offset on. The first window scores all of them; a later one only its last `stride`, the
-    targets the previous window did not reach, each with at least seq_len - stride tokens of context before it.
-    stride == seq_len is the plain chunked evaluation (disjoint windows, every target scored)."""
-    return k * stride, 0 if k == 0 else seq_len - stride
+def document_bounds(tokens, bos_id):
+    """(first, last) target positions of each document, as arrays: a document starts at a BOS (or at the split's
+    start) and owns the targets after it up to and including the next BOS, which its last token predicts. The
+    documents tile the targets 1..N-1 of the split."""
+    starts = np.flatnonzero(np.asarray(tokens[:-1]) == bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    return starts + 1, np.append(starts[1:], len(tokens) - 1)
+
+
+def window_table(first, last, seq_len, stride):
+    """(start, first scored offset, length) arrays of every window, document after document: within a document
+    of targets first..last a window starts every `stride` tokens from the token before `first`, reads at most
+    seq_len + 1 tokens and never any before that token. The first window scores all its targets; a later one
+    only its last `stride`, the targets the previous window did not reach, each with at least seq_len - stride
+    tokens of context (or all of the document before it). stride == seq_len: disjoint windows."""
+    begin, n = first - 1, last - first + 1
+    counts = 1 + -(-np.maximum(0, n - seq_len) // stride)
+    doc = np.repeat(np.arange(len(n)), counts)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(counts) - counts, counts)
+    offset = np.where(k == 0, 0, seq_len - stride)
+    return begin[doc] + k * stride, offset, np.minimum(seq_len, n[doc] - k * stride)
 
 
 def rank_share(n, rank, world):
@@ -1249,56 +1290,56 @@ def rank_share(n, rank, world):
 
 def window_batch(tokens, spans, seq_len, rows):
     """(inputs, targets, mask) numpy arrays of shape (rows, seq_len); row r holds the window spans[r] = (start,
-    first scored offset), or padding (None, or no entry). The tail of the split's last window is padding too;
-    padding and unscored targets have mask 0."""
-    n_targets = len(tokens) - 1
+    first scored offset, length), or padding (None, or no entry). Padding and unscored targets have mask 0."""
     x = np.zeros((rows, seq_len), np.int64)
     y = np.zeros((rows, seq_len), np.int64)
     m = np.zeros((rows, seq_len), bool)
     for r, span in enumerate(spans):
         if span is None:
             continue
-        a, first = span
-        n = min(seq_len, n_targets - a)
+        a, first, n = span
         x[r, :n], y[r, :n], m[r, first:n] = tokens[a : a + n], tokens[a + 1 : a + 1 + n], True
     return x, y, m
 
 
-def eval_batches(tokens, seq_len, batch_seqs, rank, world, stride=0):
+def eval_batches(tokens, seq_len, batch_seqs, rank, world, stride=0, docs=None):
     """Yields (inputs, targets, mask) numpy batches of fixed shape (batch_seqs, seq_len) for this rank, of
-    windows every `stride` tokens (0: seq_len, disjoint windows). Every target position 1..N-1 of the split is
-    scored (mask 1) in exactly one row of one batch of one rank; the rest is padding or context (causal, so
-    tokens after a target cannot change its score)."""
+    windows every `stride` tokens (0: seq_len, disjoint windows), over the whole split or, given `docs` (the
+    (first, last) of document_bounds), inside each document. Every target position 1..N-1 of the split is scored
+    (mask 1) in exactly one row of one batch of one rank; the rest is padding or context (causal, so tokens
+    after a target cannot change its score)."""
     stride = stride or seq_len
-    n_windows = window_count(len(tokens) - 1, seq_len, stride)
-    lo, hi = rank_share(n_windows, rank, world)
-    batch_seqs = max(1, min(batch_seqs, -(-n_windows // world)))  # same shape on every rank, no wasted rows
-    for start in range(lo, hi, batch_seqs):
-        spans = [window_span(k, seq_len, stride) for k in range(start, min(start + batch_seqs, hi))]
-        yield window_batch(tokens, spans, seq_len, batch_seqs)
+    first, last = docs if docs is not None else (np.array([1]), np.array([len(tokens) - 1]))
+    start, offset, length = window_table(first, last, seq_len, stride)
+    lo, hi = rank_share(len(start), rank, world)
+    batch_seqs = max(1, min(batch_seqs, -(-len(start) // world)))  # same shape on every rank, no wasted rows
+    for b in range(lo, hi, batch_seqs):
+        e = min(b + batch_seqs, hi)
+        yield window_batch(tokens, zip(start[b:e], offset[b:e], length[b:e]), seq_len, batch_seqs)
 
 
 def eval_stream_batches(tokens, seq_len, batch_seqs, rank, world):
     """Like eval_batches (same rank shares, every target once, padding masked), but row r of consecutive
     batches walks through one contiguous run of this rank's sequences, so state left by a window (the capsule
     bank's) flows into the next window of the same text."""
-    lo, hi = rank_share(window_count(len(tokens) - 1, seq_len, seq_len), rank, world)
+    n_targets = len(tokens) - 1
+    lo, hi = rank_share(window_count(n_targets, seq_len, seq_len), rank, world)
     rows = max(1, min(batch_seqs, hi - lo))
     per_row = -(-(hi - lo) // rows)
     for b in range(per_row):
         windows = [lo + r * per_row + b for r in range(rows)]
         ends = [min(hi, lo + (r + 1) * per_row) for r in range(rows)]
-        yield window_batch(tokens, [window_span(w, seq_len, seq_len) if w < end else None
+        yield window_batch(tokens, [(w * seq_len, 0, min(seq_len, n_targets - w * seq_len)) if w < end else None
                                     for w, end in zip(windows, ends)], seq_len, rows)
 
 
 @torch.no_grad()
-def evaluate(model, tokens, luts, h, rank, world, device, stride=0):
+def evaluate(model, tokens, luts, h, rank, world, device, stride=0, docs=None):
     """(val_loss in nats/token, val_bpb) over the whole split, sharded across ranks and all-reduced, in windows
-    every `stride` tokens (0: disjoint windows). BPB = total target NLL in bits / total UTF-8 bytes of the
-    targets."""
+    every `stride` tokens (0: disjoint windows), inside each document when `docs` is given. BPB = total target
+    NLL in bits / total UTF-8 bytes of the targets."""
     batch_seqs = h.eval_batch_seqs
-    batches = functools.partial(eval_batches, stride=stride)
+    batches = functools.partial(eval_batches, stride=stride, docs=docs)
     if h.capsules_enabled:
         batches = eval_stream_batches  # the capsule state is carried from each window into the next
     was_training = model.training
@@ -1311,6 +1352,13 @@ def evaluate(model, tokens, luts, h, rank, world, device, stride=0):
         add_scores(totals, nll, x, y, m, luts)
     model.train(was_training)
     return loss_and_bpb(totals, world)
+
+
+def scoring_documents(tokens, h):
+    """The documents whose windows final scores keep apart (EVAL_DOC_ISOLATED), else None: the whole split."""
+    if h.eval_doc_isolated:
+        return document_bounds(tokens, h.bos_id)
+    return None
 
 
 def add_scores(totals, nll, x, y, m, luts):
@@ -1526,7 +1574,7 @@ def stream_evaluate(model, tokens, luts, h, rank, world, device, log, cache=None
         chunk = tokens[c : min(c + h.ttt_chunk_tokens, hi) + 1]
         model.eval()
         with torch.no_grad():
-            for x, y, m in eval_batches(chunk, seq, batch_seqs, 0, 1, h.eval_stride):
+            for x, y, m in eval_batches(chunk, seq, batch_seqs, 0, 1, h.eval_stride, scoring_documents(chunk, h)):
                 xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
                 with autocast(device):
                     if h.eval_engram:
@@ -1564,6 +1612,139 @@ def ttt_adapt(model, opt, chunk, h, batch_seqs, device):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
+
+class LoRABank:
+    """TTT_MODE=lora: low-rank adapters for a batch of documents, one pair (A, B) per target module with a slice
+    per batch row, so each document adapts on its own while all of them share the forward. A module's output
+    gains (x A_d^T) B_d^T on row d, added by a forward hook: the model's code and its frozen ternary weights stay
+    as they are. B starts at zero, so a fresh adapter is the trained model exactly. Rows are documents sorted by
+    decreasing length, so the documents still running at any step are a prefix and a shorter batch uses the
+    first rows of each adapter."""
+
+    def __init__(self, model, h, doc_first, device):
+        self.params, self.handles = [], []
+        modules = lora_target_modules(model, h.ttt_lora_targets)
+        for m, a in zip(modules, lora_init(h, doc_first, modules)):
+            a = a.to(device).requires_grad_()
+            b = torch.zeros(len(doc_first), m.out_features, h.ttt_lora_rank, device=device, requires_grad=True)
+            self.handles.append(m.register_forward_hook(functools.partial(self.add_delta, a, b)))
+            self.params += [a, b]
+
+    @staticmethod
+    def add_delta(a, b, module, inputs, out):
+        x, k = inputs[0], out.size(0)
+        return out + (x @ a[:k].mT.to(x.dtype)) @ b[:k].mT.to(x.dtype)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def lora_init(h, doc_first, modules):
+    """Each module's A, stacked over the documents: drawn from a generator seeded by SEED and the document's first
+    target position, so a document starts from the same adapter whatever the batching or the number of ranks."""
+    per_doc = []
+    for first in doc_first:
+        g = torch.Generator().manual_seed(h.seed * 1_000_003 + int(first))
+        per_doc.append([torch.randn(h.ttt_lora_rank, m.in_features, generator=g) / math.sqrt(m.in_features)
+                        for m in modules])
+    return [torch.stack(a) for a in zip(*per_doc)]
+
+
+def lora_target_modules(model, targets):
+    """The modules TTT_LORA_TARGETS names, in every block that has them (a shared block is adapted once)."""
+    found = []
+    for name in targets.split(","):
+        if name == "head":
+            found.append(model.embed_out)
+            continue
+        for block in model.blocks:
+            with contextlib.suppress(AttributeError):  # e.g. an SKC block has no attention projections
+                found.append(functools.reduce(getattr, LORA_TARGETS[name].split("."), block))
+    return found
+
+
+def lora_chunk_batch(tokens, first, last, chunk, h):
+    """(inputs, targets, mask, target positions) of chunk `chunk` of each document (first, last): its targets
+    first + chunk * C .. (at most last), read in one window that ends with them and holds up to TRAIN_SEQ_LEN
+    tokens of context, never from before the document with EVAL_DOC_ISOLATED. Rows are right-padded to the
+    longest window; only the chunk's targets are masked in."""
+    a = first + chunk * h.ttt_lora_chunk
+    b = np.minimum(a + h.ttt_lora_chunk - 1, last)
+    floor = first - 1 if h.eval_doc_isolated else np.zeros_like(first)
+    w = np.maximum(floor, b - h.train_seq_len)
+    n = b - w
+    x = np.zeros((len(a), int(n.max())), np.int64)
+    y, m, pos = np.zeros_like(x), np.zeros(x.shape, bool), np.zeros_like(x)
+    for r in range(len(a)):
+        x[r, : n[r]], y[r, : n[r]] = tokens[w[r] : b[r]], tokens[w[r] + 1 : b[r] + 1]
+        m[r, a[r] - 1 - w[r] : n[r]] = True
+        pos[r, : n[r]] = np.arange(w[r] + 1, b[r] + 1)
+    return x, y, m, pos
+
+
+def lora_ttt_nll(model, tokens, h, docs, device, t0):
+    """(per-target NLL, targets scored, adapted chunks) of the documents `docs` = (first, last), in target order from the first
+    document's first target, by legal score-first LoRA TTT. Documents go TTT_LORA_DOCS at a time, longest first,
+    each with fresh adapters and a fresh Adam. A chunk of every running document is scored by one forward with
+    the adapters as they are (trained on the document's earlier chunks only); that same forward's loss on the
+    chunk then makes one Adam step (TTT_EPOCHS - 1 more on the same windows), so no target is ever scored by an
+    adapter that has seen it. Past EVAL_BUDGET_SECONDS scoring goes on without updates."""
+    first, last = docs
+    lo = int(first[0]) if len(first) else 0
+    nll_at = torch.full((int(last[-1]) - lo + 1 if len(first) else 0,), float("nan"), dtype=torch.float64, device=device)
+    order = np.argsort(-(last - first), kind="stable")
+    scored, adapted = 0, 0
+    for start in range(0, len(order), h.ttt_lora_docs):
+        rows = order[start : start + h.ttt_lora_docs]
+        bank = LoRABank(model, h, first[rows], device)
+        opt = torch.optim.Adam(bank.params, lr=h.ttt_lora_lr)
+        n_chunks = -(-(last[rows] - first[rows] + 1) // h.ttt_lora_chunk)
+        for c in range(int(n_chunks.max())):
+            live = rows[: int((n_chunks > c).sum())]
+            x, y, m, pos = (torch.from_numpy(a).to(device) for a in lora_chunk_batch(tokens, first[live], last[live], c, h))
+            adapt = not (h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds)
+            for epoch in range(h.ttt_epochs if adapt else 1):
+                with torch.set_grad_enabled(adapt), autocast(device):
+                    nll = model.token_nll(x, y)[0].float()
+                if epoch == 0:
+                    nll_at[pos[m] - lo] = nll[m].detach().double()
+                    scored += int(m.sum())
+                if adapt:
+                    opt.zero_grad(set_to_none=True)
+                    ((nll * m).sum(1) / m.sum(1)).sum().backward()  # per-document means: rows stay independent
+                    opt.step()
+            adapted += int(adapt) * len(live)
+        bank.remove()
+    return nll_at, scored, adapted
+
+
+def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
+    """(val_loss, val_bpb) of LoRA TTT over the split: each rank adapts and scores a contiguous run of whole
+    documents (those whose first target lies in its share of the targets). Every target must come back scored
+    exactly once, or this raises."""
+    t0 = time.perf_counter()
+    first, last = document_bounds(tokens, h.bos_id)
+    lo, hi = rank_share(len(tokens) - 1, rank, world)
+    mine = (first > lo) & (first <= hi)
+    for p in model.parameters():
+        p.requires_grad_(False)  # the trained weights stay frozen: only the adapters learn
+    model.eval()
+    nll_at, scored, adapted = lora_ttt_nll(model, tokens, h, (first[mine], last[mine]), device, t0)
+    if scored != len(nll_at) or bool(torch.isnan(nll_at).any()):  # n positions, n scores, none missing: each once
+        raise RuntimeError(f"LoRA TTT on rank {rank} scored {scored} times for {len(nll_at)} targets")
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    if scored:
+        pos = np.arange(first[mine][0], last[mine][-1] + 1)
+        totals[0], totals[1] = nll_at.sum(), scored
+        totals[2] = float(target_bytes(tokens[pos - 1], tokens[pos], luts).sum())
+    loss, bpb = loss_and_bpb(totals, world)
+    if int(totals[1].item()) != len(tokens) - 1:
+        raise RuntimeError(f"LoRA TTT scored {int(totals[1].item())} of the split's {len(tokens) - 1} targets")
+    log(f"lora_ttt docs:{int(mine.sum())} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
+        f"lr:{h.ttt_lora_lr} adapted_chunks:{adapted} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
+    return loss, bpb
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1938,10 +2119,11 @@ def export_and_score(base, h, val, rank, world, device, log):
     score of a fresh model loaded from the file on disk. Returns False when over the cap."""
     val_tokens, luts = val
     t_eval = time.perf_counter()
-    pre_loss, pre_bpb = evaluate(base, val_tokens, luts, h, rank, world, device, h.eval_stride)
+    docs = scoring_documents(val_tokens, h)
+    pre_loss, pre_bpb = evaluate(base, val_tokens, luts, h, rank, world, device, h.eval_stride, docs)
     stride = h.eval_stride or h.train_seq_len
     log(f"pre_export val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} eval_seconds:{time.perf_counter() - t_eval:.1f} "
-        f"stride:{stride}")
+        f"stride:{stride} isolated:{int(h.eval_doc_isolated)}")
     over_cap = export_artifact(base, h, log) if rank == 0 else False
     if max_across_ranks(float(over_cap), device, world):
         return False
@@ -1950,13 +2132,15 @@ def export_and_score(base, h, val, rank, world, device, log):
     t_rt = time.perf_counter()
     fresh = GPT(h).to(device)
     fresh.load_state_dict(load_artifact(h.artifact_path))
-    if h.ttt_enabled or h.eval_engram:
+    if h.ttt_enabled and h.ttt_mode == "lora":
+        rt_loss, rt_bpb = lora_ttt_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
+    elif h.ttt_enabled or h.eval_engram:
         rt_loss, rt_bpb = stream_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
     else:
-        rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride)
+        rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride, docs)
     log(
         f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
-        f"eval_seconds:{time.perf_counter() - t_rt:.1f} stride:{stride}"
+        f"eval_seconds:{time.perf_counter() - t_rt:.1f} stride:{stride} isolated:{int(h.eval_doc_isolated)}"
     )
     return True
 
