@@ -1377,6 +1377,18 @@ def loss_and_bpb(totals, world):
     return nll / ntok, nll / math.log(2) / nbytes
 
 
+# The challenge scores FineWeb's first 50k validation documents: about 62M sp1024 tokens, at the 2.44 UTF-8 bytes per
+# sp1024 token of the FineWeb-Edu sample in ../shared/data, about 151 MB of text; it gives 8 GPUs 600 s for it.
+CHALLENGE_VAL_BYTES, CHALLENGE_GPUS, CHALLENGE_EVAL_SECONDS = 151e6, 8, 600.0
+
+
+def challenge_eval_seconds(load_seconds, score_seconds, tokens, luts, world):
+    """This run's final evaluation extrapolated to the challenge on 8 GPUs of this kind: the artifact's load once,
+    and scoring at the same seconds per byte of text per GPU (world ranks shared this split) over its bytes."""
+    split_bytes = float(target_bytes(tokens[:-1], tokens[1:], luts).sum())
+    return load_seconds + score_seconds * world / split_bytes * CHALLENGE_VAL_BYTES / CHALLENGE_GPUS
+
+
 TEMPERATURE_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(31))  # 0.70 ... 1.30
 
 
@@ -2132,16 +2144,21 @@ def export_and_score(base, h, val, rank, world, device, log):
     t_rt = time.perf_counter()
     fresh = GPT(h).to(device)
     fresh.load_state_dict(load_artifact(h.artifact_path))
+    t_score = time.perf_counter()
     if h.ttt_enabled and h.ttt_mode == "lora":
         rt_loss, rt_bpb = lora_ttt_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
     elif h.ttt_enabled or h.eval_engram:
         rt_loss, rt_bpb = stream_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
     else:
         rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride, docs)
+    eval_s = time.perf_counter() - t_rt
     log(
         f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
-        f"eval_seconds:{time.perf_counter() - t_rt:.1f} stride:{stride} isolated:{int(h.eval_doc_isolated)}"
+        f"eval_seconds:{eval_s:.1f} stride:{stride} isolated:{int(h.eval_doc_isolated)}"
     )
+    challenge_s = challenge_eval_seconds(t_score - t_rt, time.perf_counter() - t_score, val_tokens, luts, world)
+    log(f"eval_estimate challenge_8gpu_s:{challenge_s:.0f} budget_s:{CHALLENGE_EVAL_SECONDS:.0f} "
+        f"fits:{int(challenge_s <= CHALLENGE_EVAL_SECONDS)}")
     return True
 
 

@@ -78,6 +78,7 @@ UNPORTED = {
     "skc_enabled": False, "parallel_residual": False, "shared_blocks": False, "depth_recur": False,
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
+    "eval_doc_isolated": False,
     "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False,
 }
 
@@ -111,6 +112,7 @@ class Hyperparameters:
     max_val_tokens = Knob("MAX_VAL_TOKENS", 0, check=NONNEG)
     # train_gpt.py's evaluation stages: read for the same config line, refused when on (UNPORTED)
     eval_stride = Knob("EVAL_STRIDE", 0, check=NONNEG)  # final scores in windows every EVAL_STRIDE tokens; 0: disjoint
+    eval_doc_isolated = Knob("EVAL_DOC_ISOLATED", False)  # final scores: no window reaches back across a BOS
     temperature_search = Knob("TEMPERATURE_SEARCH", False)  # logit temperature fitted on training tokens, exported
     temperature_tokens = Knob("TEMPERATURE_TOKENS", 262144, check=POS)  # from the first training shard
     eval_budget_seconds = Knob("EVAL_BUDGET_SECONDS", 0.0, check=NONNEG)  # 0: none; past it TTT stops adapting
@@ -127,6 +129,12 @@ class Hyperparameters:
     ttt_lr = Knob("TTT_LR", 0.001, check=POS)
     ttt_momentum = Knob("TTT_MOMENTUM", 0.9, check=UNIT_OPEN)
     ttt_epochs = Knob("TTT_EPOCHS", 1, check=POS)
+    ttt_mode = Knob("TTT_MODE", "sgd", choices={"sgd", "lora"})
+    ttt_lora_rank = Knob("TTT_LORA_RANK", 8, check=POS)
+    ttt_lora_lr = Knob("TTT_LORA_LR", 0.003, check=POS)
+    ttt_lora_targets = Knob("TTT_LORA_TARGETS", "q,v,head")
+    ttt_lora_chunk = Knob("TTT_LORA_CHUNK", 256, check=POS)
+    ttt_lora_docs = Knob("TTT_LORA_DOCS", 64, check=POS)
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
     eval_engram = Knob("EVAL_ENGRAM", False)
     eval_engram_order = Knob("EVAL_ENGRAM_ORDER", 3, check=(lambda v: v >= 2, "must be >= 2"))  # context n-1

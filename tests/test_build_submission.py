@@ -174,6 +174,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "MUON_ROW_NORM": ({}, "class RowNormMuon"),
     "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
     "TTT_ENABLED": ({}, "def ttt_adapt"),
+    "EVAL_DOC_ISOLATED": ({}, "def document_bounds"),
     "EVAL_ENGRAM": ({}, "class EvalEngram"),
     "TERNARY_CALIB": ({}, "class CalibratedTernaryLinear"),
     "CHECKPOINT_SAVE": ({}, "def save_checkpoint"),
@@ -209,6 +210,15 @@ def test_flag_on_and_off(trainer, flag, tmp_path):
             frozen.Hyperparameters({flag: "0" if on == "1" else "1"})
     assert marker in texts["1"] and marker not in texts["0"]
     assert max(len(texts["0"]), len(texts["1"])) < len((ROOT / "train_gpt.py").read_text())
+
+
+@pytest.mark.parametrize("mode, kept, stripped", [("lora", "class LoRABank", "def ttt_adapt"),
+                                                   ("sgd", "def ttt_adapt", "class LoRABank")])
+def test_ttt_mode_keeps_only_its_own_code(trainer, mode, kept, stripped):
+    config = bs.Config(trainer, {**TINY, "TTT_ENABLED": "1", "TTT_MODE": mode, "TTT_LORA_CHUNK": "32"})
+    text = bs.extract(ROOT / "train_gpt.py", config)
+    bs.py_compile_check(text)
+    assert kept in text and stripped not in text
 
 
 # ---------------------------------------------------------------------------------------------------------------

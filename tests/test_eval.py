@@ -307,3 +307,12 @@ def test_document_evaluate_is_the_sum_over_documents_scored_alone(stride):
     assert loss == pytest.approx(nll / n, rel=1e-6)
     assert bpb == pytest.approx(nll / math.log(2) / nbytes, rel=1e-6)
     assert loss != pytest.approx(tg.evaluate(m, tokens, luts, h, 0, 1, cpu, stride)[0], rel=1e-6)  # it matters
+
+
+def test_challenge_eval_estimate_scales_seconds_per_byte_per_gpu():
+    """3 ranks scored 300 targets of 2 bytes in 6 s after a 2 s load: 6 * 3 / 600 s per byte and GPU, over the
+    challenge's bytes on 8 GPUs, plus the load once."""
+    tokens = np.full(301, 5)
+    luts = (np.full(10, 2), np.zeros(10, bool), np.zeros(10, bool))
+    want = 2.0 + 6.0 * 3 / 600 * tg.CHALLENGE_VAL_BYTES / 8
+    assert tg.challenge_eval_seconds(2.0, 6.0, tokens, luts, 3) == pytest.approx(want)
