@@ -1831,7 +1831,7 @@ class Logger:
     def error(self, e):
         """The `error:` line that ends a failed run's log (stderr has it, or the traceback, too)."""
         known = (ConfigError, DataError, ArtifactError, DivergenceError)
-        msg = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
+        msg = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}".rstrip(": ")  # KeyboardInterrupt has none
         if self.is_master:
             with contextlib.suppress(OSError):  # a full disk must not hide the error being reported
                 self.file.write("error: " + " ".join(msg.split()) + "\n")
