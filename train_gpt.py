@@ -11,6 +11,7 @@ import contextlib
 import copy
 import functools
 import glob
+import hashlib
 import importlib
 import io
 import json
@@ -1919,6 +1920,27 @@ def code_bytes():
     return Path(__file__).stat().st_size
 
 
+def code_sha256():
+    """sha256 of the bytes that run: this file as it is on disk. For a file that build_submission.py extracted
+    that is the extracted file (its lzma self-extracting wrapper when wrapped: the exec'd text sees the
+    wrapper's __file__), so a log ties its score to the exact file a record ships (build_submission.py checks)."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or weights: the run stops and writes no model."""
+
+
+def refuse_nonfinite(model, path):
+    """Raises before a non-finite model reaches `path`. The weights are the same on every rank (DDP keeps them
+    in step), so every rank reaches the same verdict without a collective, and all stop together."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise DivergenceError(f"the trained weights are not finite ({len(bad)} tensors: {', '.join(bad[:4])}"
+                              f"{', ...' if len(bad) > 4 else ''}); refusing to write {path}, and any file "
+                              "already there is left untouched")
+
+
 # knobs that may differ between the run that saved a checkpoint and one that scores it: what happens after training
 CHECKPOINT_FREE_PREFIXES = ("EVAL_", "TEMPERATURE_", "TTT_", "CHECKPOINT_")
 CHECKPOINT_FREE_KNOBS = {
@@ -1978,16 +2000,34 @@ def load_checkpoint(model, h, device, log):
 
 
 class Logger:
-    def __init__(self, h, is_master):
-        self.is_master, self.file = is_master, None
-        if is_master:
+    """logs/<RUN_ID>.txt holds exactly one run; rank 0 writes it. An existing log is refused rather than appended
+    to or rotated aside: appending mixed two runs into one record (a crashed run read as finished, one seed's
+    score under another's config), and rotating would silently rename a file a competitor may be about to
+    submit. Refusing costs nothing: it happens before any data is read or any step is taken."""
+
+    def __init__(self, h, rank, world, device):
+        self.is_master, self.file = rank == 0, None
+        path = os.path.join(h.log_dir, f"{h.run_id}.txt")
+        if self.is_master:
             os.makedirs(h.log_dir, exist_ok=True)
-            self.file = open(os.path.join(h.log_dir, f"{h.run_id}.txt"), "a", buffering=1)
+            with contextlib.suppress(FileExistsError):
+                self.file = open(path, "x", buffering=1)  # exclusive: a concurrent launch cannot share it either
+        # Only rank 0 looks at the file (another rank could see the one rank 0 has just created) and tells all.
+        if max_across_ranks(float(self.is_master and self.file is None), device, world):
+            raise ConfigError(f"{path} already exists: a log holds one run. Pick another RUN_ID, or move the file")
 
     def __call__(self, msg):
         if self.is_master:
             print(msg, flush=True)
             self.file.write(msg + "\n")
+
+    def error(self, e):
+        """The `error:` line that ends a failed run's log (stderr has it, or the traceback, too)."""
+        known = (ConfigError, DataError, ArtifactError, DivergenceError)
+        msg = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}".rstrip(": ")  # KeyboardInterrupt has none
+        if self.is_master:
+            with contextlib.suppress(OSError):  # a full disk must not hide the error being reported
+                self.file.write("error: " + " ".join(msg.split()) + "\n")
 
 
 def setup_distributed(h):
@@ -2106,15 +2146,21 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
         if step % h.train_log_every == 0 or stop or step <= 5:
             if world > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            train_loss = loss.item()
             tok_s = step * h.train_batch_tokens / train_seconds
             left = (h.iterations - step) * train_seconds / step
             if h.max_wallclock_seconds:
                 left = min(left, h.max_wallclock_seconds - train_seconds)
             log(
-                f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_multiplier(step, train_seconds, h):.3f} "
+                f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} lr_mult:{lr_multiplier(step, train_seconds, h):.3f} "
                 f"tok/s:{tok_s:.0f} step_ms:{1000 * train_seconds / step:.1f} mfu:{h100_mfu(tok_s, flops_per_token, world):.3f} "
                 f"elapsed:{train_seconds:.1f}s remaining:{max(left, 0):.1f}s"
             )
+            # Checked only where the loss is read anyway (log steps, the first 5 and the last): a check every step
+            # would cost a device->host sync per step. The loss is all-reduced here, so every rank stops together.
+            if not math.isfinite(train_loss):
+                raise DivergenceError(f"training diverged at step {step}: train_loss:{train_loss}; no model is "
+                                      "written (lower the learning rates, or set GRAD_CLIP_NORM)")
         if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
             t_val = time.perf_counter()
             vl, vb = evaluate(base, val_tokens, luts, h, rank, world, device)
@@ -2129,6 +2175,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
 def export_and_score(base, h, val, rank, world, device, log):
     """Pre-export score, artifact (rank 0 writes; every rank learns whether it was over the cap), then the
     score of a fresh model loaded from the file on disk. Returns False when over the cap."""
+    refuse_nonfinite(base, h.artifact_path)  # every rank, before anything is scored or written
     val_tokens, luts = val
     t_eval = time.perf_counter()
     docs = scoring_documents(val_tokens, h)
@@ -2180,13 +2227,11 @@ def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
     return calibrated
 
 
-def main():
-    h = Hyperparameters()
-    rank, world, device = setup_distributed(h)
-    check_batch_shape(h, world)
-    log = Logger(h, rank == 0)
+def run(h, rank, world, device, log):
     use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
     log(f"run_id:{h.run_id} world_size:{world} device:{device} torch:{torch.__version__} compile:{use_compile}")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(f"code sha256:{code_sha256()} gpu:{gpu.replace(' ', '_')}")
     log("config " + " ".join(f"{k}={v}" for k, v in h.by_env_name().items()))
 
     torch.manual_seed(h.seed)
@@ -2205,6 +2250,7 @@ def main():
     else:
         calibrated = fit(base, h, train_pattern, val, rank, world, device, log, use_compile)
         if h.checkpoint_save:
+            refuse_nonfinite(base, h.checkpoint_path)  # every rank, so all stop together
             if rank == 0:
                 save_checkpoint(base, calibrated, h, log)
     if h.ternary_calib:
@@ -2218,6 +2264,8 @@ def main():
         log(f"temperature T:{t:.4f} train_tokens:{len(tokens) - 1} nll_at_1:{nll[1.0]:.4f} "
             f"nll_at_T:{min(nll.values()):.4f} seconds:{time.perf_counter() - t0:.1f}")
     ok = export_and_score(base, h, val, rank, world, device, log)
+    if not ok:
+        log(f"error: code + model is over ARTIFACT_CAP_BYTES={h.artifact_cap_bytes}; nothing was scored")
     if world > 1:
         dist.barrier()  # no rank tears its group down while another still talks to it
         dist.destroy_process_group()
@@ -2231,9 +2279,24 @@ def main():
         sys.exit(1)
 
 
+def main():
+    h = Hyperparameters()
+    rank, world, device = setup_distributed(h)
+    check_batch_shape(h, world)
+    log = Logger(h, rank, world, device)
+    try:
+        run(h, rank, world, device, log)
+    except (Exception, KeyboardInterrupt) as e:
+        log.error(e)  # a failed run's log ends with its cause, never just stops
+        raise
+
+
 if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DataError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except DivergenceError as e:  # the run itself failed; its inputs were fine
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -1055,19 +1055,48 @@ def code_bytes():
     return Path(__file__).stat().st_size
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or weights: the run stops and writes no model."""
+
+
+def refuse_nonfinite(model, path):
+    """Raises before a non-finite model reaches `path` (train_gpt.py's check)."""
+    bad = [n for n, p in tree_flatten(model.parameters()) if not mx.all(mx.isfinite(p)).item()]
+    if bad:
+        raise DivergenceError(f"the trained weights are not finite ({len(bad)} tensors: {', '.join(bad[:4])}"
+                              f"{', ...' if len(bad) > 4 else ''}); refusing to write {path}, and any file "
+                              "already there is left untouched")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class Logger:
+    """logs/<RUN_ID>.txt holds exactly one run: an existing log is refused at start, never appended to (as in
+    train_gpt.py, whose Logger says why)."""
+
     def __init__(self, h):
         os.makedirs(h.log_dir, exist_ok=True)
-        self.file = open(os.path.join(h.log_dir, f"{h.run_id}.txt"), "a", buffering=1)
+        path = os.path.join(h.log_dir, f"{h.run_id}.txt")
+        try:
+            self.file = open(path, "x", buffering=1)
+        except FileExistsError:
+            raise ConfigError(f"{path} already exists: a log holds one run. Pick another RUN_ID, or move the file") from None
 
     def __call__(self, msg):
         print(msg, flush=True)
         self.file.write(msg + "\n")
+
+    def error(self, e):
+        """The `error:` line that ends a failed run's log (stderr has it, or the traceback, too)."""
+        known = (ConfigError, DataError, ArtifactError, DivergenceError)
+        msg = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}".rstrip(": ")  # KeyboardInterrupt has none
+        try:
+            self.file.write("error: " + " ".join(msg.split()) + "\n")
+        except OSError:  # a full disk must not hide the error being reported
+            pass
 
 
 def setup_device(h):
@@ -1126,15 +1155,19 @@ def train(model, optimizers, ema, h, train_pattern, val, log, use_compile):
         train_seconds = time.perf_counter() - t_start
         stop = step >= h.iterations or (h.max_wallclock_seconds and train_seconds >= h.max_wallclock_seconds)
         if step % h.train_log_every == 0 or stop or step <= 5:
+            train_loss = loss.item()
             tok_s = step * h.train_batch_tokens / train_seconds
             left = (h.iterations - step) * train_seconds / step
             if h.max_wallclock_seconds:
                 left = min(left, h.max_wallclock_seconds - train_seconds)
             log(
-                f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_multiplier(step, train_seconds, h):.3f} "
+                f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} lr_mult:{lr_multiplier(step, train_seconds, h):.3f} "
                 f"tok/s:{tok_s:.0f} step_ms:{1000 * train_seconds / step:.1f} "
                 f"elapsed:{train_seconds:.1f}s remaining:{max(left, 0):.1f}s"
             )
+            if not math.isfinite(train_loss):  # checked where the loss is read anyway, as in train_gpt.py
+                raise DivergenceError(f"training diverged at step {step}: train_loss:{train_loss}; no model is "
+                                      "written (lower the learning rates, or set GRAD_CLIP_NORM)")
         if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
             t_val = time.perf_counter()
             vl, vb = evaluate(model, val_tokens, luts, h)
@@ -1147,6 +1180,7 @@ def train(model, optimizers, ema, h, train_pattern, val, log, use_compile):
 def export_and_score(model, h, val, log):
     """Pre-export score, artifact, then the score of a fresh model loaded from the file on disk.
     Returns False when over the cap."""
+    refuse_nonfinite(model, h.artifact_path)
     val_tokens, luts = val
     t_eval = time.perf_counter()
     pre_loss, pre_bpb = evaluate(model, val_tokens, luts, h)
@@ -1164,11 +1198,7 @@ def export_and_score(model, h, val, log):
     return True
 
 
-def main():
-    h = Hyperparameters()
-    check_batch_shape(h)
-    device = setup_device(h)
-    log = Logger(h)
+def run(h, device, log):
     use_compile = h.compile == "1" or (h.compile == "auto" and device == mx.gpu)
     log(f"run_id:{h.run_id} world_size:1 device:{device.type.name} mlx:{mx.__version__} compile:{use_compile}")
     log("config " + " ".join(f"{h.env_names()[k]}={v}" for k, v in h.as_dict().items()))
@@ -1193,7 +1223,20 @@ def main():
     if h.ema_enabled:
         ema.copy_to_model(model)
     if not export_and_score(model, h, val, log):
+        log(f"error: code + model is over ARTIFACT_CAP_BYTES={h.artifact_cap_bytes}; nothing was scored")
         sys.exit(1)
+
+
+def main():
+    h = Hyperparameters()
+    check_batch_shape(h)
+    device = setup_device(h)
+    log = Logger(h)
+    try:
+        run(h, device, log)
+    except (Exception, KeyboardInterrupt) as e:
+        log.error(e)  # a failed run's log ends with its cause, never just stops
+        raise
 
 
 if __name__ == "__main__":
@@ -1202,3 +1245,6 @@ if __name__ == "__main__":
     except (ConfigError, DataError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except DivergenceError as e:  # the run itself failed; its inputs were fine
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -68,6 +68,13 @@ def test_two_process_exit_codes(shards, tmp_path):
     assert over.returncode == 1, over.stdout + over.stderr
     assert "ERROR artifact over cap" in (tmp_path / "logs" / "ternary.txt").read_text()
     assert (tmp_path / "model.ptz").read_bytes() == b"old" and "final_roundtrip" not in over.stdout
-    good = run_train(shards, tmp_path, nproc=2, ITERATIONS=2)
+    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("error: code + model is over")
+    good = run_train(shards, tmp_path, nproc=2, ITERATIONS=2, RUN_ID="good")
     assert good.returncode == 0, good.stdout + good.stderr
-    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("final_roundtrip")
+    log = tmp_path / "logs" / "good.txt"
+    assert log.read_text().splitlines()[-1].startswith("final_roundtrip")
+    # the same RUN_ID again: rank 0 refuses its log, and rank 1 stops too instead of waiting in a collective
+    before = log.read_bytes(), (tmp_path / "model.ptz").read_bytes()
+    again = run_train(shards, tmp_path, nproc=2, ITERATIONS=2, RUN_ID="good")
+    assert again.returncode != 0 and again.stderr.count(f"error: {log} already exists") == 2, again.stderr
+    assert (log.read_bytes(), (tmp_path / "model.ptz").read_bytes()) == before

@@ -204,7 +204,19 @@ def test_rescoring_refuses_a_checkpoint_it_cannot_describe(saved, shards, tmp_pa
     if knobs["CALIB_AT_FRAC"] < 1:
         cases.append((dict(TERNARY_CALIB=0), "set TERNARY_CALIB=1"))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    for overrides, message in cases:
-        r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, **{**knobs, **overrides})
+    for i, (overrides, message) in enumerate(cases):  # a RUN_ID each: a log holds one run
+        r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, RUN_ID=f"case{i}", **{**knobs, **overrides})
         assert r.returncode == 2 and message in r.stderr, (overrides, r.stdout + r.stderr)
         assert not (tmp_path / "model.ptz").exists()
+
+
+@pytest.mark.parametrize("saved", [1.0], indirect=True, ids=["calib_after"])
+def test_rescoring_under_the_training_run_id_is_refused(saved, shards):
+    """Re-scoring into the training run's own log would make a log of two runs (and a record of a re-scored
+    model whose code cannot train): refused at start, the training log and its artifact untouched."""
+    work, trained, knobs = saved
+    log, artifact = work / "logs" / "ternary.txt", work / "model.ptz"
+    before = log.read_bytes(), artifact.read_bytes()
+    r = run_train(shards, work, EVAL_FROM_CHECKPOINT=1, **knobs)
+    assert r.returncode == 2 and f"{log} already exists" in r.stderr, r.stdout + r.stderr
+    assert (log.read_bytes(), artifact.read_bytes()) == before and log.read_text().count("run_id:") == 1

@@ -231,6 +231,36 @@ def test_over_cap_keeps_the_blob_and_fails(shards, tmp_path):
     assert "ERROR artifact over cap" in r.stdout and "final_roundtrip" not in r.stdout
     assert (tmp_path / "model.ptz").read_bytes() == b"old" and (tmp_path / "model.ptz.over_cap").stat().st_size > 1000
 
+    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("error: code + model is over")
+
+
+def test_a_log_holds_one_run_and_ends_with_its_error(shards, tmp_path):
+    """As in train_gpt.py: a failed run's log ends with its `error:` line, and a RUN_ID whose log exists is
+    refused at start with the log left as it was."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, DATA_PATH=empty)
+    log = tmp_path / "logs" / "ternary.txt"
+    assert r.returncode == 2 and log.read_text().splitlines()[-1] == r.stderr.strip().splitlines()[-1]
+    assert log.read_text().splitlines()[-1].startswith("error: no shard matches")
+    before = log.read_bytes()
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=1)
+    assert r.returncode == 2 and f"error: {log} already exists" in r.stderr, r.stdout + r.stderr
+    assert log.read_bytes() == before and not (tmp_path / "model.ptz").exists()
+
+
+@pytest.mark.parametrize("steps, error", [(6, "error: training diverged at step 3: train_loss:nan"),
+                                          (2, "error: the trained weights are not finite")])
+def test_a_diverged_run_writes_no_model(shards, tmp_path, steps, error):
+    """EMBED_LR=1e30: the loss is NaN from step 3 (the run stops there), and after 2 steps the weights are
+    already non-finite while both logged losses are not. Exit 1 either way, the artifact on disk untouched."""
+    (tmp_path / "model.ptz").write_bytes(b"good")
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=steps, EMBED_LR=1e30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith(error)
+    assert "step:4/" not in r.stdout and "pre_export" not in r.stdout
+    assert (tmp_path / "model.ptz").read_bytes() == b"good"
+
 
 def val_setup(shards):
     import sentencepiece as spm

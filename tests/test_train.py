@@ -102,3 +102,89 @@ def test_ternary_calibration_runs_on_training_tokens_and_exports_exactly(shards,
     mid_run = out.index("calibration tensors:") < out.index("train_done")
     assert mid_run == (at_frac == "0.5")  # the export-aligned phase trains on through the calibrated quantizer
     assert abs(event_bpb(out, "final_roundtrip") - event_bpb(out, "pre_export")) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one log per run, failures recorded in it, and no diverged model written
+
+def test_a_log_holds_one_run(shards, tmp_path):
+    """A RUN_ID whose log exists is refused at start, before any work: nothing appended, nothing written."""
+    log = tmp_path / "logs" / "ternary.txt"
+    log.parent.mkdir()
+    log.write_text("run_id:ternary world_size:1\nfinal_roundtrip val_loss:3 val_bpb:1.5\n")
+    r = run_train(shards, tmp_path, ITERATIONS=2)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"error: {log} already exists" in r.stderr and "RUN_ID" in r.stderr
+    assert log.read_text() == "run_id:ternary world_size:1\nfinal_roundtrip val_loss:3 val_bpb:1.5\n"
+    assert "run_id:" not in r.stdout and not (tmp_path / "model.ptz").exists()
+
+
+def last_line(path):
+    return path.read_text().splitlines()[-1]
+
+
+def test_a_failed_run_ends_its_log_with_the_error_and_the_log_names_its_code(shards, tmp_path):
+    import hashlib
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import runlog
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_train(shards, tmp_path, DATA_PATH=empty)
+    assert r.returncode == 2, r.stdout + r.stderr
+    log = tmp_path / "logs" / "ternary.txt"
+    assert last_line(log).startswith("error: no shard matches") and str(empty) in last_line(log)
+    assert last_line(log) == r.stderr.strip().splitlines()[-1]  # the line stderr shows, word for word
+    run = runlog.read_run_log(log)
+    assert run["code_sha256"] == hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+    assert run["gpu"] == "cpu"
+
+
+def test_an_unexpected_exception_leaves_its_type_in_the_log(shards, tmp_path, monkeypatch):
+    import train_gpt as tg
+    from conftest import TINY
+
+    for k, v in {**TINY, "DATA_PATH": str(shards), "LOG_DIR": str(tmp_path), "ITERATIONS": "1"}.items():
+        monkeypatch.setenv(k, v)
+
+    def boom(*args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(tg, "load_tokenizer", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        tg.main()
+    assert last_line(tmp_path / "ternary.txt") == "error: RuntimeError: boom second line"
+
+
+def test_a_diverged_run_stops_at_once_and_keeps_the_good_artifact(shards, tmp_path):
+    """EMBED_LR=1e30 turns the loss NaN at step 3: the run stops there, says so in its log, exits 1, and the
+    artifact already on disk stays."""
+    (tmp_path / "model.ptz").write_bytes(b"previous good artifact")
+    r = run_train(shards, tmp_path, ITERATIONS=6, EMBED_LR=1e30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    log = tmp_path / "logs" / "ternary.txt"
+    assert "step:3/6 train_loss:nan" in r.stdout and "step:4/6" not in r.stdout and "pre_export" not in r.stdout
+    assert last_line(log).startswith("error: training diverged at step 3: train_loss:nan")
+    assert (tmp_path / "model.ptz").read_bytes() == b"previous good artifact"
+
+
+@pytest.mark.parametrize("target", ["artifact", "checkpoint"])
+def test_non_finite_weights_are_never_written(shards, tmp_path, target):
+    """Two steps at EMBED_LR=1e30: both logged losses are finite, the weights after the last step are not. Neither
+    the checkpoint nor the artifact is written, and the files already there stay."""
+    good = {"artifact": tmp_path / "model.ptz", "checkpoint": tmp_path / "ckpt.pt"}
+    for path in good.values():
+        path.write_bytes(b"good " + path.name.encode())
+    extra = dict(CHECKPOINT_SAVE=1, CHECKPOINT_PATH=good["checkpoint"]) if target == "checkpoint" else {}
+    r = run_train(shards, tmp_path, ITERATIONS=2, EMBED_LR=1e30, **extra)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert len(log_values(r.stdout, "train_loss")) == 2 and "train_loss:nan" not in r.stdout
+    error = last_line(tmp_path / "logs" / "ternary.txt")
+    assert error.startswith("error: ") and "not finite" in error and str(good[target]) in error
+    assert "tok_emb.weight" in error
+    for path in good.values():
+        assert path.read_bytes() == b"good " + path.name.encode()
