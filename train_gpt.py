@@ -132,6 +132,7 @@ class Hyperparameters:
     ttt_lora_targets = Knob("TTT_LORA_TARGETS", "q,v,head", check=(lambda v: v and set(v.split(",")) <= set(LORA_TARGETS), f"must be a comma list of {sorted(LORA_TARGETS)}"))
     ttt_lora_chunk = Knob("TTT_LORA_CHUNK", 256, check=POS)  # scored tokens of a document between two updates
     ttt_lora_docs = Knob("TTT_LORA_DOCS", 64, check=POS)  # documents adapted side by side, one batch row each
+    ttt_lora_span = Knob("TTT_LORA_SPAN", 0, check=NONNEG)  # fresh adapters every SPAN targets of a document; 0: never
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
     eval_engram = Knob("EVAL_ENGRAM", False)
     eval_engram_order = Knob("EVAL_ENGRAM_ORDER", 3, check=(lambda v: v >= 2, "must be >= 2"))  # context n-1
@@ -1678,14 +1679,27 @@ def lora_target_modules(model, targets):
     return found
 
 
-def lora_chunk_batch(tokens, first, last, chunk, h):
-    """(inputs, targets, mask, target positions) of chunk `chunk` of each document (first, last): its targets
+def adapter_spans(first, last, h):
+    """(first, last, floor) arrays of the spans one adapter each walks: the documents (first, last) cut into
+    pieces of TTT_LORA_SPAN targets (0: whole documents). A span's windows may read its document back to `floor`:
+    the document's BOS with EVAL_DOC_ISOLATED, else the split's start. Short spans trade the adaptation a long
+    document could build for parallel rows: one 116k-token document would otherwise take 450 steps alone."""
+    span = h.ttt_lora_span or int(max(last - first + 1, default=1))
+    pieces = -(-(last - first + 1) // span)
+    doc = np.repeat(np.arange(len(first)), pieces)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    start = first[doc] + k * span
+    floor = first[doc] - 1 if h.eval_doc_isolated else np.zeros_like(start)
+    return start, np.minimum(start + span - 1, last[doc]), floor
+
+
+def lora_chunk_batch(tokens, first, last, floor, chunk, h):
+    """(inputs, targets, mask, target positions) of chunk `chunk` of each span (first, last, floor): its targets
     first + chunk * C .. (at most last), read in one window that ends with them and holds up to TRAIN_SEQ_LEN
-    tokens of context, never from before the document with EVAL_DOC_ISOLATED. Rows are right-padded to the
-    longest window; only the chunk's targets are masked in."""
+    tokens of context, none before `floor`. Rows are right-padded to the longest window; only the chunk's targets
+    are masked in."""
     a = first + chunk * h.ttt_lora_chunk
     b = np.minimum(a + h.ttt_lora_chunk - 1, last)
-    floor = first - 1 if h.eval_doc_isolated else np.zeros_like(first)
     w = np.maximum(floor, b - h.train_seq_len)
     n = b - w
     x = np.zeros((len(a), int(n.max())), np.int64)
@@ -1697,14 +1711,14 @@ def lora_chunk_batch(tokens, first, last, chunk, h):
     return x, y, m, pos
 
 
-def lora_ttt_nll(model, tokens, h, docs, device, t0):
-    """(per-target NLL, targets scored, adapted chunks) of the documents `docs` = (first, last), in target order from the first
-    document's first target, by legal score-first LoRA TTT. Documents go TTT_LORA_DOCS at a time, longest first,
-    each with fresh adapters and a fresh Adam. A chunk of every running document is scored by one forward with
-    the adapters as they are (trained on the document's earlier chunks only); that same forward's loss on the
-    chunk then makes one Adam step (TTT_EPOCHS - 1 more on the same windows), so no target is ever scored by an
-    adapter that has seen it. Past EVAL_BUDGET_SECONDS scoring goes on without updates."""
-    first, last = docs
+def lora_ttt_nll(model, tokens, h, spans, device, t0):
+    """(per-target NLL, targets scored, adapted chunks) of the spans (first, last, floor) of adapter_spans, in
+    target order from the first span's first target, by legal score-first LoRA TTT. Spans go TTT_LORA_DOCS at a
+    time, longest first, each with fresh adapters and a fresh Adam. A chunk of every running span is scored by
+    one forward with the adapters as they are (trained on the span's earlier chunks only); that same forward's
+    loss on the chunk then makes one Adam step (TTT_EPOCHS - 1 more on the same windows), so no target is ever
+    scored by an adapter that has seen it. Past EVAL_BUDGET_SECONDS scoring goes on without updates."""
+    first, last, floor = spans
     lo = int(first[0]) if len(first) else 0
     nll_at = torch.full((int(last[-1]) - lo + 1 if len(first) else 0,), float("nan"), dtype=torch.float64, device=device)
     order = np.argsort(-(last - first), kind="stable")
@@ -1716,7 +1730,8 @@ def lora_ttt_nll(model, tokens, h, docs, device, t0):
         n_chunks = -(-(last[rows] - first[rows] + 1) // h.ttt_lora_chunk)
         for c in range(int(n_chunks.max())):
             live = rows[: int((n_chunks > c).sum())]
-            x, y, m, pos = (torch.from_numpy(a).to(device) for a in lora_chunk_batch(tokens, first[live], last[live], c, h))
+            batch = lora_chunk_batch(tokens, first[live], last[live], floor[live], c, h)
+            x, y, m, pos = (torch.from_numpy(a).to(device) for a in batch)
             adapt = not (h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds)
             for epoch in range(h.ttt_epochs if adapt else 1):
                 with torch.set_grad_enabled(adapt), autocast(device):
@@ -1744,7 +1759,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     for p in model.parameters():
         p.requires_grad_(False)  # the trained weights stay frozen: only the adapters learn
     model.eval()
-    nll_at, scored, adapted = lora_ttt_nll(model, tokens, h, (first[mine], last[mine]), device, t0)
+    nll_at, scored, adapted = lora_ttt_nll(model, tokens, h, adapter_spans(first[mine], last[mine], h), device, t0)
     if scored != len(nll_at) or bool(torch.isnan(nll_at).any()):  # n positions, n scores, none missing: each once
         raise RuntimeError(f"LoRA TTT on rank {rank} scored {scored} times for {len(nll_at)} targets")
     totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -1755,7 +1770,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     loss, bpb = loss_and_bpb(totals, world)
     if int(totals[1].item()) != len(tokens) - 1:
         raise RuntimeError(f"LoRA TTT scored {int(totals[1].item())} of the split's {len(tokens) - 1} targets")
-    log(f"lora_ttt docs:{int(mine.sum())} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
+    log(f"lora_ttt docs:{int(mine.sum())} span:{h.ttt_lora_span} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
         f"lr:{h.ttt_lora_lr} adapted_chunks:{adapted} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
     return loss, bpb
 

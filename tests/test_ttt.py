@@ -253,17 +253,18 @@ def docs_stream(seed=0, n=90):
 
 
 def lora_nll(m, tokens, h):
-    nll, scored, adapted = tg.lora_ttt_nll(m, tokens, h, tg.document_bounds(tokens, 1), CPU, time.perf_counter())
+    spans = tg.adapter_spans(*tg.document_bounds(tokens, 1), h)
+    nll, scored, adapted = tg.lora_ttt_nll(m, tokens, h, spans, CPU, time.perf_counter())
     assert scored == len(tokens) - 1 and not torch.isnan(nll).any()
     return nll, adapted
 
 
-@pytest.mark.parametrize("isolated", ["0", "1"])
-def test_lora_canary_a_score_never_depends_on_its_own_or_a_later_token(isolated):
+@pytest.mark.parametrize("isolated, span", [("0", 0), ("1", 0), ("1", 4)])
+def test_lora_canary_a_score_never_depends_on_its_own_or_a_later_token(isolated, span):
     """Black-box legality: change the token at position p. Score-first TTT (and causal windows) leave the score
     of every target before p exactly as it was, in every document; an update that used p before scoring the
     targets of p's chunk would move them. Moving the update before the scoring makes this test fail."""
-    h = lora_h(EVAL_DOC_ISOLATED=isolated)
+    h = lora_h(EVAL_DOC_ISOLATED=isolated, TTT_LORA_SPAN=span)
     tokens = docs_stream()
     m = model()
     for p in m.parameters():
@@ -280,13 +281,23 @@ def test_lora_canary_a_score_never_depends_on_its_own_or_a_later_token(isolated)
     torch.testing.assert_close(after[30:], before[30:], rtol=0, atol=1e-6)  # other documents: untouched
 
 
+def reference_spans(tokens, span):
+    """(first, last, document's first) of each adapter's span: documents cut every `span` targets (0: never)."""
+    out = []
+    for first, last in zip(*tg.document_bounds(tokens, 1)):
+        step = span or last - first + 1
+        out += [(a, min(a + step - 1, last), first) for a in range(first, last + 1, step)]
+    return out
+
+
 def lora_reference(m, tokens, h, a_init, adapt=True):
-    """A hand-written loop, one document at a time: windows ending at each chunk's last target, adapters added by
-    explicit hooks, score the chunk, then one Adam step on its mean NLL. Returns the total NLL."""
+    """A hand-written loop, one span at a time: windows ending at each chunk's last target (reading back to the
+    document's start at most, with EVAL_DOC_ISOLATED), adapters added by explicit hooks, score the chunk, then
+    one Adam step on its mean NLL. Returns the total NLL."""
     seq, chunk = h.train_seq_len, h.ttt_lora_chunk
     mods = tg.lora_target_modules(m, h.ttt_lora_targets)
     total = 0.0
-    for d, (first, last) in enumerate(zip(*tg.document_bounds(tokens, 1))):
+    for d, (first, last, doc_first) in enumerate(reference_spans(tokens, h.ttt_lora_span)):
         a = [t[d].clone().requires_grad_() for t in a_init]
         b = [torch.zeros(mod.out_features, h.ttt_lora_rank, requires_grad=True) for mod in mods]
         hooks = [mod.register_forward_hook(lambda _m, i, o, a=ai, b=bi: o + i[0] @ a.T @ b.T)
@@ -294,7 +305,7 @@ def lora_reference(m, tokens, h, a_init, adapt=True):
         opt = torch.optim.Adam(a + b, lr=h.ttt_lora_lr)
         for lo in range(first, last + 1, chunk):
             hi = min(lo + chunk - 1, last)
-            w = max(first - 1 if h.eval_doc_isolated else 0, hi - seq)
+            w = max(doc_first - 1 if h.eval_doc_isolated else 0, hi - seq)
             x, y = torch.from_numpy(tokens[w:hi][None]), torch.from_numpy(tokens[w + 1 : hi + 1][None])
             nll = m.token_nll(x, y)[0][0, lo - 1 - w :]
             total += nll.sum().item()
@@ -307,17 +318,19 @@ def lora_reference(m, tokens, h, a_init, adapt=True):
     return total
 
 
-@pytest.mark.parametrize("isolated, adapt", [("0", True), ("1", True), ("1", False)])
-def test_lora_ttt_matches_a_one_document_at_a_time_loop(isolated, adapt):
-    """Documents batched 2 at a time, longest first, with a prefix of rows running at each step, against the
-    sequential reference: the same total, so each document adapted on its own. adapt=False: over the budget from
-    the start, so the adapters stay at zero and the score is the trained model's."""
-    h = lora_h(EVAL_DOC_ISOLATED=isolated, EVAL_BUDGET_SECONDS=0 if adapt else 1e-9)
+@pytest.mark.parametrize("isolated, adapt, span", [("0", True, 0), ("1", True, 0), ("1", False, 0), ("1", True, 10),
+                                                   ("0", True, 7)])
+def test_lora_ttt_matches_a_one_span_at_a_time_loop(isolated, adapt, span):
+    """Spans batched 2 at a time, longest first, with a prefix of rows running at each step, against the
+    sequential reference: the same total, so each span adapted on its own. adapt=False: over the budget from
+    the start, so the adapters stay at zero and the score is the trained model's. span > 0 cuts documents into
+    spans with adapters of their own, whose windows still read the document before them."""
+    h = lora_h(EVAL_DOC_ISOLATED=isolated, EVAL_BUDGET_SECONDS=0 if adapt else 1e-9, TTT_LORA_SPAN=span)
     tokens = docs_stream(1)
     m = model()
     nll, adapted = lora_nll(m, tokens, h)
     assert (adapted > 0) == adapt
-    first = tg.document_bounds(tokens, 1)[0]
+    first = [a for a, _, _ in reference_spans(tokens, span)]
     a_init = tg.lora_init(h, first, tg.lora_target_modules(m, h.ttt_lora_targets))
     total = lora_reference(m, tokens, h, a_init, adapt)
     assert nll.sum().item() == pytest.approx(total, rel=1e-5)
@@ -348,9 +361,10 @@ def test_lora_ranks_own_whole_documents_and_add_up(monkeypatch, world, docs):
     for rank in range(world):
         lo, hi = tg.rank_share(len(tokens) - 1, rank, world)
         mine = (first > lo) & (first <= hi)
-        nll, scored, _ = tg.lora_ttt_nll(m, tokens, h, (first[mine], last[mine]), CPU, time.perf_counter())
+        spans = tg.adapter_spans(first[mine], last[mine], h)
+        nll, scored, _ = tg.lora_ttt_nll(m, tokens, h, spans, CPU, time.perf_counter())
         total, count = total + nll.sum().item(), count + scored
-    one, n, _ = tg.lora_ttt_nll(m, tokens, lora_h(), (first, last), CPU, time.perf_counter())
+    one, n, _ = tg.lora_ttt_nll(m, tokens, lora_h(), tg.adapter_spans(first, last, h), CPU, time.perf_counter())
     assert count == n == len(tokens) - 1
     assert total == pytest.approx(one.sum().item(), rel=1e-5)
     if world > 1:  # a rank alone (no all-reduce here) has not scored the split: the final check says so
