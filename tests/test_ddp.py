@@ -71,3 +71,48 @@ def test_two_process_exit_codes(shards, tmp_path):
     good = run_train(shards, tmp_path, nproc=2, ITERATIONS=2)
     assert good.returncode == 0, good.stdout + good.stderr
     assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("final_roundtrip")
+
+
+PHASE_PROBE = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+
+rank, original_train, original_step = int(os.environ["RANK"]), tg.train, tg.train_step
+
+
+def train(*args, **kwargs):
+    if rank == 1:
+        time.sleep(0.5)  # this rank's own clock starts later: only the shared (max-reduced) clock keeps it in step
+    return original_train(*args, **kwargs)
+
+
+def train_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced=None):
+    loss = original_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced)
+    with open(os.environ["PROBE_OUT"] + str(rank), "a") as f:
+        f.write(f"{{step}} {{elapsed!r}} {{base.quant_mix.value}}\\n")
+    return loss
+
+
+tg.train, tg.train_step = train, train_step
+tg.main()
+"""
+
+
+@pytest.mark.ddp
+def test_two_ranks_leave_the_fp_phase_at_the_same_step(shards, tmp_path):
+    """FP_PHASE on the wall clock: rank 1 starts its clock 0.5 s late, yet both ranks turn the quantizer on at
+    the same step (the one the log names), because the schedule reads the slowest rank's clock."""
+    from conftest import ROOT
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PHASE_PROBE.format(root=str(ROOT)))
+    r = run_train(shards, tmp_path, nproc=2, script=probe, FP_PHASE=1, QAT_START_FRAC=0.5, ITERATIONS=100000,
+                  MAX_WALLCLOCK_SECONDS=4, PROBE_OUT=tmp_path / "rank")
+    assert r.returncode == 0, r.stdout + r.stderr
+    records = [(tmp_path / f"rank{k}").read_text().splitlines() for k in (0, 1)]
+    assert records[0] == records[1]  # step, shared clock and quant_mix, line for line
+    mix = [float(line.split()[2]) for line in records[0]]
+    switch = mix.index(1.0)
+    assert 3 <= switch < len(mix) - 3 and set(mix[:switch]) == {0.0} and set(mix[switch:]) == {1.0}
+    assert log_values(r.stdout, "qat_start step") == [switch]
