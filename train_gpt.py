@@ -1130,7 +1130,8 @@ def newton_schulz(g, steps, dtype=torch.bfloat16):
 
 class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov) whose update is orthogonalized by Newton-Schulz, for 2-D weights. Gradients are
-    already averaged across ranks by DDP, so every rank applies the same update. With several ranks each one
+    already averaged across ranks by DDP (the sharding below relies on every rank holding the same gradients), so
+    every rank applies the same update. With several ranks each one
     orthogonalizes only its share of the matrices (and keeps only their momentum), and one all-reduce hands
     every rank every update."""
 
@@ -1293,7 +1294,7 @@ class TrainingSchedule:
         """FP_PHASE: 0 (latent weights unquantized) before QAT_START_FRAC, then 1 (ternary), or a linear ramp from 0
         to 1 over QAT_RAMP_FRAC."""
         h = self.h
-        into = self.progress(step, elapsed) - h.qat_start_frac
+        into = self.progress(step, elapsed) - self.starts["qat"]
         if into < 0:
             return 0.0
         return min(1.0, into / h.qat_ramp_frac) if h.qat_ramp_frac else 1.0
