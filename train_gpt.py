@@ -102,6 +102,8 @@ class Hyperparameters:
     grad_accum_steps = Knob("GRAD_ACCUM_STEPS", 1, check=POS)
     warmup_steps = Knob("WARMUP_STEPS", 20, check=NONNEG)
     warmdown_frac = Knob("WARMDOWN_FRAC", 0.35, check=UNIT)
+    warmdown_shape = Knob("WARMDOWN_SHAPE", "linear", choices={"linear", "cosine"})  # LR from 1 down to WARMDOWN_MIN_LR
+    warmdown_min_lr = Knob("WARMDOWN_MIN_LR", 0.0, check=UNIT_OPEN)  # LR multiplier at the end of the warmdown
     compile_warmup_steps = Knob("COMPILE_WARMUP_STEPS", 10, check=NONNEG)
     train_log_every = Knob("TRAIN_LOG_EVERY", 25, check=POS)
     # evaluation
@@ -211,6 +213,11 @@ class Hyperparameters:
     grad_clip_norm = Knob("GRAD_CLIP_NORM", 0.0, check=NONNEG)  # 0: off
     ema_enabled = Knob("EMA_ENABLED", False)
     ema_decay = Knob("EMA_DECAY", 0.997, check=UNIT_OPEN)
+    ema_start_frac = Knob("EMA_START_FRAC", -1.0, check=(lambda v: v == -1 or 0 <= v < 1, "must be -1 (the warmdown's start) or in [0, 1)"))
+    ema_domain = Knob("EMA_DOMAIN", "latent", choices={"latent", "ternary"})  # ternary: average the dequantized trits
+    fp_phase = Knob("FP_PHASE", False)  # the latent weights run unquantized until QAT_START_FRAC, then ternary
+    qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
+    qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
@@ -250,6 +257,12 @@ class Hyperparameters:
         if self.capsules_enabled and self.eval_stride not in (0, self.train_seq_len):
             raise ConfigError("EVAL_STRIDE with CAPSULES_ENABLED: the capsule state is carried across disjoint "
                               "windows only; overlapping windows would feed it the same tokens twice")
+        if self.fp_phase and self.qat_start_frac + self.qat_ramp_frac >= 1:
+            raise ConfigError(f"QAT_START_FRAC={self.qat_start_frac} + QAT_RAMP_FRAC={self.qat_ramp_frac} must be < 1: "
+                              "the run has to end on the ternary quantizer it exports")
+        if self.fp_phase and self.ternary_calib and self.calib_at_frac < self.qat_start_frac + self.qat_ramp_frac:
+            raise ConfigError(f"CALIB_AT_FRAC={self.calib_at_frac} comes before the quantizer is fully on "
+                              f"(QAT_START_FRAC + QAT_RAMP_FRAC = {self.qat_start_frac + self.qat_ramp_frac})")
         n = self.num_layers
         if self.depth_recur and not self.recur_start < self.recur_end <= n:
             raise ConfigError(f"RECUR_START={self.recur_start} < RECUR_END={self.recur_end} <= NUM_LAYERS={n} must hold")
@@ -284,6 +297,11 @@ class Hyperparameters:
     @property
     def head_dim(self):
         return self.model_dim // self.num_heads
+
+    @property
+    def ema_start(self):
+        """Progress from which EMA averages: EMA_START_FRAC, or by default (-1) the warmdown's start."""
+        return 1 - self.warmdown_frac if self.ema_start_frac < 0 else self.ema_start_frac
 
     @property
     def eval_batch_seqs(self):
@@ -546,6 +564,40 @@ def enable_calibration(model):
         if isinstance(m, TernaryLinear):
             m.__class__ = CalibratedTernaryLinear
             m.register_buffer("calib", torch.tensor([0.5, 1.0], device=m.weight.device), persistent=False)
+
+
+class FPPhaseTernaryLinear(TernaryLinear):
+    """FP_PHASE: a TernaryLinear whose buffer quant_mix q blends the latent weight w with its ternary wq. The
+    forward uses w + q (wq - w): q = 0 is the unquantized latent weight, q = 1 exactly TernaryLinear (same float
+    ops), and the gradient reaches w straight through at any q. q is a tensor filled in place, so the compiled
+    graph is one for every q: the switch costs no recompile. The buffer is not saved: artifacts are ternary."""
+
+    def quantized_weight(self):
+        w = self.weight
+        wq = dequantize_ternary(*self.quantize(), self.group_size)
+        return w + (self.quant_mix * (wq - w)).detach()
+
+
+class FPPhaseCalibratedTernaryLinear(FPPhaseTernaryLinear, CalibratedTernaryLinear):
+    """FP_PHASE with TERNARY_CALIB: the blend around the calibrated quantizer."""
+
+
+class QuantMix:
+    """FP_PHASE: makes every TernaryLinear of a model an FPPhase one (q = 1 until set) and sets their q. The
+    buffers are filled only when q changes, so the steps in between launch nothing and never synchronize."""
+
+    def __init__(self, model):
+        self.layers, self.value = [m for m in model.modules() if isinstance(m, TernaryLinear)], 1.0
+        for m in self.layers:
+            calibrated = isinstance(m, CalibratedTernaryLinear)
+            m.__class__ = FPPhaseCalibratedTernaryLinear if calibrated else FPPhaseTernaryLinear
+            m.register_buffer("quant_mix", torch.ones((), device=m.weight.device), persistent=False)
+
+    def set(self, value):
+        if value != self.value:
+            for m in self.layers:
+                m.quant_mix.fill_(value)
+            self.value = value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1105,32 +1157,63 @@ def newton_schulz(g, steps, dtype=torch.bfloat16):
 
 class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov) whose update is orthogonalized by Newton-Schulz, for 2-D weights. Gradients are
-    already averaged across ranks by DDP, so every rank applies the same update."""
+    already averaged across ranks by DDP (the sharding below relies on every rank holding the same gradients), so
+    every rank applies the same update. With several ranks each one
+    orthogonalizes only its share of the matrices (and keeps only their momentum), and one all-reduce hands
+    every rank every update."""
 
     def __init__(self, params, lr, momentum, backend_steps, weight_decay=0.0):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.orthogonalize = newton_schulz
+
+    def compile_newton_schulz(self):
+        """Newton-Schulz compiled once per matrix shape (static shapes): raise dynamo's per-function recompile
+        limit to the number of shapes, or the later ones would silently run eagerly."""
+        shapes = {tuple(p.shape) for g in self.param_groups for p in g["params"]}
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(shapes))
+        self.orthogonalize = torch.compile(newton_schulz, dynamic=False, fullgraph=True)
 
     @staticmethod
     def scale(update, p):
         # an RMS of 1/sqrt(fan_in) for the orthogonalized update, whatever the matrix's aspect ratio
         return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
+    def update(self, p, group, ns_dtype):
+        """The orthogonalized Nesterov-momentum update of p (advances its momentum buffer)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        update = self.orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"], ns_dtype)
+        return self.scale(update, p)
+
+    def sharded_updates(self, params, group, ns_dtype):
+        """Rank r computes the updates of matrices r, r + world, ...; the others' places in one flat buffer stay
+        zero, so a sum all-reduce gives every rank every update exactly (x + 0 = x)."""
+        sizes = [p.numel() for p in params]
+        flat = torch.zeros(sum(sizes), dtype=ns_dtype, device=params[0].device)
+        chunks = flat.split(sizes)
+        for i in range(self.rank, len(params), self.world):
+            chunks[i].copy_(self.update(params[i], group, ns_dtype).flatten())
+        dist.all_reduce(flat)
+        return [c.view_as(p) for c, p in zip(chunks, params)]
+
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr, mom = group["lr"], group["momentum"]
+            lr = group["lr"]
             ns_dtype = torch.bfloat16 if group["params"][0].is_cuda else torch.float32
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(mom).add_(p.grad)
-                update = newton_schulz(p.grad.add(buf, alpha=mom), group["backend_steps"], ns_dtype)
-                update = self.scale(update, p)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if self.world > 1:
+                updates = self.sharded_updates(params, group, ns_dtype)
+            else:
+                updates = (self.update(p, group, ns_dtype) for p in params)  # lazily: one update alive at a time
+            for p, update in zip(params, updates):
                 if group["weight_decay"]:
                     decay = lr * group["weight_decay"]
                     if getattr(p, "sparse_decay", False):
@@ -1181,45 +1264,114 @@ def build_optimizers(model, h):
     return [adam, muon]
 
 
-def run_progress(step, elapsed, h):
-    """Fraction of the run done: whichever of the step budget and the wall-clock budget is further along."""
-    progress = step / h.iterations
-    if h.max_wallclock_seconds:
-        progress = max(progress, elapsed / h.max_wallclock_seconds)
-    return progress
+class TrainingSchedule:
+    """Every progress-driven switch of a run, queried with (step, elapsed): the LR multiplier, Muon's momentum and
+    the phases. Progress is whichever of the step budget and the wall-clock budget is further along; `elapsed` is
+    the slowest rank's clock (max-reduced), so every rank takes every decision at the same step. A phase is on from
+    the progress in `starts`: a new phase is one line in __init__. Phases named in GRAPH_PHASES are forward
+    arguments of the model (a graph each under compile), which compile_warmup compiles before the timed run."""
 
+    GRAPH_PHASES = ("recur",)
 
-def lr_multiplier(step, elapsed, h):
-    """Linear warmup over WARMUP_STEPS, then 1, then a linear warmdown over the last WARMDOWN_FRAC of the run,
-    where the run's progress is whichever of the step budget and the wall-clock budget is further along."""
-    if h.warmup_steps and step < h.warmup_steps:
-        return (step + 1) / h.warmup_steps
-    progress = run_progress(step, elapsed, h)
-    if h.warmdown_frac and progress > 1 - h.warmdown_frac:
-        return max(0.0, (1 - progress) / h.warmdown_frac)
-    return 1.0
+    def __init__(self, h):
+        self.h, self.starts = h, {}
+        if h.depth_recur:
+            self.starts["recur"] = h.recur_from_frac  # layers [RECUR_START, RECUR_END) run twice
+        if h.ternary_calib:
+            self.starts["calib"] = h.calib_at_frac  # < 1: calibrate then, and train on through the calibration
+        if h.fp_phase:
+            self.starts["qat"] = h.qat_start_frac  # the ternary quantizer blends in (quant_mix)
+        if h.ema_enabled:
+            self.starts["ema"] = h.ema_start  # the average starts from that step's weights
 
+    def progress(self, step, elapsed):
+        """Fraction of the run done."""
+        h = self.h
+        progress = step / h.iterations
+        if h.max_wallclock_seconds:
+            progress = max(progress, elapsed / h.max_wallclock_seconds)
+        return progress
 
-def muon_momentum(step, h):
-    if not h.muon_momentum_warmup_steps:
-        return h.muon_momentum
-    frac = min(step / h.muon_momentum_warmup_steps, 1.0)
-    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+    def on(self, phase, step, elapsed):
+        return self.progress(step, elapsed) >= self.starts[phase]
+
+    def lr(self, step, elapsed):
+        """Linear warmup over WARMUP_STEPS, then 1, then over the last WARMDOWN_FRAC of the run a warmdown (linear or
+        half-cosine) from 1 to WARMDOWN_MIN_LR."""
+        h = self.h
+        if h.warmup_steps and step < h.warmup_steps:
+            return (step + 1) / h.warmup_steps
+        progress = self.progress(step, elapsed)
+        if h.warmdown_frac and progress > 1 - h.warmdown_frac:
+            left = max(0.0, (1 - progress) / h.warmdown_frac)  # of the warmdown: 1 at its start, 0 at the end
+            if h.warmdown_shape == "cosine":
+                left = 0.5 * (1 - math.cos(math.pi * left))
+            return h.warmdown_min_lr + (1 - h.warmdown_min_lr) * left
+        return 1.0
+
+    def momentum(self, step):
+        """Muon's momentum: linear from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
+        h = self.h
+        if not h.muon_momentum_warmup_steps:
+            return h.muon_momentum
+        frac = min(step / h.muon_momentum_warmup_steps, 1.0)
+        return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+    def quant_mix(self, step, elapsed):
+        """FP_PHASE: 0 (latent weights unquantized) before QAT_START_FRAC, then 1 (ternary), or a linear ramp from 0
+        to 1 over QAT_RAMP_FRAC."""
+        h = self.h
+        into = self.progress(step, elapsed) - self.starts["qat"]
+        if into < 0:
+            return 0.0
+        return min(1.0, into / h.qat_ramp_frac) if h.qat_ramp_frac else 1.0
+
+    def forward_kwargs(self, step, elapsed):
+        return {p: self.on(p, step, elapsed) for p in self.GRAPH_PHASES if p in self.starts}
+
+    def compile_variants(self):
+        """The graph phases' combinations the run reaches after step 0: they switch on in the order of their starts."""
+        ordered = sorted((p for p in self.GRAPH_PHASES if p in self.starts), key=self.starts.get)
+        return [{p: p in ordered[: k + 1] for p in ordered} for k in range(len(ordered))]
 
 
 class EMA:
-    """Exponential moving average of the fp32 master parameters; swapped in before export."""
+    """EMA_ENABLED: exponential moving average of the weights over the steps from the schedule's "ema" phase on
+    (EMA_START_FRAC; by default the warmdown's start), started from that step's weights, so no random init is in
+    the average; swapped in before export. The latent weights of a ternary matrix drift across the trit thresholds
+    long before the trits change, so EMA_DOMAIN=ternary averages what the forward uses instead, the dequantized
+    ternary weights; either way the average becomes the latent weight, and the export (and every score) quantizes
+    it again."""
 
-    def __init__(self, model, decay):
-        self.decay, self.params = decay, [p for p in model.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
+    def __init__(self, model, h):
+        self.h, self.decay, self.params = h, h.ema_decay, list(model.parameters())
+        self.shadow, self.steps = None, 0
+        if h.ema_domain == "ternary":
+            ternary = {id(m.weight): m for m in model.modules() if isinstance(m, TernaryLinear)}
+            self.quantizers = [ternary.get(id(p)) for p in self.params]
+
+    def targets(self):
+        h = self.h
+        if h.ema_domain == "ternary":
+            return [dequantize_ternary(*m.quantize(), m.group_size) if m else p.detach()
+                    for p, m in zip(self.params, self.quantizers)]
+        return [p.detach() for p in self.params]
+
+    @torch.no_grad()
+    def start(self):
+        self.shadow = [t.clone() for t in self.targets()]
 
     @torch.no_grad()
     def update(self):
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.decay)
+        if self.shadow is None:
+            return
+        torch._foreach_lerp_(self.shadow, self.targets(), 1 - self.decay)
+        self.steps += 1
 
     @torch.no_grad()
     def copy_to_model(self):
+        if self.shadow is None:
+            return
         for p, s in zip(self.params, self.shadow):
             p.copy_(s)
 
@@ -2082,18 +2234,18 @@ def max_across_ranks(value, device, world):
     return t.item()
 
 
-def train_step(model, base, loader, optimizers, h, step, elapsed, recur=None):
-    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (a device tensor).
-    `recur` forces depth recurrence on or off (compile warmup); by default it follows RECUR_FROM_FRAC."""
-    mult = lr_multiplier(step, elapsed, h)
-    kwargs = {}
-    if h.depth_recur:
-        kwargs["recur"] = run_progress(step, elapsed, h) >= h.recur_from_frac if recur is None else recur
+def train_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced=None):
+    """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (a device tensor). The
+    schedule sets LR, momentum and phases; `forced` overrides graph phases' forward arguments (compile warmup)."""
+    mult = schedule.lr(step, elapsed)
+    kwargs = {**schedule.forward_kwargs(step, elapsed), **(forced or {})}
+    if h.fp_phase:
+        base.quant_mix.set(schedule.quant_mix(step, elapsed))
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
             if isinstance(opt, Muon):
-                g["momentum"] = muon_momentum(step, h)
+                g["momentum"] = schedule.momentum(step)
     micro = loader.next_batch()
     total = 0.0
     for i, (x, y) in enumerate(micro):
@@ -2114,6 +2266,15 @@ def train_step(model, base, loader, optimizers, h, step, elapsed, recur=None):
     return total
 
 
+def trit_zero_frac(model):
+    """Fraction of zero trits over every ternary matrix as the model quantizes them now (weight decay raises it,
+    and the artifact's bytes follow it)."""
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    with torch.no_grad():
+        zeros = sum((m.quantize()[0] == 0).sum() for m in layers)
+    return float(zeros) / max(1, sum(m.weight.numel() for m in layers))
+
+
 def h100_mfu(tokens_per_s, flops_per_token, world):
     return tokens_per_s * flops_per_token / (989e12 * world)
 
@@ -2122,12 +2283,13 @@ def compile_warmup(model, base, optimizers, h, train_pattern, rank, world, devic
     """Compile and autotune on real steps, then put model, optimizers and data back where they started."""
     saved = (copy.deepcopy(base.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers])
     loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
+    schedule = TrainingSchedule(h)
     t0 = time.perf_counter()
     for s in range(h.compile_warmup_steps):
-        train_step(model, base, loader, optimizers, h, s, 0.0)
-    if h.depth_recur:
-        for s in range(2):  # the deeper graph too, or it would compile inside the timed run
-            train_step(model, base, loader, optimizers, h, s, 0.0, recur=True)
+        train_step(model, base, loader, optimizers, h, schedule, s, 0.0)
+    for forced in schedule.compile_variants():  # the later phases' graphs too, or they would compile in the timed run
+        for s in range(2):
+            train_step(model, base, loader, optimizers, h, schedule, s, 0.0, forced)
     sync(device)
     loader.close()
     base.load_state_dict(saved[0])
@@ -2143,15 +2305,22 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     flops_per_token = 6 * count_params(base)[0] + 12 * h.num_layers * h.model_dim * h.train_seq_len
     loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
     step, train_seconds, stop = 0, 0.0, False
-    calibrated = False
+    calibrated, schedule = False, TrainingSchedule(h)
     sync(device)
     t_start = time.perf_counter()
     while not stop:
         if h.ternary_calib:
-            if not calibrated and h.calib_at_frac < 1 and run_progress(step, train_seconds, h) >= h.calib_at_frac:
+            if not calibrated and h.calib_at_frac < 1 and schedule.on("calib", step, train_seconds):
                 calibrate_on_training_tokens(base, h, train_pattern, rank, world, device, log)
                 calibrated = True  # the rest of the run trains through the calibrated quantizer
-        loss = train_step(model, base, loader, optimizers, h, step, train_seconds)
+        if h.fp_phase:
+            if base.quant_mix.value == 0 and schedule.quant_mix(step, train_seconds) > 0:
+                log(f"qat_start step:{step}")
+        if h.ema_enabled:
+            if ema.shadow is None and schedule.on("ema", step, train_seconds):
+                ema.start()
+                log(f"ema_start step:{step}")
+        loss = train_step(model, base, loader, optimizers, h, schedule, step, train_seconds)
         if h.ema_enabled:
             ema.update()
         step += 1
@@ -2167,7 +2336,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
             if h.max_wallclock_seconds:
                 left = min(left, h.max_wallclock_seconds - train_seconds)
             log(
-                f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} lr_mult:{lr_multiplier(step, train_seconds, h):.3f} "
+                f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} lr_mult:{schedule.lr(step, train_seconds):.3f} "
                 f"tok/s:{tok_s:.0f} step_ms:{1000 * train_seconds / step:.1f} mfu:{h100_mfu(tok_s, flops_per_token, world):.3f} "
                 f"elapsed:{train_seconds:.1f}s remaining:{max(left, 0):.1f}s"
             )
@@ -2213,32 +2382,41 @@ def export_and_score(base, h, val, rank, world, device, log):
         rt_loss, rt_bpb = stream_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)
     else:
         rt_loss, rt_bpb = evaluate(fresh, val_tokens, luts, h, rank, world, device, h.eval_stride, docs)
-    eval_s = time.perf_counter() - t_rt
+    t_end = time.perf_counter()
+    challenge_s = challenge_eval_seconds(t_score - t_rt, t_end - t_score, val_tokens, luts, world)
     log(
         f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
-        f"eval_seconds:{eval_s:.1f} stride:{stride} isolated:{int(h.eval_doc_isolated)}"
+        f"eval_seconds:{t_end - t_rt:.1f} stride:{stride} isolated:{int(h.eval_doc_isolated)} "
+        f"challenge_eval_s:{challenge_s:.0f} fits:{int(challenge_s <= CHALLENGE_EVAL_SECONDS)}"
     )
-    challenge_s = challenge_eval_seconds(t_score - t_rt, time.perf_counter() - t_score, val_tokens, luts, world)
-    log(f"eval_estimate challenge_8gpu_s:{challenge_s:.0f} budget_s:{CHALLENGE_EVAL_SECONDS:.0f} "
-        f"fits:{int(challenge_s <= CHALLENGE_EVAL_SECONDS)}")
     return True
 
 
 def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
     """Compiles and wraps the model, trains it, and leaves the weights to export in `base` (the EMA's, when on).
     Returns whether training calibrated the ternary quantizer on the way."""
+    if h.fp_phase:
+        base.quant_mix = QuantMix(base)  # before compile and DDP, which must see the blending layers
     model = torch.compile(base, dynamic=False) if use_compile else base
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizers = build_optimizers(base, h)
+    if use_compile:
+        for opt in optimizers:
+            if isinstance(opt, Muon):
+                opt.compile_newton_schulz()
     ema = None
     if h.ema_enabled:
-        ema = EMA(base, h.ema_decay)
+        ema = EMA(base, h)
     if h.compile_warmup_steps:
         compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log)
     calibrated = train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
+    if h.fp_phase:
+        base.quant_mix.set(1.0)  # a run that stopped inside the ramp still exports (and scores) ternary weights
     if h.ema_enabled:
         ema.copy_to_model()
+        log(f"ema_applied steps:{ema.steps} decay:{h.ema_decay} domain:{h.ema_domain}")
+    log(f"trit_zero_frac:{trit_zero_frac(base):.4f}")
     return calibrated
 
 

@@ -79,7 +79,8 @@ UNPORTED = {
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
     "eval_doc_isolated": False,
-    "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False,
+    "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False, "fp_phase": False,
+    "ema_domain": "latent",
 }
 
 
@@ -104,6 +105,8 @@ class Hyperparameters:
     grad_accum_steps = Knob("GRAD_ACCUM_STEPS", 1, check=POS)
     warmup_steps = Knob("WARMUP_STEPS", 20, check=NONNEG)
     warmdown_frac = Knob("WARMDOWN_FRAC", 0.35, check=UNIT)
+    warmdown_shape = Knob("WARMDOWN_SHAPE", "linear", choices={"linear", "cosine"})
+    warmdown_min_lr = Knob("WARMDOWN_MIN_LR", 0.0, check=UNIT_OPEN)
     compile_warmup_steps = Knob("COMPILE_WARMUP_STEPS", 10, check=NONNEG)  # read, unused: MLX compiles lazily
     train_log_every = Knob("TRAIN_LOG_EVERY", 25, check=POS)
     # evaluation
@@ -214,6 +217,11 @@ class Hyperparameters:
     grad_clip_norm = Knob("GRAD_CLIP_NORM", 0.0, check=NONNEG)  # 0: off
     ema_enabled = Knob("EMA_ENABLED", False)
     ema_decay = Knob("EMA_DECAY", 0.997, check=UNIT_OPEN)
+    ema_start_frac = Knob("EMA_START_FRAC", -1.0, check=(lambda v: v == -1 or 0 <= v < 1, "must be -1 (the warmdown's start) or in [0, 1)"))
+    ema_domain = Knob("EMA_DOMAIN", "latent", choices={"latent", "ternary"})  # UNPORTED
+    fp_phase = Knob("FP_PHASE", False)  # UNPORTED, with the two knobs that tune it
+    qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
+    qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
@@ -254,6 +262,11 @@ class Hyperparameters:
     @property
     def head_dim(self):
         return self.model_dim // self.num_heads
+
+    @property
+    def ema_start(self):
+        """Progress from which EMA averages: EMA_START_FRAC, or by default (-1) the warmdown's start."""
+        return 1 - self.warmdown_frac if self.ema_start_frac < 0 else self.ema_start_frac
 
     @property
     def mlp_hidden(self):
@@ -776,13 +789,17 @@ def run_progress(step, elapsed, h):
 
 
 def lr_multiplier(step, elapsed, h):
-    """Linear warmup over WARMUP_STEPS, then 1, then a linear warmdown over the last WARMDOWN_FRAC of the run,
-    where the run's progress is whichever of the step budget and the wall-clock budget is further along."""
+    """Linear warmup over WARMUP_STEPS, then 1, then over the last WARMDOWN_FRAC of the run a warmdown (linear or
+    half-cosine) to WARMDOWN_MIN_LR, where the run's progress is whichever of the step budget and the wall-clock
+    budget is further along (train_gpt.py's TrainingSchedule.lr)."""
     if h.warmup_steps and step < h.warmup_steps:
         return (step + 1) / h.warmup_steps
     progress = run_progress(step, elapsed, h)
     if h.warmdown_frac and progress > 1 - h.warmdown_frac:
-        return max(0.0, (1 - progress) / h.warmdown_frac)
+        left = max(0.0, (1 - progress) / h.warmdown_frac)
+        if h.warmdown_shape == "cosine":
+            left = 0.5 * (1 - math.cos(math.pi * left))
+        return h.warmdown_min_lr + (1 - h.warmdown_min_lr) * left
     return 1.0
 
 
@@ -794,16 +811,22 @@ def muon_momentum(step, h):
 
 
 class EMA:
-    """Exponential moving average of the fp32 master parameters; swapped in before export."""
+    """Exponential moving average of the fp32 master parameters from EMA_START_FRAC of the run on (by default the
+    warmdown's start), started from that step's weights; swapped in before export."""
 
     def __init__(self, model, decay):
-        self.decay, self.shadow = decay, dict(state_dict(model))
+        self.decay, self.shadow = decay, None
+
+    def start(self, model):
+        self.shadow = dict(state_dict(model))
 
     def update(self, model):
-        self.shadow = {k: s + (1 - self.decay) * (p - s) for (k, s), p in zip(self.shadow.items(), state_dict(model).values())}
+        if self.shadow is not None:
+            self.shadow = {k: s + (1 - self.decay) * (p - s) for (k, s), p in zip(self.shadow.items(), state_dict(model).values())}
 
     def copy_to_model(self, model):
-        model.update(tree_unflatten(list(self.shadow.items())))
+        if self.shadow is not None:
+            model.update(tree_unflatten(list(self.shadow.items())))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1148,10 +1171,14 @@ def train(model, optimizers, ema, h, train_pattern, val, log, use_compile):
     step, train_seconds, stop = 0, 0.0, False
     t_start = time.perf_counter()
     while not stop:
+        if h.ema_enabled:
+            if ema.shadow is None and run_progress(step, train_seconds, h) >= h.ema_start:
+                ema.start(model)
+                log(f"ema_start step:{step}")
         loss = train_step(model, grad_fn, loader, optimizers, h, step, train_seconds)
         if h.ema_enabled:
             ema.update(model)
-        mx.eval(loss, model.parameters(), optimizers.state(), ema.shadow if ema else [])
+        mx.eval(loss, model.parameters(), optimizers.state(), ema.shadow if ema and ema.shadow else [])
         step += 1
         train_seconds = time.perf_counter() - t_start
         stop = step >= h.iterations or (h.max_wallclock_seconds and train_seconds >= h.max_wallclock_seconds)

@@ -180,6 +180,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "TERNARY_CALIB": ({}, "class CalibratedTernaryLinear"),
     "CHECKPOINT_SAVE": ({}, "def save_checkpoint"),
     "EVAL_FROM_CHECKPOINT": ({}, "def load_checkpoint"),
+    "FP_PHASE": ({}, "class QuantMix"),
 }
 
 

@@ -103,13 +103,14 @@ def test_optimizer_steps_match():
     h = tg.Hyperparameters({**SHAPE, **env})
     opts, mopts = tg.build_optimizers(m, h), tm.Optimizers(mm, tm.Hyperparameters({**SHAPE, **env}))
     grad_fn = tm.make_grad_fn(mm, use_compile=False)
+    sched = tg.TrainingSchedule(h)
     for step in range(2):
         x, y = batch(step)
         for opt in opts:  # train_gpt.train_step's schedule
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * tg.lr_multiplier(step, 0.0, h)
+                g["lr"] = g["base_lr"] * sched.lr(step, 0.0)
                 if isinstance(opt, tg.Muon):
-                    g["momentum"] = tg.muon_momentum(step, h)
+                    g["momentum"] = sched.momentum(step)
         m(x, y).backward()
         for opt in opts:
             opt.step()

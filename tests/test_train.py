@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import train_gpt as tg
+
 from conftest import event_bpb, log_values, run_train
 
 
@@ -188,3 +190,139 @@ def test_non_finite_weights_are_never_written(shards, tmp_path, target):
     assert "tok_emb.weight" in error
     for path in good.values():
         assert path.read_bytes() == b"good " + path.name.encode()
+
+@pytest.fixture
+def one_thread():
+    """In-process training like the subprocess runs (OMP_NUM_THREADS=1): on a shared CPU, spinning intra-op
+    threads make small kernels many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unquantized_copy(m, cls):
+    """A deep copy of m whose ternary layers are all of class cls."""
+    import copy
+
+    ref = copy.deepcopy(m)
+    for layer in ref.modules():
+        if isinstance(layer, tg.TernaryLinear):
+            layer.__class__ = cls
+    return ref
+
+
+class FloatLinear(tg.TernaryLinear):
+    """The FP phase's reference: the latent weight, unquantized."""
+
+    def quantized_weight(self):
+        return self.weight
+
+
+def test_fp_phase_switches_inside_one_compiled_graph(one_thread):
+    """FP_PHASE under torch.compile: one graph serves both phases (a recompile raises), the steps before
+    QAT_START_FRAC compute the unquantized forward and the steps from it the ternary one, each against an eager
+    reference on the same weights. (aot_eager keeps the test fast: the guards and the lifted buffers are dynamo's
+    and AOTAutograd's; inductor was checked by hand, see the i12 report.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from test_model import BASE
+    from test_optim import OneBatchLoader
+
+    h = tg.Hyperparameters({**BASE, "NUM_LAYERS": "2", "FP_PHASE": "1", "QAT_START_FRAC": "0.5", "ITERATIONS": "4",
+                            "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "MATRIX_LR": "0.05"})
+    torch.manual_seed(0)
+    base = tg.GPT(h)
+    with torch.no_grad():  # away from the zero-init projections, so that quantizing changes the loss visibly
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    base.quant_mix = tg.QuantMix(base)
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.compile(base, backend="aot_eager", dynamic=False)
+    opts, sched = tg.build_optimizers(base, h), tg.TrainingSchedule(h)
+    idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    for step in range(4):
+        with torch.no_grad():
+            fp, ternary = (unquantized_copy(base, cls)(idx, idx).item() for cls in (FloatLinear, tg.TernaryLinear))
+        assert abs(fp - ternary) > 1e-2
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            loss = tg.train_step(model, base, OneBatchLoader(idx, idx), opts, h, sched, step, 0.0).item()
+        assert loss == pytest.approx(fp if step < 2 else ternary, abs=1e-5), step
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs >= 1
+    assert base.quant_mix.value == 1.0
+
+
+def fit_in_process(shards, monkeypatch, **env):  # use with the one_thread fixture
+    """train_gpt.fit on the TINY config in this process: (model, h, log lines, the parameters after every step
+    as float64 numpy arrays, (val tokens, byte tables))."""
+    import sentencepiece as spm
+    from conftest import TINY, TOKENIZER
+
+    h = tg.Hyperparameters({**TINY, "DATA_PATH": str(shards), **{k: str(v) for k, v in env.items()}})
+    torch.manual_seed(h.seed)
+    base = tg.GPT(h)
+    trajectory, logs, step_fn = [], [], tg.train_step
+
+    def recording_step(*args, **kwargs):
+        loss = step_fn(*args, **kwargs)
+        trajectory.append({n: p.detach().double().numpy().copy() for n, p in base.named_parameters()})
+        return loss
+
+    monkeypatch.setattr(tg, "train_step", recording_step)
+    tokens = tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), h.vocab_size, h.max_val_tokens)
+    val = (tokens, tg.build_byte_luts(spm.SentencePieceProcessor(model_file=TOKENIZER), h.vocab_size))
+    tg.fit(base, h, str(shards / "fineweb_train_*.bin"), val, 0, 1, torch.device("cpu"), logs.append, False)
+    return base, h, logs, trajectory, val
+
+
+@pytest.mark.parametrize("domain", ["latent", "ternary"])
+def test_ema_averages_the_warmdown_and_exports_what_it_scores(shards, monkeypatch, one_thread, domain):
+    """EMA over the warmdown (8 steps, WARMDOWN_FRAC 0.25: from step 6 on): the shadow starts from the weights
+    before step 6 and follows steps 6 and 7, as a float64 loop over the recorded trajectory computes it (in the
+    ternary domain, over numpy-dequantized trits). The artifact of the averaged model reloads to the same trits
+    and scales, and scores exactly what the averaged model scores with its small parameters in fp16."""
+    import copy
+
+    import numpy as np
+    from test_quant import numpy_ternary
+
+    base, h, logs, trajectory, (tokens, luts) = fit_in_process(
+        shards, monkeypatch, ITERATIONS=8, WARMDOWN_FRAC=0.25, EMA_ENABLED=1, EMA_DECAY=0.6, EMA_DOMAIN=domain)
+    assert len(trajectory) == 8 and "ema_start step:6" in logs
+    assert f"ema_applied steps:2 decay:0.6 domain:{domain}" in logs
+    ternary = {n + ".weight" for n, m in base.named_modules() if isinstance(m, tg.TernaryLinear)}
+    for name, p in base.named_parameters():
+        seen = [t[name] for t in trajectory[5:]]  # before step 6 (after step 5), after step 6, after step 7
+        if domain == "ternary" and name in ternary:
+            seen = [np.repeat(s, h.group_size, axis=1) * t for t, s in (numpy_ternary(w, h.group_size) for w in seen)]
+        want = seen[0]
+        for w in seen[1:]:
+            want = 0.6 * want + 0.4 * w
+        np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-5, atol=1e-7, err_msg=name)
+    fresh = tg.GPT(h)
+    fresh.load_state_dict(tg.deserialize_state(tg.serialize_model(base, h)))
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name not in ternary:
+                p.copy_(p.half().float())  # the artifact's fp16 small parameters
+    for (name, a), b in zip(tg.ternary_modules(ref).items(), tg.ternary_modules(fresh).values()):
+        assert all(torch.equal(x, y) for x, y in zip(a.quantize(), b.quantize())), name
+    cpu = torch.device("cpu")
+    assert tg.evaluate(fresh, tokens, luts, h, 0, 1, cpu) == tg.evaluate(ref, tokens, luts, h, 0, 1, cpu)
+    assert tg.evaluate(base, tokens, luts, h, 0, 1, cpu)[1] == pytest.approx(
+        tg.evaluate(fresh, tokens, luts, h, 0, 1, cpu)[1], abs=2e-3)
+
+
+def test_trit_zero_frac_is_logged_after_training(shards, monkeypatch, one_thread):
+    import numpy as np
+    from test_quant import numpy_ternary
+
+    base, h, logs, _, _ = fit_in_process(shards, monkeypatch, ITERATIONS=2, MUON_WD=0.1)
+    trits = [numpy_ternary(m.weight.detach().numpy(), h.group_size)[0] for m in tg.ternary_modules(base).values()]
+    want = sum((t == 0).sum() for t in trits) / sum(t.size for t in trits)
+    assert 0.2 < want < 0.5 and [line for line in logs if line.startswith("trit_zero_frac:")] == [
+        f"trit_zero_frac:{want:.4f}"]
