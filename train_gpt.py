@@ -2387,7 +2387,7 @@ def export_and_score(base, h, val, rank, world, device, log):
     log(
         f"final_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_bpb:.4f} gap_bpb:{rt_bpb - pre_bpb:+.4f} "
         f"eval_seconds:{t_end - t_rt:.1f} stride:{stride} isolated:{int(h.eval_doc_isolated)} "
-        f"challenge_eval_s:{challenge_s:.0f} fits:{int(challenge_s <= CHALLENGE_EVAL_SECONDS)}"
+        f"challenge_eval_seconds:{challenge_s:.0f} fits:{int(challenge_s <= CHALLENGE_EVAL_SECONDS)}"
     )
     return True
 

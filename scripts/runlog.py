@@ -23,7 +23,7 @@ FIELDS = {
     "calib_s": (rf"^calibration tensors:.*?seconds:{NUM}", float),
     "ttt_adapted": (r"^stream_eval ttt:1 .*?adapted:(\d+)", int),
     "lora_adapted_chunks": (r"^lora_ttt .*?adapted_chunks:(\d+)", int),
-    "challenge_eval_s": (r"^final_roundtrip .*?challenge_eval_s:(\d+)", int),
+    "challenge_eval_s": (r"^final_roundtrip .*?challenge_eval_seconds:(\d+)", int),
     "pre_export_val_bpb": (rf"pre_export val_loss:\S+ val_bpb:{NUM}", float),
     "model_bytes": (r"artifact packing:\S+ model_bytes:(\d+)", int),
     "code_bytes": (r"artifact packing:.*?code_bytes:(\d+)", int),
