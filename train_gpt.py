@@ -1922,10 +1922,13 @@ def compress_model(model, h, log=print):
     packing = min(trial, key=trial.get)
     t1 = time.perf_counter()
     blob = brotli.compress(payloads[packing], quality=h.brotli_quality, lgwin=24)
+    header = read_header(payloads[packing])[0]
+    trits = sum(math.prod(t["shape"]) for t in header["tensors"] if t["kind"] == "ternary")
     log(
         "export " + " ".join(f"q{trial_quality}_{p}:{n}" for p, n in trial.items())
-        + f" chosen:{packing} q{h.brotli_quality}_bytes:{len(blob)} pack_seconds:{t1 - t0:.1f} "
-        f"seconds:{time.perf_counter() - t1:.1f}"
+        + f" chosen:{packing} q{h.brotli_quality}_bytes:{len(blob)} trits:{trits} "
+        f"trit_section_bits:{8 * header['trits'][1] / max(trits, 1):.4f} scale_section_bytes:{header['scales'][1]} "
+        f"pack_seconds:{t1 - t0:.1f} seconds:{time.perf_counter() - t1:.1f}"
     )
     return packing, blob
 
