@@ -204,6 +204,7 @@ class Hyperparameters:
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
     export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # float matrices
     export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
+    embed_qat = Knob("EMBED_QAT", False)  # train through EXPORT_EMBED's int rounding of tok_emb (straight-through)
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # checkpoint: score one trained model under other post-training settings without training it again
     checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
@@ -216,6 +217,7 @@ class Hyperparameters:
             if isinstance(knob, Knob):
                 setattr(self, attr, knob.read(environ))
         self._check_shapes()
+        self._check_export()
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -254,6 +256,11 @@ class Hyperparameters:
             if self.mlp_hidden % (self.moe_experts * self.group_size):
                 raise ConfigError(f"MLP hidden {self.mlp_hidden} must split into MOE_EXPERTS={self.moe_experts} "
                                   f"experts of whole GROUP_SIZE={self.group_size} groups")
+
+    def _check_export(self):
+        if self.embed_qat and self.export_embed not in INT_BITS:
+            raise ConfigError(f"EMBED_QAT=1 trains through an int format: set EXPORT_EMBED to one of {', '.join(INT_BITS)} "
+                              f"(it is {self.export_embed})")
 
     @property
     def head_dim(self):
@@ -449,11 +456,13 @@ def ternary_quantize(w, group_size):
 
 
 INT_SCALE_MIN = 2.0**-24  # the smallest fp16 subnormal: an all-zero row still gets a scale
+INT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4}
 
 
 def int_rows_quantize(w, bits):
     """(codes as float, per-row scale (rows, 1)) of w viewed as rows along dim 0: symmetric, scale = max|row| /
-    (2^(bits-1) - 1) rounded to fp16, codes rounded half to even. The int export formats store exactly this."""
+    (2^(bits-1) - 1) rounded to fp16, codes rounded half to even. The int export formats store exactly this, and
+    EMBED_QAT trains through it."""
     qmax = 2 ** (bits - 1) - 1
     rows = w.float().reshape(w.shape[0], -1)
     scale = (rows.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(INT_SCALE_MIN).half().float()
@@ -956,9 +965,19 @@ class GPT(nn.Module):
                 order = order[: h.recur_end] + again + order[h.recur_end :]
         return order
 
+    def embedding_weight(self):
+        """EMBED_QAT: the token embedding rounded as EXPORT_EMBED stores it, with a straight-through gradient, so the
+        model that trains and scores before export is the one the artifact holds."""
+        w = self.tok_emb.weight
+        q, scale = int_rows_quantize(w.detach(), INT_BITS[self.h.export_embed])
+        return w + (q * scale - w).detach()
+
     def embed(self, idx):
         h = self.h
-        x = self.tok_emb(idx)
+        if h.embed_qat:
+            x = F.embedding(idx, self.embedding_weight())
+        else:
+            x = self.tok_emb(idx)
         if self.embed_in is not None:
             x = self.embed_in(x)
         x = F.rms_norm(x, (x.size(-1),))
@@ -1033,7 +1052,11 @@ class GPT(nn.Module):
         x, aux, state = self.hidden(idx, state, recur)
         if self.embed_out is not None:
             x = self.embed_out(x)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        h = self.h
+        weight = self.tok_emb.weight
+        if h.embed_qat:
+            weight = self.embedding_weight()
+        logits = F.linear(x, weight.to(x.dtype)).float()
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits, aux, state
@@ -1585,7 +1608,6 @@ def ttt_adapt(model, opt, chunk, h, batch_seqs, device):
 ARTIFACT_MAGIC = b"TGPT\x02"  # version 2: trits and scales in one section each, per-tensor float formats
 FP8_MAX = 448.0
 FLOAT_MATRIX_MIN = 16  # a float tensor whose two sides are both at least this long is a matrix (lossy formats apply)
-INT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4}
 RANS_PROB_BITS = 12  # each context's digit frequencies sum to 4096
 RANS_LOW = 1 << 16  # lane states live in [2^16, 2^32): at most one 16-bit word moves per symbol
 RANS_LANES = 2048  # lanes at most; each costs its 4-byte final state (8 KB in all, 0.0013 bits per trit at 51M)
@@ -1833,10 +1855,9 @@ def ternary_modules(model):
     return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
 
 
-def serialize_model(model, h, trit_packing="base3"):
-    """Uncompressed payload: magic, header length, JSON header (formats and tensor table), then the bytes: each
-    float tensor's in table order, then the trits of all ternary tensors packed as one stream, then their fp16
-    scales as byte planes."""
+def export_parts(model, h):
+    """(tensor table, float tensor bytes, trits of all ternary tensors (flat int8), their fp16 scales): the part of
+    the payload every trit packing shares, quantized once."""
     ternary, codecs = ternary_modules(model), float_codecs(h)
     table, chunks, trits, scales, offset = [], [], [], [], 0
     for name, p in model.state_dict().items():
@@ -1852,13 +1873,25 @@ def serialize_model(model, h, trit_packing="base3"):
             chunks.append(data)
             offset += len(data)
         table.append(entry)
+    return table, chunks, np.concatenate(trits or [np.zeros(0, np.int8)]), np.concatenate(scales or [np.zeros(0, np.float16)])
+
+
+def assemble_payload(parts, trit_packing):
+    """Uncompressed payload: magic, header length, JSON header (formats and tensor table), then the bytes: each
+    float tensor's in table order, then the trits of all ternary tensors packed as one stream, then their fp16
+    scales as byte planes."""
+    table, chunks, trits, scales = parts
+    offset = sum(len(c) for c in chunks)
     shapes = [tuple(e["shape"]) for e in table if e["kind"] == "ternary"]
-    chunks.append(TRIT_PACKERS[trit_packing][0](np.concatenate(trits or [np.zeros(0, np.int8)]), shapes))
-    chunks.append(fp16_planes(np.concatenate(scales or [np.zeros(0, np.float16)])))
-    header = {"trit_packing": trit_packing, "trits": [offset, len(chunks[-2])], "scale_layout": "planes",
-              "scales": [offset + len(chunks[-2]), len(chunks[-1])], "tensors": table}
+    trit_data, scale_data = TRIT_PACKERS[trit_packing][0](trits, shapes), fp16_planes(scales)
+    header = {"trit_packing": trit_packing, "trits": [offset, len(trit_data)], "scale_layout": "planes",
+              "scales": [offset + len(trit_data), len(scale_data)], "tensors": table}
     header = json.dumps(header, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks) + trit_data + scale_data
+
+
+def serialize_model(model, h, trit_packing="base3"):
+    return assemble_payload(export_parts(model, h), trit_packing)
 
 
 def read_header(payload):
@@ -1916,7 +1949,8 @@ def compress_model(model, h, log=print):
     import brotli
 
     t0 = time.perf_counter()
-    payloads = {packing: serialize_model(model, h, packing) for packing in TRIT_PACKERS}
+    parts = export_parts(model, h)
+    payloads = {packing: assemble_payload(parts, packing) for packing in TRIT_PACKERS}
     trial_quality = min(5, h.brotli_quality)
     trial = {p: len(brotli.compress(b, quality=trial_quality, lgwin=24)) for p, b in payloads.items()}
     packing = min(trial, key=trial.get)

@@ -78,7 +78,7 @@ UNPORTED = {
     "skc_enabled": False, "parallel_residual": False, "shared_blocks": False, "depth_recur": False,
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
-    "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False,
+    "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False, "embed_qat": False,
 }
 
 
@@ -210,6 +210,7 @@ class Hyperparameters:
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
     export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # float matrices
     export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
+    embed_qat = Knob("EMBED_QAT", False)  # train_gpt.py's embedding QAT: read, refused when on (UNPORTED)
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # train_gpt.py's checkpoint re-scoring: read for the same config line, refused when on (UNPORTED)
     checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training

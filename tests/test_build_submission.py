@@ -178,6 +178,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "TERNARY_CALIB": ({}, "class CalibratedTernaryLinear"),
     "CHECKPOINT_SAVE": ({}, "def save_checkpoint"),
     "EVAL_FROM_CHECKPOINT": ({}, "def load_checkpoint"),
+    "EMBED_QAT": ({"EXPORT_EMBED": "int6"}, "def embedding_weight"),
 }
 
 
@@ -229,10 +230,10 @@ def test_export_formats_a_config_does_not_use_are_stripped(trainer, tmp_path, fo
     mod = bs.load_trainer(path)
     h = mod.Hyperparameters({})
     m = mod.GPT(h).eval()
-    payload = mod.serialize_model(m, h, "rans")
+    payload = mod.assemble_payload(mod.export_parts(m, h), "rans")
     fresh = mod.GPT(h).eval()
     fresh.load_state_dict(mod.deserialize_state(payload, h))
-    assert mod.serialize_model(fresh, h, "rans") == payload
+    assert mod.assemble_payload(mod.export_parts(fresh, h), "rans") == payload
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -109,7 +109,8 @@ def skewed_trits(rng, n, p_zero):
 
 @pytest.mark.parametrize("shapes,p_zero,lanes", [
     ([(1, 1)], 0.3, 2048), ([(3, 5)], 0.9, 2048), ([(4, 32), (8, 16)], 0.31, 1), ([(16, 64), (0, 8), (32, 32)], 0.5, 3),
-    ([(48, 128), (24, 256)], 0.05, 7), ([(40, 50)], 1.0, 4), ([(64, 96), (96, 64)], 0.0, 5)])
+    ([(48, 128), (24, 256)], 0.05, 7), ([(40, 50)], 1.0, 4), ([(64, 96), (96, 64)], 0.0, 5),
+    ([(100, 200)], 0.9998, 2)])  # digits rarer than 1/4096 in their context still get a frequency
 def test_rans_roundtrip_matches_the_slow_reference(shapes, p_zero, lanes, monkeypatch):
     monkeypatch.setattr(tg, "RANS_LANES", lanes)
     monkeypatch.setattr(tg, "RANS_LANE_TRITS", 16)  # several lanes even on small inputs
@@ -439,3 +440,31 @@ def test_rescoring_refuses_a_checkpoint_it_cannot_describe(saved, shards, tmp_pa
         r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, **{**knobs, **overrides})
         assert r.returncode == 2 and message in r.stderr, (overrides, r.stdout + r.stderr)
         assert not (tmp_path / "model.ptz").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EMBED_QAT: training through the embedding's export rounding
+
+def test_embed_qat_trains_the_exported_embedding():
+    """With EMBED_QAT the forward sees tok_emb as EXPORT_EMBED stores it: the reloaded artifact gives bit-identical
+    logits, and the gradient reaching the float embedding is the one of a plain model holding the rounded embedding
+    (straight-through)."""
+    h = tg.Hyperparameters({"EMBED_QAT": "1", "EXPORT_EMBED": "int6"})
+    m = fp16_exact(model(EMBED_QAT="1", EXPORT_EMBED="int6")).eval()  # the other floats are stored in fp16
+    state = tg.deserialize_state(tg.serialize_model(m, h, "base3"), h)
+    fresh = model(EMBED_QAT="1", EXPORT_EMBED="int6").eval()
+    fresh.load_state_dict(state)
+    idx, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
+    assert torch.equal(m.logits(idx)[0], fresh.logits(idx)[0])
+    q, scale = ref_int_rows(m.tok_emb.weight.detach().numpy(), 6)
+    plain = model().eval()
+    plain.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        plain.tok_emb.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale.astype(np.float32)))
+    assert torch.equal(plain.logits(idx)[0], m.logits(idx)[0])
+    m(idx, targets).backward()
+    plain(idx, targets).backward()
+    assert m.tok_emb.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(m.tok_emb.weight.grad, plain.tok_emb.weight.grad, rtol=1e-6, atol=1e-9)
+    with pytest.raises(tg.ConfigError, match="EMBED_QAT=1 trains through an int format"):
+        tg.Hyperparameters({"EMBED_QAT": "1", "EXPORT_EMBED": "fp8"})

@@ -301,7 +301,7 @@ def test_torch_artifact_loads_into_mlx(shards, tmp_path):
 
 @pytest.mark.parametrize("name", ["SKC_ENABLED", "PARALLEL_RESIDUAL", "SHARED_BLOCKS", "DEPTH_RECUR",
                                   "CAPSULES_ENABLED", "FEEDBACK_ENABLED", "ENGRAM_ENABLED", "MOE_ENABLED",
-                                  "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM", "TERNARY_CALIB"])
+                                  "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM", "TERNARY_CALIB", "EMBED_QAT"])
 def test_unported_flag_is_a_clear_error(name):
     with pytest.raises(tm.ConfigError, match=f"{name}=True is not implemented in train_gpt_mlx.py"):
         tm.Hyperparameters({name: "1"})
