@@ -874,8 +874,7 @@ def evaluate(model, tokens, luts, h):
 ARTIFACT_MAGIC = b"TGPT\x02"  # version 2: trits and scales in one section each, per-tensor float formats
 FP8_MAX = 448.0
 FLOAT_MATRIX_MIN = 16  # a float tensor whose two sides are both at least this long is a matrix (lossy formats apply)
-INT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4}
-RANS_PROB_BITS = 12  # each context's digit frequencies sum to 4096
+RANS_PROB_BITS = 10  # each context's digit frequencies sum to 1024 (tables of 1024 slots per context stay in cache)
 RANS_LOW = 1 << 16  # lane states live in [2^16, 2^32): at most one 16-bit word moves per symbol
 RANS_LANES = 2048  # lanes at most; each costs its 4-byte final state (8 KB in all, 0.0013 bits per trit at 51M)
 RANS_LANE_TRITS = 16384  # trits per lane at least, so the states cost < 0.002 bits per trit
@@ -992,29 +991,32 @@ def pack_trits_rans(trits, shapes):
 
 def rans_decode(x, words, freq, T, starts, cols):
     """Digits (T * lanes + 1, as rans_neighbours lays them out) of rans_encode's words; every row's contexts come
-    from the rows already decoded."""
-    lanes, contexts = len(x), len(freq)
+    from the rows already decoded. Tables indexed by context << bits | slot give the digit, its frequency and
+    slot - its cumulative frequency, so one step is a handful of numpy calls on `lanes` numbers."""
+    lanes, bits = len(x), RANS_PROB_BITS
     cum = np.cumsum(freq, 1) - freq
-    f_of, c_of = freq.reshape(-1).astype(np.uint32), cum.reshape(-1).astype(np.uint32)
-    digit_of = np.repeat(np.tile(np.arange(3, dtype=np.uint8), contexts), freq.reshape(-1))  # [ctx << bits | slot]
+    digit_of = np.repeat(np.tile(np.arange(3, dtype=np.uint8), len(freq)), freq.reshape(-1))
+    slot = np.tile(np.arange(1 << bits, dtype=np.int64), len(freq))
+    row = np.repeat(np.arange(len(freq)), 1 << bits)
+    f_of = freq[row, digit_of].astype(np.uint32)
+    b_of = (slot - cum[row, digit_of]).astype(np.uint32)
     D, pos = np.ones(T * lanes + 1, np.uint8), 0
-    bits, mask = np.uint32(RANS_PROB_BITS), np.uint32((1 << RANS_PROB_BITS) - 1)
+    shift, mask = np.uint32(bits), np.uint32((1 << bits) - 1)
     for t in range(T):
         if t % RANS_BLOCK == 0:
             base, left, above = rans_neighbours(T, lanes, t, min(T, t + RANS_BLOCK), starts, cols)
+            base = base << bits
         j = t % RANS_BLOCK
-        ctx = base[j] + 3 * D[above[j]] + D[left[j]]
-        slot = x & mask
-        D[t * lanes : (t + 1) * lanes] = d = digit_of[(ctx << RANS_PROB_BITS) + slot]
-        i = ctx * 3 + d
-        x = f_of[i] * (x >> bits) + slot - c_of[i]
+        k = (base[j] + ((3 * D[above[j]] + D[left[j]]).astype(np.int32) << bits)) | (x & mask).astype(np.int32)
+        D[t * lanes : (t + 1) * lanes] = digit_of[k]
+        x = f_of[k] * (x >> shift) + b_of[k]
         low = x < RANS_LOW
-        k = int(np.count_nonzero(low))
-        if k:
-            if pos + k > len(words):
+        n = int(np.count_nonzero(low))
+        if n:
+            if pos + n > len(words):
                 raise ArtifactError("the rANS trit stream is truncated")
-            x[low] = (x[low] << np.uint32(16)) | words[pos : pos + k][::-1]
-            pos += k
+            x[low] = (x[low] << np.uint32(16)) | words[pos : pos + n][::-1]
+            pos += n
     if pos != len(words) or (x != RANS_LOW).any():
         raise ArtifactError("the rANS trit stream does not end in its initial state (corrupt)")
     return D
@@ -1080,6 +1082,7 @@ def to_fp8_e4m3(x):
 
 
 INT_SCALE_MIN = 2.0**-24  # the smallest fp16 subnormal: an all-zero row still gets a scale
+INT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4}
 
 
 def int_rows_quantize(w, bits):
