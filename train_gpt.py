@@ -205,6 +205,7 @@ class Hyperparameters:
     export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # float matrices
     export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
     embed_qat = Knob("EMBED_QAT", False)  # train through EXPORT_EMBED's int rounding of tok_emb (straight-through)
+    scale_format = Knob("SCALE_FORMAT", "fp16", choices={"fp16", "log8"})  # ternary group scales, in training too
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # checkpoint: score one trained model under other post-training settings without training it again
     checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
@@ -258,6 +259,8 @@ class Hyperparameters:
                                   f"experts of whole GROUP_SIZE={self.group_size} groups")
 
     def _check_export(self):
+        if self.scale_format == "log8" and self.ternary_calib:
+            raise ConfigError("SCALE_FORMAT=log8 with TERNARY_CALIB=1: calibration rounds its scales to fp16")
         if self.embed_qat and self.export_embed not in INT_BITS:
             raise ConfigError(f"EMBED_QAT=1 trains through an int format: set EXPORT_EMBED to one of {', '.join(INT_BITS)} "
                               f"(it is {self.export_embed})")
@@ -469,6 +472,31 @@ def int_rows_quantize(w, bits):
     return (rows / scale).round().clamp_(-qmax, qmax), scale
 
 
+LOG8_STEPS = 16  # SCALE_FORMAT=log8 codes per octave: neighbouring scales differ by 2^(1/16), 4.4%
+LOG8_FACTORS = np.exp2(-np.arange(256) / LOG8_STEPS).astype(np.float32)  # scale = row base x LOG8_FACTORS[code]
+LOG8_BOUNDS = np.exp2(-(np.arange(255)[::-1] + 0.5) / LOG8_STEPS).astype(np.float32)  # ascending midpoints
+
+
+def log8_codes(absmean):
+    """SCALE_FORMAT=log8: (codes (rows, groups), base (rows, 1)) of positive per-group values (rows, groups): base is
+    the row's largest value rounded to fp16, the code counts the midpoints between steps of 2^(-1/16) that lie above
+    value / base (so the largest group has code 0, and code 255 is the floor)."""
+    base = absmean.amax(dim=1, keepdim=True).half().float()
+    bounds = torch.from_numpy(LOG8_BOUNDS).to(absmean.device)
+    return 255 - torch.bucketize(absmean / base, bounds, right=True), base
+
+
+def ternary_quantize_log8(w, group_size):
+    """ternary_quantize with SCALE_FORMAT=log8 scales: the group absmean rounded to the nearest step of its row's
+    log grid, base x 2^(-code/16) in fp32, which is exactly what the artifact's base and code give back."""
+    rows, cols = w.shape
+    g = w.float().reshape(rows, cols // group_size, group_size)
+    codes, base = log8_codes(g.abs().mean(dim=-1).clamp_min(SCALE_EPS))
+    scale = base * torch.from_numpy(LOG8_FACTORS).to(w.device)[codes]
+    trits = (g / scale.unsqueeze(-1)).round().clamp_(-1, 1)
+    return trits.reshape(rows, cols), scale
+
+
 def dequantize_ternary(trits, scale, group_size):
     rows, cols = trits.shape
     return (trits.reshape(rows, -1, group_size) * scale.unsqueeze(-1)).reshape(rows, cols)
@@ -532,6 +560,26 @@ class CalibratedTernaryLinear(TernaryLinear):
         trits = torch.sign(g) * ((g / base).abs() > threshold)
         scale = (base * mult).half().float()
         return trits.reshape(rows, cols), scale.squeeze(-1)
+
+
+class Log8TernaryLinear(TernaryLinear):
+    """SCALE_FORMAT=log8: a TernaryLinear whose group scales live on a per-row log grid of 8-bit codes, in training
+    and in the artifact alike (about 4 bits per group after brotli instead of 10)."""
+
+    def quantize(self):
+        return ternary_quantize_log8(self.weight.detach(), self.group_size)
+
+    def quantized_weight(self):
+        # exactly the quantized value (w - w.detach() is 0) with w's gradient: log8 scales use the whole fp32
+        # mantissa, so w + (wq - w) would round away from wq, and a reloaded model would score differently
+        w = self.weight
+        return dequantize_ternary(*self.quantize(), self.group_size) + (w - w.detach())
+
+
+def enable_log8_scales(model):
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.__class__ = Log8TernaryLinear
 
 
 def enable_calibration(model):
@@ -953,6 +1001,8 @@ class GPT(nn.Module):
             self.register_buffer("logit_temperature", torch.ones(()))  # set after training, travels in the artifact
         if h.ternary_calib:
             enable_calibration(self)
+        if h.scale_format == "log8":
+            enable_log8_scales(self)
 
     def layer_order(self, recur):
         """(layer, first visit) in execution order. Layer i runs block i mod len(blocks) (shared blocks reuse them);
@@ -1859,8 +1909,8 @@ def ternary_modules(model):
 
 
 def export_parts(model, h):
-    """(tensor table, float tensor bytes, trits of all ternary tensors (flat int8), their fp16 scales): the part of
-    the payload every trit packing shares, quantized once."""
+    """(tensor table, float tensor bytes, trits of all ternary tensors (flat int8), scale layout, scale bytes): the
+    part of the payload every trit packing shares, quantized once."""
     ternary, codecs = ternary_modules(model), float_codecs(h)
     table, chunks, trits, scales, offset = [], [], [], [], 0
     for name, p in model.state_dict().items():
@@ -1868,7 +1918,7 @@ def export_parts(model, h):
         if name in ternary:
             t, s = ternary[name].quantize()
             trits.append(t.to(torch.int8).cpu().numpy().reshape(-1))
-            scales.append(s.half().cpu().numpy().reshape(-1))
+            scales.append(s)
             entry.update(kind="ternary", group_size=ternary[name].group_size)
         else:
             meta, data = codecs[float_format(name, p, h)][0](p.detach().float().cpu())
@@ -1876,18 +1926,38 @@ def export_parts(model, h):
             chunks.append(data)
             offset += len(data)
         table.append(entry)
-    return table, chunks, np.concatenate(trits or [np.zeros(0, np.int8)]), np.concatenate(scales or [np.zeros(0, np.float16)])
+    layout, scale_data = "planes", fp16_planes(np.concatenate([s.half().cpu().numpy().reshape(-1) for s in scales] or [[]]))
+    if h.scale_format == "log8":
+        layout, scale_data = "log8", log8_scale_bytes(scales)
+    return table, chunks, np.concatenate(trits or [np.zeros(0, np.int8)]), layout, scale_data
+
+
+def log8_scale_bytes(scales):
+    """SCALE_FORMAT=log8: every tensor's row bases (fp16, as byte planes), then every group's code (uint8). The
+    scales are already on their row's grid, so log8_codes gives back the codes that made them."""
+    pairs = [log8_codes(s.float()) for s in scales]
+    codes = [c.cpu().numpy().reshape(-1).astype(np.uint8) for c, _ in pairs] or [np.zeros(0, np.uint8)]
+    bases = [b.cpu().numpy().reshape(-1).astype(np.float16) for _, b in pairs] or [np.zeros(0, np.float16)]
+    return fp16_planes(np.concatenate(bases)) + np.concatenate(codes).tobytes()
+
+
+def read_log8_scales(buf, ternary):
+    """Per-group fp32 scales of a log8 scale section: base x LOG8_FACTORS[code], as the training quantizer has them."""
+    rows = sum(t["shape"][0] for t in ternary)
+    bases = from_fp16_planes(buf[: 2 * rows]).astype(np.float32)
+    per_row = np.concatenate([[t["shape"][1] // t["group_size"]] * t["shape"][0] for t in ternary] or [[]]).astype(np.int64)
+    return np.repeat(bases, per_row) * LOG8_FACTORS[np.frombuffer(buf[2 * rows :], np.uint8)]
 
 
 def assemble_payload(parts, trit_packing):
     """Uncompressed payload: magic, header length, JSON header (formats and tensor table), then the bytes: each
-    float tensor's in table order, then the trits of all ternary tensors packed as one stream, then their fp16
-    scales as byte planes."""
-    table, chunks, trits, scales = parts
+    float tensor's in table order, then the trits of all ternary tensors packed as one stream, then their scales
+    (fp16 byte planes, or SCALE_FORMAT=log8's bases and codes)."""
+    table, chunks, trits, layout, scale_data = parts
     offset = sum(len(c) for c in chunks)
     shapes = [tuple(e["shape"]) for e in table if e["kind"] == "ternary"]
-    trit_data, scale_data = TRIT_PACKERS[trit_packing][0](trits, shapes), fp16_planes(scales)
-    header = {"trit_packing": trit_packing, "trits": [offset, len(trit_data)], "scale_layout": "planes",
+    trit_data = TRIT_PACKERS[trit_packing][0](trits, shapes)
+    header = {"trit_packing": trit_packing, "trits": [offset, len(trit_data)], "scale_layout": layout,
               "scales": [offset + len(trit_data), len(scale_data)], "tensors": table}
     header = json.dumps(header, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks) + trit_data + scale_data
@@ -1911,8 +1981,8 @@ def read_header(payload):
     if header.get("trit_packing") not in TRIT_PACKERS:
         raise ArtifactError(f"unknown trit packing {header.get('trit_packing')!r} (this train_gpt.py reads "
                             f"{', '.join(TRIT_PACKERS)})")
-    if header.get("scale_layout") != "planes":
-        raise ArtifactError(f"unknown scale layout {header.get('scale_layout')!r} (this train_gpt.py reads planes)")
+    if header.get("scale_layout") not in ("planes", "log8"):
+        raise ArtifactError(f"unknown scale layout {header.get('scale_layout')!r} (this train_gpt.py reads planes, log8)")
     end = 9 + hlen + header["scales"][0] + header["scales"][1]
     if len(payload) != end:
         raise ArtifactError(f"payload is {len(payload)} bytes, its header describes {end}")
@@ -1935,7 +2005,14 @@ def deserialize_state(payload, h):
     shapes = [tuple(t["shape"]) for t in ternary]
     (t_off, t_len), (s_off, s_len) = header["trits"], header["scales"]
     trits = TRIT_PACKERS[header["trit_packing"]][1](payload[body + t_off : body + t_off + t_len], shapes)
-    scales = from_fp16_planes(payload[body + s_off : body + s_off + s_len]).astype(np.float32)
+    buf = payload[body + s_off : body + s_off + s_len]
+    if header["scale_layout"] == "planes":
+        scales = from_fp16_planes(buf).astype(np.float32)
+    elif h.scale_format == "log8":
+        scales = read_log8_scales(buf, ternary)
+    else:
+        raise ArtifactError(f"ternary scales are stored as {header['scale_layout']!r}, which this configuration does "
+                            f"not read (SCALE_FORMAT={h.scale_format})")
     at, at_scale = 0, 0
     for t, shape in zip(ternary, shapes):
         n, groups = math.prod(shape), math.prod(shape) // t["group_size"]
@@ -1982,6 +2059,8 @@ def load_artifact(path, h):
         raise ArtifactError(f"{path}: not a brotli stream ({e})") from None
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, IndexError, struct.error) as e:  # a header that lies about its body
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
 
 
 def write_atomic(path, data):
@@ -2046,7 +2125,9 @@ def load_checkpoint(model, h, device, log):
         ckpt = torch.load(h.checkpoint_path, map_location=device, weights_only=True)
     except Exception as e:
         raise ArtifactError(f"CHECKPOINT_PATH={h.checkpoint_path} is not a checkpoint: {e}") from None
-    ours, theirs = h.by_env_name(), ckpt["config"]
+    # a knob the checkpoint does not name did not exist when it was saved: that run had the knob's default behaviour
+    defaults = {k.name: k.default for k in vars(Hyperparameters).values() if isinstance(k, Knob)}
+    ours, theirs = h.by_env_name(), {**defaults, **ckpt["config"]}
     differ = sorted(k for k in ours.keys() | theirs.keys()
                     if ours.get(k) != theirs.get(k) and k not in CHECKPOINT_FREE_KNOBS and not k.startswith(CHECKPOINT_FREE_PREFIXES))
     if differ:

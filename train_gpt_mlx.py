@@ -79,6 +79,7 @@ UNPORTED = {
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
     "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False, "embed_qat": False,
+    "scale_format": "fp16",
 }
 
 
@@ -211,6 +212,7 @@ class Hyperparameters:
     export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # float matrices
     export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
     embed_qat = Knob("EMBED_QAT", False)  # train_gpt.py's embedding QAT: read, refused when on (UNPORTED)
+    scale_format = Knob("SCALE_FORMAT", "fp16", choices={"fp16", "log8"})  # log8: UNPORTED
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # train_gpt.py's checkpoint re-scoring: read for the same config line, refused when on (UNPORTED)
     checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
@@ -1083,8 +1085,6 @@ def to_fp8_e4m3(x):
 
 INT_SCALE_MIN = 2.0**-24  # the smallest fp16 subnormal: an all-zero row still gets a scale
 INT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4}
-
-
 def int_rows_quantize(w, bits):
     """numpy: train_gpt.py's int_rows_quantize (codes as float, per-row fp16 scale (rows, 1) as float32)."""
     qmax = 2 ** (bits - 1) - 1
@@ -1173,6 +1173,9 @@ def read_header(payload):
     if header.get("trit_packing") not in TRIT_PACKERS:
         raise ArtifactError(f"unknown trit packing {header.get('trit_packing')!r} (this train_gpt_mlx.py reads "
                             f"{', '.join(TRIT_PACKERS)})")
+    if header.get("scale_layout") == "log8":
+        raise ArtifactError("ternary scales stored as 'log8' (SCALE_FORMAT=log8): its quantizer is not ported to "
+                            "train_gpt_mlx.py, which would score other weights; score it with train_gpt.py")
     if header.get("scale_layout") != "planes":
         raise ArtifactError(f"unknown scale layout {header.get('scale_layout')!r} (this train_gpt_mlx.py reads planes)")
     end = 9 + hlen + header["scales"][0] + header["scales"][1]
@@ -1239,6 +1242,8 @@ def load_artifact(path):
         raise ArtifactError(f"{path}: not a brotli stream ({e})") from None
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, IndexError, struct.error) as e:  # a header that lies about its body
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
 
 
 def write_atomic(path, data):

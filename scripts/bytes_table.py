@@ -13,7 +13,8 @@ the empirical entropies in bits per trit, each tensor with its own statistics: o
 the weight row, the one above in the column, both (the context model of TRIT_PACKERS["rans"]); per row (order 0 of
 each row, plus log2(row length) bits per row for its statistics); given the group's zero count (two-part
 code: the count's entropy + which positions are zero + the signs); against base-3 + brotli and rANS of the family
-alone. The totals line compresses the whole payload as the export does.
+alone. The scales row gives bits per group scale (fp16 byte planes, or SCALE_FORMAT=log8's codes with their row
+bases). The totals line compresses the whole payload as the export does.
 """
 import argparse
 import math
@@ -134,10 +135,14 @@ def family_rows(payload, quality):
             row["bytes"] = row["rans_bytes"] if header["trit_packing"] == "rans" else row["base3_bytes"]
         else:
             row["bytes"] = brotli_bytes(b"".join(row["data"]), quality)
-    planes = payload[body + s_off : body + s_off + s_len]
-    scales = tg.from_fp16_planes(planes)
-    scale_row = {"count": scales.size, "planes": brotli_bytes(planes, quality),
-                 "interleaved": brotli_bytes(scales.tobytes(), quality)}
+    section = payload[body + s_off : body + s_off + s_len]
+    count = sum(math.prod(t["shape"]) // t["group_size"] for t in ternary)
+    scale_row = {"count": count, "bytes": brotli_bytes(section, quality), "layout": header["scale_layout"]}
+    if header["scale_layout"] == "planes":
+        scale_row["other"] = f"interleaved fp16: {8 * brotli_bytes(tg.from_fp16_planes(section).tobytes(), quality) / max(count, 1):.3f}"
+    else:  # log8: row bases, then one code per group
+        codes = np.frombuffer(section[s_len - count :], np.uint8)
+        scale_row["other"] = f"code entropy {entropy(np.bincount(codes)) / max(count, 1):.3f}"
     return header, rows, scale_row
 
 
@@ -159,10 +164,9 @@ def markdown(header, rows, scale_row, payload, label, quality):
             cells += [""] * 8
         out.append("| " + " | ".join(cells) + " |")
     s = scale_row
-    out.append(f"| ternary scales | fp16 byte planes | | {s['count']:,} | {s['planes']:,} | "
-               f"{8 * s['planes'] / max(s['count'], 1):.3f} | | | | | | | interleaved fp16: "
-               f"{8 * s['interleaved'] / max(s['count'], 1):.3f} | |")
-    parts = sum(r["bytes"] for r in rows.values()) + s["planes"]
+    out.append(f"| ternary scales | {s['layout']} | | {s['count']:,} | {s['bytes']:,} | "
+               f"{8 * s['bytes'] / max(s['count'], 1):.3f} | | | | | | | {s['other']} | |")
+    parts = sum(r["bytes"] for r in rows.values()) + s["bytes"]
     whole = brotli_bytes(payload, quality)
     out += ["", f"Sum of the families: {parts:,} B. Whole payload at q{quality} (what the export writes): "
                 f"{whole:,} B for {total_params:,} parameters ({8 * whole / total_params:.3f} bits each)."]

@@ -212,17 +212,20 @@ def test_flag_on_and_off(trainer, flag, tmp_path):
     assert max(len(texts["0"]), len(texts["1"])) < len((ROOT / "train_gpt.py").read_text())
 
 
-FLOAT_CODECS = {"fp8": ["def encode_fp8", "def decode_fp8"],
-                "int": ["def encode_int_rows", "def decode_int_rows", "def int_rows_quantize"]}
+FORMAT_CODE = {"fp8": ["def encode_fp8", "def decode_fp8"],
+               "int": ["def encode_int_rows", "def decode_int_rows", "def int_rows_quantize"],
+               "log8": ["class Log8TernaryLinear", "def log8_scale_bytes", "def read_log8_scales", "def log8_codes"]}
 
 
 @pytest.mark.parametrize("formats,used", [({}, []), ({"EXPORT_EMBED": "fp8"}, ["fp8"]), ({"EXPORT_FLOAT": "int6"}, ["int"]),
-                                          ({"EXPORT_EMBED": "int8", "EXPORT_FLOAT": "fp8"}, ["fp8", "int"])])
+                                          ({"EXPORT_EMBED": "int8", "EXPORT_FLOAT": "fp8"}, ["fp8", "int"]),
+                                          ({"SCALE_FORMAT": "log8"}, ["log8"])])
 def test_export_formats_a_config_does_not_use_are_stripped(trainer, tmp_path, formats, used):
-    """Each float format's encoder and decoder stay only where EXPORT_EMBED / EXPORT_FLOAT name it; the extracted file
-    still writes its artifact and reads it back to the same weights."""
+    """Each float format's encoder and decoder stay only where EXPORT_EMBED / EXPORT_FLOAT name it, the log8 scale
+    code only with SCALE_FORMAT=log8; the extracted file still writes its artifact and reads it back to the same
+    weights."""
     text = bs.extract(ROOT / "train_gpt.py", bs.Config(trainer, {**TINY, **formats}))
-    for codec, markers in FLOAT_CODECS.items():
+    for codec, markers in FORMAT_CODE.items():
         for marker in markers:
             assert (marker in text) == (codec in used), (codec, marker)
     path = tmp_path / "x.py"

@@ -296,6 +296,7 @@ def test_unreadable_artifacts_are_artifact_errors_naming_the_file(tmp_path):
         (payload_with(good, tensors=renamed), h8, "tok_emb.weight is stored as 'int3'"),
         (good, tg.Hyperparameters({}), "tok_emb.weight is stored as 'int8', which this configuration does not read"),
         (good[:-1], h8, "header describes"),
+        (payload_with(good, trits=None), h8, "malformed artifact (TypeError"),
     ]
     for i, (payload, h, message) in enumerate(cases):
         path = tmp_path / f"bad{i}.ptz"
@@ -468,3 +469,79 @@ def test_embed_qat_trains_the_exported_embedding():
     torch.testing.assert_close(m.tok_emb.weight.grad, plain.tok_emb.weight.grad, rtol=1e-6, atol=1e-9)
     with pytest.raises(tg.ConfigError, match="EMBED_QAT=1 trains through an int format"):
         tg.Hyperparameters({"EMBED_QAT": "1", "EXPORT_EMBED": "fp8"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SCALE_FORMAT=log8: ternary group scales on a per-row log grid, in training and in the artifact
+
+def ref_log8(absmean):
+    """numpy: base = the row's largest absmean in fp16; code = how many of the midpoints 2^(-(k+1/2)/16), k < 255,
+    lie above absmean / base; scale = base x 2^(-code/16) in fp32."""
+    a = absmean.astype(np.float32)
+    base = a.max(1, keepdims=True).astype(np.float16).astype(np.float32)
+    mids = np.array([2.0 ** (-(k + 0.5) / 16) for k in range(255)], np.float32)
+    codes = ((a / base)[..., None] < mids).sum(-1)
+    factors = np.array([2.0 ** (-k / 16) for k in range(256)], np.float32)
+    return codes, base, base * factors[codes]
+
+
+def test_log8_scales_are_the_numpy_reference():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 512, generator=g) * torch.logspace(-3, 0, 48).unsqueeze(1) * (1 + 3 * torch.rand(512, generator=g))
+    w[3, :128] = 0  # a dead group: absmean clamps to SCALE_EPS
+    w[4] *= 1e-6  # a row far below SCALE_EPS
+    absmean = w.reshape(48, 4, 128).abs().mean(-1).clamp_min(tg.SCALE_EPS)
+    codes, base = tg.log8_codes(absmean)
+    ref_codes, ref_base, ref_scale = ref_log8(absmean.numpy())
+    np.testing.assert_array_equal(codes.numpy(), ref_codes)
+    np.testing.assert_array_equal(base.numpy(), ref_base)
+    trits, scale = tg.ternary_quantize_log8(w, 128)
+    np.testing.assert_array_equal(scale.numpy(), ref_scale)
+    np.testing.assert_array_equal(trits.numpy(), np.clip(np.round(w.numpy().reshape(48, 4, 128) / ref_scale[..., None]), -1, 1).reshape(48, 512))
+    rel = np.abs(ref_scale / absmean.numpy() - 1)[ref_codes < 255]
+    assert rel.max() <= 2 ** (1 / 32) - 1 + 2**-10 and (ref_codes == 0).any(1).all()
+
+
+@pytest.mark.parametrize("packing", ["base3", "rans"])
+def test_log8_roundtrip_is_exact_and_smaller(packing):
+    cfg = {"SCALE_FORMAT": "log8", "EXPORT_EMBED": "int8", "EMBED_QAT": "1"}
+    h = tg.Hyperparameters(cfg)
+    m = fp16_exact(model(**cfg)).eval()
+    payload = tg.serialize_model(m, h, packing)
+    fresh = model(**cfg).eval()
+    fresh.load_state_dict(tg.deserialize_state(payload, h))
+    for name, mod in tg.ternary_modules(m).items():
+        (t0, s0), (t1, s1) = mod.quantize(), tg.ternary_modules(fresh)[name].quantize()
+        assert torch.equal(t0, t1) and torch.equal(s0, s1), name
+    idx = torch.randint(0, 128, (2, 16))
+    assert torch.equal(m.logits(idx)[0], fresh.logits(idx)[0])
+    assert tg.serialize_model(fresh, h, packing) == payload
+    header, body = tg.read_header(payload)
+    fp16 = tg.serialize_model(m, tg.Hyperparameters({"EXPORT_EMBED": "int8", "EMBED_QAT": "1"}), packing)
+    fp16_scales = tg.read_header(fp16)[0]["scales"][1]
+    ternary = [t for t in header["tensors"] if t["kind"] == "ternary"]
+    rows, groups = sum(t["shape"][0] for t in ternary), sum(math.prod(t["shape"]) // t["group_size"] for t in ternary)
+    assert header["scale_layout"] == "log8" and header["scales"][1] == 2 * rows + groups  # fp16 bases, byte codes
+    assert fp16_scales == 2 * groups
+    with pytest.raises(tg.ArtifactError, match="scales are stored as 'log8', which this configuration does not read"):
+        tg.deserialize_state(payload, tg.Hyperparameters({"EXPORT_EMBED": "int8"}))
+    m.train()
+    m(idx, torch.randint(0, 128, (2, 16))).backward()
+    assert all(mod.weight.grad.abs().sum() > 0 for mod in tg.ternary_modules(m).values())  # straight-through
+    with pytest.raises(tg.ConfigError, match="SCALE_FORMAT=log8 with TERNARY_CALIB=1"):
+        tg.Hyperparameters({"SCALE_FORMAT": "log8", "TERNARY_CALIB": "1"})
+
+
+def test_a_checkpoint_from_before_a_knob_existed_loads_with_its_default(tmp_path):
+    """A checkpoint saved before SCALE_FORMAT / EMBED_QAT existed was trained with their defaults: it loads, so it can
+    be re-scored in the new export formats; one saved with another value is still refused."""
+    h = tg.Hyperparameters({"CHECKPOINT_PATH": str(tmp_path / "c.pt"), "EXPORT_EMBED": "int8"})
+    m = model()
+    config = {k: v for k, v in h.by_env_name().items() if k not in ("SCALE_FORMAT", "EMBED_QAT")}
+    torch.save({"state": m.state_dict(), "calib": {}, "config": config}, tmp_path / "c.pt")
+    fresh = model()
+    assert tg.load_checkpoint(fresh, h, torch.device("cpu"), log=lambda s: None) is False
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
+    torch.save({"state": m.state_dict(), "calib": {}, "config": {**config, "SCALE_FORMAT": "log8"}}, tmp_path / "c.pt")
+    with pytest.raises(tg.ConfigError, match=r"SCALE_FORMAT=log8 \(this run: fp16\)"):
+        tg.load_checkpoint(model(), h, torch.device("cpu"), log=lambda s: None)

@@ -212,6 +212,10 @@ def test_torch_artifact_formats_load_into_mlx(formats, tmp_path):
     (tmp_path / "odd.ptz").write_bytes(brotli.compress(payload[:5] + struct.pack("<I", len(new)) + new + payload[9 + hlen :]))
     with pytest.raises(tm.ArtifactError, match=r"odd\.ptz: tensor tok_emb.weight is stored as 'int3'"):
         tm.load_artifact(tmp_path / "odd.ptz")
+    log8 = {**SHAPE, **formats, "SCALE_FORMAT": "log8"}
+    (tmp_path / "log8.ptz").write_bytes(brotli.compress(tg.serialize_model(model(log8), tg.Hyperparameters(log8), "rans")))
+    with pytest.raises(tm.ArtifactError, match=r"log8\.ptz: ternary scales stored as 'log8' \(SCALE_FORMAT=log8\)"):
+        tm.load_artifact(tmp_path / "log8.ptz")
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +311,8 @@ def test_unported_flag_is_a_clear_error(name):
         tm.Hyperparameters({name: "1"})
     with pytest.raises(tm.ConfigError, match="EVAL_STRIDE=16 is not implemented"):
         tm.Hyperparameters({"EVAL_STRIDE": "16"})
+    with pytest.raises(tm.ConfigError, match="SCALE_FORMAT=log8 is not implemented"):
+        tm.Hyperparameters({"SCALE_FORMAT": "log8"})
 
 
 def test_the_same_knobs_as_train_gpt():
