@@ -477,22 +477,22 @@ LOG8_FACTORS = np.exp2(-np.arange(256) / LOG8_STEPS).astype(np.float32)  # scale
 LOG8_BOUNDS = np.exp2(-(np.arange(255)[::-1] + 0.5) / LOG8_STEPS).astype(np.float32)  # ascending midpoints
 
 
-def log8_codes(absmean):
+def log8_codes(absmean, bounds):
     """SCALE_FORMAT=log8: (codes (rows, groups), base (rows, 1)) of positive per-group values (rows, groups): base is
     the row's largest value rounded to fp16, the code counts the midpoints between steps of 2^(-1/16) that lie above
-    value / base (so the largest group has code 0, and code 255 is the floor)."""
+    value / base (so the largest group has code 0, and code 255 is the floor). bounds: LOG8_BOUNDS as a tensor."""
     base = absmean.amax(dim=1, keepdim=True).half().float()
-    bounds = torch.from_numpy(LOG8_BOUNDS).to(absmean.device)
     return 255 - torch.bucketize(absmean / base, bounds, right=True), base
 
 
-def ternary_quantize_log8(w, group_size):
+def ternary_quantize_log8(w, group_size, bounds, factors):
     """ternary_quantize with SCALE_FORMAT=log8 scales: the group absmean rounded to the nearest step of its row's
-    log grid, base x 2^(-code/16) in fp32, which is exactly what the artifact's base and code give back."""
+    log grid, base x 2^(-code/16) in fp32, which is exactly what the artifact's base and code give back.
+    bounds, factors: LOG8_BOUNDS, LOG8_FACTORS as tensors on w's device."""
     rows, cols = w.shape
     g = w.float().reshape(rows, cols // group_size, group_size)
-    codes, base = log8_codes(g.abs().mean(dim=-1).clamp_min(SCALE_EPS))
-    scale = base * torch.from_numpy(LOG8_FACTORS).to(w.device)[codes]
+    codes, base = log8_codes(g.abs().mean(dim=-1).clamp_min(SCALE_EPS), bounds)
+    scale = base * factors[codes]
     trits = (g / scale.unsqueeze(-1)).round().clamp_(-1, 1)
     return trits.reshape(rows, cols), scale
 
@@ -567,7 +567,7 @@ class Log8TernaryLinear(TernaryLinear):
     and in the artifact alike (about 4 bits per group after brotli instead of 10)."""
 
     def quantize(self):
-        return ternary_quantize_log8(self.weight.detach(), self.group_size)
+        return ternary_quantize_log8(self.weight.detach(), self.group_size, self.log8_bounds, self.log8_factors)
 
     def quantized_weight(self):
         # exactly the quantized value (w - w.detach() is 0) with w's gradient: log8 scales use the whole fp32
@@ -577,9 +577,13 @@ class Log8TernaryLinear(TernaryLinear):
 
 
 def enable_log8_scales(model):
+    """Turns every TernaryLinear into a Log8TernaryLinear, with its grid tables as buffers that follow the module to
+    its device (not saved: they are constants)."""
     for m in model.modules():
         if isinstance(m, TernaryLinear):
             m.__class__ = Log8TernaryLinear
+            m.register_buffer("log8_bounds", torch.from_numpy(LOG8_BOUNDS).to(m.weight.device), persistent=False)
+            m.register_buffer("log8_factors", torch.from_numpy(LOG8_FACTORS).to(m.weight.device), persistent=False)
 
 
 def enable_calibration(model):
@@ -1935,7 +1939,7 @@ def export_parts(model, h):
 def log8_scale_bytes(scales):
     """SCALE_FORMAT=log8: every tensor's row bases (fp16, as byte planes), then every group's code (uint8). The
     scales are already on their row's grid, so log8_codes gives back the codes that made them."""
-    pairs = [log8_codes(s.float()) for s in scales]
+    pairs = [log8_codes(s.float().cpu(), torch.from_numpy(LOG8_BOUNDS)) for s in scales]
     codes = [c.cpu().numpy().reshape(-1).astype(np.uint8) for c, _ in pairs] or [np.zeros(0, np.uint8)]
     bases = [b.cpu().numpy().reshape(-1).astype(np.float16) for _, b in pairs] or [np.zeros(0, np.float16)]
     return fp16_planes(np.concatenate(bases)) + np.concatenate(codes).tobytes()

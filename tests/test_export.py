@@ -491,11 +491,11 @@ def test_log8_scales_are_the_numpy_reference():
     w[3, :128] = 0  # a dead group: absmean clamps to SCALE_EPS
     w[4] *= 1e-6  # a row far below SCALE_EPS
     absmean = w.reshape(48, 4, 128).abs().mean(-1).clamp_min(tg.SCALE_EPS)
-    codes, base = tg.log8_codes(absmean)
+    codes, base = tg.log8_codes(absmean, torch.from_numpy(tg.LOG8_BOUNDS))
     ref_codes, ref_base, ref_scale = ref_log8(absmean.numpy())
     np.testing.assert_array_equal(codes.numpy(), ref_codes)
     np.testing.assert_array_equal(base.numpy(), ref_base)
-    trits, scale = tg.ternary_quantize_log8(w, 128)
+    trits, scale = tg.ternary_quantize_log8(w, 128, torch.from_numpy(tg.LOG8_BOUNDS), torch.from_numpy(tg.LOG8_FACTORS))
     np.testing.assert_array_equal(scale.numpy(), ref_scale)
     np.testing.assert_array_equal(trits.numpy(), np.clip(np.round(w.numpy().reshape(48, 4, 128) / ref_scale[..., None]), -1, 1).reshape(48, 512))
     rel = np.abs(ref_scale / absmean.numpy() - 1)[ref_codes < 255]
