@@ -71,6 +71,7 @@ class Knob:
         return self.kind(raw)
 
 
+HYBRID_NAMES = ("q", "k", "v", "proj", "up", "down")  # the block matrices HYBRID_FAMILIES may name
 POS = (lambda v: v > 0, "must be > 0")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
 UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
@@ -206,6 +207,10 @@ class Hyperparameters:
     export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
     embed_qat = Knob("EMBED_QAT", False)  # train through EXPORT_EMBED's int rounding of tok_emb (straight-through)
     scale_format = Knob("SCALE_FORMAT", "fp16", choices={"fp16", "log8"})  # ternary group scales, in training too
+    # hybrid precision: the HYBRID_FAMILIES matrices of the blocks train (QAT) and export as per-row int, not ternary
+    hybrid_int = Knob("HYBRID_INT", False)
+    hybrid_families = Knob("HYBRID_FAMILIES", "q,k,v,proj", check=(lambda v: set(v.split(",")) <= set(HYBRID_NAMES), "must be a comma list of q, k, v, proj, up, down"))
+    hybrid_bits = Knob("HYBRID_BITS", 6, choices={4, 5, 6, 8})
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # checkpoint: score one trained model under other post-training settings without training it again
     checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
@@ -259,6 +264,8 @@ class Hyperparameters:
                                   f"experts of whole GROUP_SIZE={self.group_size} groups")
 
     def _check_export(self):
+        if self.hybrid_int and self.ternary_calib:
+            raise ConfigError("HYBRID_INT=1 with TERNARY_CALIB=1: calibration would turn the int matrices ternary again")
         if self.scale_format == "log8" and self.ternary_calib:
             raise ConfigError("SCALE_FORMAT=log8 with TERNARY_CALIB=1: calibration rounds its scales to fp16")
         if self.embed_qat and self.export_embed not in INT_BITS:
@@ -516,6 +523,8 @@ class TernaryLinear(nn.Module):
     """y = x @ (trits * scale)^T with a straight-through estimator: the fp32 master weight gets the gradient of
     the quantized one. No bias."""
 
+    ternary = True  # what the artifact stores as trits (IntQATLinear, a matrix in the same place, is not)
+
     def __init__(self, in_features, out_features, group_size, zero_init=False):
         super().__init__()
         if in_features % group_size:
@@ -584,6 +593,31 @@ def enable_log8_scales(model):
             m.__class__ = Log8TernaryLinear
             m.register_buffer("log8_bounds", torch.from_numpy(LOG8_BOUNDS).to(m.weight.device), persistent=False)
             m.register_buffer("log8_factors", torch.from_numpy(LOG8_FACTORS).to(m.weight.device), persistent=False)
+
+
+class IntQATLinear(TernaryLinear):
+    """HYBRID_INT: a block matrix trained through per-row int rounding (int_rows_quantize at HYBRID_BITS) instead of
+    ternary, and stored in that int format: it answers where ternary pays for its bytes. Optimizer and TTT treat it
+    as the TernaryLinear it replaces."""
+
+    ternary = False
+
+    def quantize(self):
+        return int_rows_quantize(self.weight.detach(), self.bits)
+
+    def quantized_weight(self):
+        w = self.weight
+        q, scale = self.quantize()
+        return q * scale + (w - w.detach())  # exactly the stored value, with w's gradient
+
+
+def enable_int_linear(model, h):
+    """HYBRID_INT: the HYBRID_FAMILIES matrices of the blocks become IntQATLinears (after every other class swap)."""
+    families = set(h.hybrid_families.split(","))
+    for name, m in model.named_modules():
+        if isinstance(m, TernaryLinear) and name.startswith("blocks.") and name.rsplit(".", 1)[-1] in families:
+            m.__class__ = IntQATLinear
+            m.bits = h.hybrid_bits
 
 
 def enable_calibration(model):
@@ -1007,6 +1041,8 @@ class GPT(nn.Module):
             enable_calibration(self)
         if h.scale_format == "log8":
             enable_log8_scales(self)
+        if h.hybrid_int:
+            enable_int_linear(self, h)
 
     def layer_order(self, recur):
         """(layer, first visit) in execution order. Layer i runs block i mod len(blocks) (shared blocks reuse them);
@@ -1140,7 +1176,7 @@ class GPT(nn.Module):
 
 
 def count_params(model):
-    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, TernaryLinear))
+    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, TernaryLinear) and m.ternary)
     total = sum(p.numel() for p in model.parameters())
     return total, ternary
 
@@ -1887,7 +1923,7 @@ def float_codecs(h):
     codecs = {"fp16": (encode_fp16, decode_fp16)}
     if h.export_embed == "fp8" or h.export_float == "fp8":
         codecs["fp8"] = (encode_fp8, decode_fp8)
-    if h.export_embed in ("int8", "int6", "int5", "int4") or h.export_float in ("int8", "int6", "int5", "int4"):
+    if h.export_embed in ("int8", "int6", "int5", "int4") or h.export_float in ("int8", "int6", "int5", "int4") or h.hybrid_int:
         for kind in INT_BITS:
             codecs[kind] = (functools.partial(encode_int_rows, kind=kind), decode_int_rows)
     return codecs
@@ -1909,13 +1945,14 @@ def stored_value(name, t, h):
 
 
 def ternary_modules(model):
-    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, TernaryLinear) and m.ternary}
 
 
 def export_parts(model, h):
     """(tensor table, float tensor bytes, trits of all ternary tensors (flat int8), scale layout, scale bytes): the
     part of the payload every trit packing shares, quantized once."""
     ternary, codecs = ternary_modules(model), float_codecs(h)
+    hybrid = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, TernaryLinear) and not m.ternary}
     table, chunks, trits, scales, offset = [], [], [], [], 0
     for name, p in model.state_dict().items():
         entry = {"name": name, "shape": list(p.shape)}
@@ -1925,7 +1962,12 @@ def export_parts(model, h):
             scales.append(s)
             entry.update(kind="ternary", group_size=ternary[name].group_size)
         else:
-            meta, data = codecs[float_format(name, p, h)][0](p.detach().float().cpu())
+            kind = float_format(name, p, h)
+            if h.hybrid_int:
+                if name in hybrid:
+                    kind = f"int{h.hybrid_bits}"
+                    entry["hybrid"] = True  # a block matrix in an int format: a loader without HYBRID_INT must refuse it
+            meta, data = codecs[kind][0](p.detach().float().cpu())
             entry.update(meta, offset=offset, nbytes=len(data))
             chunks.append(data)
             offset += len(data)
@@ -1998,6 +2040,13 @@ def deserialize_state(payload, h):
     header, body = read_header(payload)
     codecs, state, ternary = float_codecs(h), {}, []
     for t in header["tensors"]:
+        hybrid = False
+        if h.hybrid_int:
+            families = h.hybrid_families.split(",")
+            hybrid = t["name"].startswith("blocks.") and t["name"].endswith(".weight") and t["name"].split(".")[-2] in families
+        if t.get("hybrid", False) != hybrid:
+            raise ArtifactError(f"tensor {t['name']} is {'an int' if t.get('hybrid') else 'a ternary'} block matrix, "
+                                f"which this configuration does not train that way (HYBRID_INT / HYBRID_FAMILIES)")
         if t["kind"] == "ternary":
             ternary.append(t)
         elif t["kind"] in codecs:

@@ -67,6 +67,7 @@ class Knob:
         return self.kind(raw)
 
 
+HYBRID_NAMES = ("q", "k", "v", "proj", "up", "down")  # train_gpt.py's HYBRID_FAMILIES choices
 POS = (lambda v: v > 0, "must be > 0")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
 UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
@@ -79,7 +80,7 @@ UNPORTED = {
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
     "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False, "embed_qat": False,
-    "scale_format": "fp16",
+    "scale_format": "fp16", "hybrid_int": False,
 }
 
 
@@ -213,6 +214,9 @@ class Hyperparameters:
     export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
     embed_qat = Knob("EMBED_QAT", False)  # train_gpt.py's embedding QAT: read, refused when on (UNPORTED)
     scale_format = Knob("SCALE_FORMAT", "fp16", choices={"fp16", "log8"})  # log8: UNPORTED
+    hybrid_int = Knob("HYBRID_INT", False)  # train_gpt.py's int block matrices: read, refused when on (UNPORTED)
+    hybrid_families = Knob("HYBRID_FAMILIES", "q,k,v,proj", check=(lambda v: set(v.split(",")) <= set(HYBRID_NAMES), "must be a comma list of q, k, v, proj, up, down"))
+    hybrid_bits = Knob("HYBRID_BITS", 6, choices={4, 5, 6, 8})
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # train_gpt.py's checkpoint re-scoring: read for the same config line, refused when on (UNPORTED)
     checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
@@ -1173,6 +1177,10 @@ def read_header(payload):
     if header.get("trit_packing") not in TRIT_PACKERS:
         raise ArtifactError(f"unknown trit packing {header.get('trit_packing')!r} (this train_gpt_mlx.py reads "
                             f"{', '.join(TRIT_PACKERS)})")
+    hybrid = [t["name"] for t in header.get("tensors", []) if t.get("hybrid")]
+    if hybrid:
+        raise ArtifactError(f"block matrices in an int format (HYBRID_INT: {hybrid[0]}, ...): not ported to "
+                            "train_gpt_mlx.py, which would make them ternary; score it with train_gpt.py")
     if header.get("scale_layout") == "log8":
         raise ArtifactError("ternary scales stored as 'log8' (SCALE_FORMAT=log8): its quantizer is not ported to "
                             "train_gpt_mlx.py, which would score other weights; score it with train_gpt.py")

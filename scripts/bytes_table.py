@@ -34,8 +34,10 @@ TERNARY_FAMILIES = {"q": "attn q", "k": "attn k", "v": "attn v", "proj": "attn p
 
 
 def family(name, kind, shape):
+    if name.startswith("blocks.") and name.split(".")[-2] in TERNARY_FAMILIES:  # ternary, or int with HYBRID_INT
+        return TERNARY_FAMILIES[name.split(".")[-2]]
     if kind == "ternary":
-        return TERNARY_FAMILIES.get(name.split(".")[-2], "other ternary")
+        return "other ternary"
     if name == "tok_emb.weight":
         return "embed"
     if name in ("embed_in.weight", "embed_out.weight"):

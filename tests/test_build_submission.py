@@ -179,6 +179,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "CHECKPOINT_SAVE": ({}, "def save_checkpoint"),
     "EVAL_FROM_CHECKPOINT": ({}, "def load_checkpoint"),
     "EMBED_QAT": ({"EXPORT_EMBED": "int6"}, "def embedding_weight"),
+    "HYBRID_INT": ({}, "class IntQATLinear"),
 }
 
 

@@ -545,3 +545,42 @@ def test_a_checkpoint_from_before_a_knob_existed_loads_with_its_default(tmp_path
     torch.save({"state": m.state_dict(), "calib": {}, "config": {**config, "SCALE_FORMAT": "log8"}}, tmp_path / "c.pt")
     with pytest.raises(tg.ConfigError, match=r"SCALE_FORMAT=log8 \(this run: fp16\)"):
         tg.load_checkpoint(model(), h, torch.device("cpu"), log=lambda s: None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HYBRID_INT: block matrices of some families in a per-row int format (QAT) instead of ternary
+
+@pytest.mark.parametrize("families,bits,extra", [("q,k,v,proj", "6", {}), ("up", "8", {}), ("k,v,down", "4", {}),
+                                                ("proj", "5", {"ENGRAM_ENABLED": "1"})])
+def test_hybrid_matrices_train_and_export_in_their_int_format(families, bits, extra):
+    """The HYBRID_FAMILIES matrices of the blocks (not EngramHash's proj) run on the numpy quantizer's int matrix,
+    store it, reload exactly and get a straight-through gradient; a loader configured otherwise refuses them."""
+    cfg = {"HYBRID_INT": "1", "HYBRID_FAMILIES": families, "HYBRID_BITS": bits, **extra}
+    h = tg.Hyperparameters(cfg)
+    m = fp16_exact(model(**cfg)).eval()
+    chosen = {n for n, mod in m.named_modules() if isinstance(mod, tg.IntQATLinear)}
+    assert chosen and {n.split(".")[-1] for n in chosen} == set(families.split(","))
+    assert all(n.startswith("blocks.") for n in chosen) and len(chosen) == 4 * len(families.split(","))
+    for name in chosen:  # the forward uses exactly the numpy quantizer's matrix
+        mod = m.get_submodule(name)
+        x = torch.randn(3, mod.in_features)
+        q, scale = ref_int_rows(mod.weight.detach().numpy(), int(bits))
+        assert torch.equal(mod(x), torch.nn.functional.linear(x, torch.from_numpy(q * scale.astype(np.float32))))
+    total, ternary = tg.count_params(m)
+    assert ternary == sum(mod.weight.numel() for mod in m.modules() if type(mod) is tg.TernaryLinear)
+    payload = tg.serialize_model(m, h, "rans")
+    kinds = {t["name"]: t["kind"] for t in tg.read_header(payload)[0]["tensors"]}
+    assert {n for n, k in kinds.items() if k == f"int{bits}"} == {f"{n}.weight" for n in chosen}
+    fresh = model(**cfg).eval()
+    fresh.load_state_dict(tg.deserialize_state(payload, h))
+    idx = torch.randint(0, 128, (2, 16))
+    assert torch.equal(m.logits(idx)[0], fresh.logits(idx)[0])
+    assert tg.serialize_model(fresh, h, "rans") == payload
+    with pytest.raises(tg.ArtifactError, match="is an int block matrix, which this configuration does not train"):
+        tg.deserialize_state(payload, tg.Hyperparameters({}))
+    plain = tg.serialize_model(fp16_exact(model()), tg.Hyperparameters({}), "rans")
+    with pytest.raises(tg.ArtifactError, match="is a ternary block matrix"):
+        tg.deserialize_state(plain, h)
+    m.train()
+    m(idx, torch.randint(0, 128, (2, 16))).backward()
+    assert all(m.get_submodule(n).weight.grad.abs().sum() > 0 for n in chosen)  # straight-through

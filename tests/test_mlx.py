@@ -216,6 +216,10 @@ def test_torch_artifact_formats_load_into_mlx(formats, tmp_path):
     (tmp_path / "log8.ptz").write_bytes(brotli.compress(tg.serialize_model(model(log8), tg.Hyperparameters(log8), "rans")))
     with pytest.raises(tm.ArtifactError, match=r"log8\.ptz: ternary scales stored as 'log8' \(SCALE_FORMAT=log8\)"):
         tm.load_artifact(tmp_path / "log8.ptz")
+    hybrid = {**SHAPE, **formats, "HYBRID_INT": "1"}
+    (tmp_path / "hybrid.ptz").write_bytes(brotli.compress(tg.serialize_model(model(hybrid), tg.Hyperparameters(hybrid), "rans")))
+    with pytest.raises(tm.ArtifactError, match=r"hybrid\.ptz: block matrices in an int format \(HYBRID_INT"):
+        tm.load_artifact(tmp_path / "hybrid.ptz")
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +309,8 @@ def test_torch_artifact_loads_into_mlx(shards, tmp_path):
 
 @pytest.mark.parametrize("name", ["SKC_ENABLED", "PARALLEL_RESIDUAL", "SHARED_BLOCKS", "DEPTH_RECUR",
                                   "CAPSULES_ENABLED", "FEEDBACK_ENABLED", "ENGRAM_ENABLED", "MOE_ENABLED",
-                                  "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM", "TERNARY_CALIB", "EMBED_QAT"])
+                                  "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM", "TERNARY_CALIB", "EMBED_QAT",
+                                  "HYBRID_INT"])
 def test_unported_flag_is_a_clear_error(name):
     with pytest.raises(tm.ConfigError, match=f"{name}=True is not implemented in train_gpt_mlx.py"):
         tm.Hyperparameters({name: "1"})
