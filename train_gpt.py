@@ -72,6 +72,7 @@ class Knob:
         return self.kind(raw)
 
 
+HYBRID_NAMES = ("q", "k", "v", "proj", "up", "down")  # the block matrices HYBRID_FAMILIES may name
 POS = (lambda v: v > 0, "must be > 0")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
 UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
@@ -221,7 +222,14 @@ class Hyperparameters:
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
-    export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8"})
+    export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # float matrices
+    export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
+    embed_qat = Knob("EMBED_QAT", False)  # train through EXPORT_EMBED's int rounding of tok_emb (straight-through)
+    scale_format = Knob("SCALE_FORMAT", "fp16", choices={"fp16", "log8"})  # ternary group scales, in training too
+    # hybrid precision: the HYBRID_FAMILIES matrices of the blocks train (QAT) and export as per-row int, not ternary
+    hybrid_int = Knob("HYBRID_INT", False)
+    hybrid_families = Knob("HYBRID_FAMILIES", "q,k,v,proj", check=(lambda v: set(v.split(",")) <= set(HYBRID_NAMES), "must be a comma list of q, k, v, proj, up, down"))
+    hybrid_bits = Knob("HYBRID_BITS", 6, choices={4, 5, 6, 8})
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # checkpoint: score one trained model under other post-training settings without training it again
     checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
@@ -234,6 +242,7 @@ class Hyperparameters:
             if isinstance(knob, Knob):
                 setattr(self, attr, knob.read(environ))
         self._check_shapes()
+        self._check_export()
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -293,6 +302,15 @@ class Hyperparameters:
         for knob, on in (("CAPSULES_ENABLED", self.capsules_enabled), ("EVAL_ENGRAM", self.eval_engram)):
             if on:
                 raise ConfigError(f"TTT_MODE=lora with {knob}=1: not supported (documents are adapted side by side)")
+
+    def _check_export(self):
+        if self.hybrid_int and self.ternary_calib:
+            raise ConfigError("HYBRID_INT=1 with TERNARY_CALIB=1: calibration would turn the int matrices ternary again")
+        if self.scale_format == "log8" and self.ternary_calib:
+            raise ConfigError("SCALE_FORMAT=log8 with TERNARY_CALIB=1: calibration rounds its scales to fp16")
+        if self.embed_qat and self.export_embed not in INT_BITS:
+            raise ConfigError(f"EMBED_QAT=1 trains through an int format: set EXPORT_EMBED to one of {', '.join(INT_BITS)} "
+                              f"(it is {self.export_embed})")
 
     @property
     def head_dim(self):
@@ -492,6 +510,45 @@ def ternary_quantize(w, group_size):
     return trits.reshape(rows, cols), scale.squeeze(-1)
 
 
+INT_SCALE_MIN = 2.0**-24  # the smallest fp16 subnormal: an all-zero row still gets a scale
+INT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4}
+
+
+def int_rows_quantize(w, bits):
+    """(codes as float, per-row scale (rows, 1)) of w viewed as rows along dim 0: symmetric, scale = max|row| /
+    (2^(bits-1) - 1) rounded to fp16, codes rounded half to even. The int export formats store exactly this, and
+    EMBED_QAT trains through it."""
+    qmax = 2 ** (bits - 1) - 1
+    rows = w.float().reshape(w.shape[0], -1)
+    scale = (rows.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(INT_SCALE_MIN).half().float()
+    return (rows / scale).round().clamp_(-qmax, qmax), scale
+
+
+LOG8_STEPS = 16  # SCALE_FORMAT=log8 codes per octave: neighbouring scales differ by 2^(1/16), 4.4%
+LOG8_FACTORS = np.exp2(-np.arange(256) / LOG8_STEPS).astype(np.float32)  # scale = row base x LOG8_FACTORS[code]
+LOG8_BOUNDS = np.exp2(-(np.arange(255)[::-1] + 0.5) / LOG8_STEPS).astype(np.float32)  # ascending midpoints
+
+
+def log8_codes(absmean, bounds):
+    """SCALE_FORMAT=log8: (codes (rows, groups), base (rows, 1)) of positive per-group values (rows, groups): base is
+    the row's largest value rounded to fp16, the code counts the midpoints between steps of 2^(-1/16) that lie above
+    value / base (so the largest group has code 0, and code 255 is the floor). bounds: LOG8_BOUNDS as a tensor."""
+    base = absmean.amax(dim=1, keepdim=True).half().float()
+    return 255 - torch.bucketize(absmean / base, bounds, right=True), base
+
+
+def ternary_quantize_log8(w, group_size, bounds, factors):
+    """ternary_quantize with SCALE_FORMAT=log8 scales: the group absmean rounded to the nearest step of its row's
+    log grid, base x 2^(-code/16) in fp32, which is exactly what the artifact's base and code give back.
+    bounds, factors: LOG8_BOUNDS, LOG8_FACTORS as tensors on w's device."""
+    rows, cols = w.shape
+    g = w.float().reshape(rows, cols // group_size, group_size)
+    codes, base = log8_codes(g.abs().mean(dim=-1).clamp_min(SCALE_EPS), bounds)
+    scale = base * factors[codes]
+    trits = (g / scale.unsqueeze(-1)).round().clamp_(-1, 1)
+    return trits.reshape(rows, cols), scale
+
+
 def dequantize_ternary(trits, scale, group_size):
     rows, cols = trits.shape
     return (trits.reshape(rows, -1, group_size) * scale.unsqueeze(-1)).reshape(rows, cols)
@@ -510,6 +567,8 @@ def ternary_master_from_export(trits, scale, group_size):
 class TernaryLinear(nn.Module):
     """y = x @ (trits * scale)^T with a straight-through estimator: the fp32 master weight gets the gradient of
     the quantized one. No bias."""
+
+    ternary = True  # what the artifact stores as trits (IntQATLinear, a matrix in the same place, is not)
 
     def __init__(self, in_features, out_features, group_size, zero_init=False):
         super().__init__()
@@ -555,6 +614,55 @@ class CalibratedTernaryLinear(TernaryLinear):
         trits = torch.sign(g) * ((g / base).abs() > threshold)
         scale = (base * mult).half().float()
         return trits.reshape(rows, cols), scale.squeeze(-1)
+
+
+class Log8TernaryLinear(TernaryLinear):
+    """SCALE_FORMAT=log8: a TernaryLinear whose group scales live on a per-row log grid of 8-bit codes, in training
+    and in the artifact alike (about 4 bits per group after brotli instead of 10)."""
+
+    def quantize(self):
+        return ternary_quantize_log8(self.weight.detach(), self.group_size, self.log8_bounds, self.log8_factors)
+
+    def quantized_weight(self):
+        # exactly the quantized value (w - w.detach() is 0) with w's gradient: log8 scales use the whole fp32
+        # mantissa, so w + (wq - w) would round away from wq, and a reloaded model would score differently
+        w = self.weight
+        return dequantize_ternary(*self.quantize(), self.group_size) + (w - w.detach())
+
+
+def enable_log8_scales(model):
+    """Turns every TernaryLinear into a Log8TernaryLinear, with its grid tables as buffers that follow the module to
+    its device (not saved: they are constants)."""
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.__class__ = Log8TernaryLinear
+            m.register_buffer("log8_bounds", torch.from_numpy(LOG8_BOUNDS).to(m.weight.device), persistent=False)
+            m.register_buffer("log8_factors", torch.from_numpy(LOG8_FACTORS).to(m.weight.device), persistent=False)
+
+
+class IntQATLinear(TernaryLinear):
+    """HYBRID_INT: a block matrix trained through per-row int rounding (int_rows_quantize at HYBRID_BITS) instead of
+    ternary, and stored in that int format: it answers where ternary pays for its bytes. Optimizer and TTT treat it
+    as the TernaryLinear it replaces."""
+
+    ternary = False
+
+    def quantize(self):
+        return int_rows_quantize(self.weight.detach(), self.bits)
+
+    def quantized_weight(self):
+        w = self.weight
+        q, scale = self.quantize()
+        return q * scale + (w - w.detach())  # exactly the stored value, with w's gradient
+
+
+def enable_int_linear(model, h):
+    """HYBRID_INT: the HYBRID_FAMILIES matrices of the blocks become IntQATLinears (after every other class swap)."""
+    families = set(h.hybrid_families.split(","))
+    for name, m in model.named_modules():
+        if isinstance(m, TernaryLinear) and name.startswith("blocks.") and name.rsplit(".", 1)[-1] in families:
+            m.__class__ = IntQATLinear
+            m.bits = h.hybrid_bits
 
 
 def enable_calibration(model):
@@ -1010,6 +1118,10 @@ class GPT(nn.Module):
             self.register_buffer("logit_temperature", torch.ones(()))  # set after training, travels in the artifact
         if h.ternary_calib:
             enable_calibration(self)
+        if h.scale_format == "log8":
+            enable_log8_scales(self)
+        if h.hybrid_int:
+            enable_int_linear(self, h)
 
     def layer_order(self, recur):
         """(layer, first visit) in execution order. Layer i runs block i mod len(blocks) (shared blocks reuse them);
@@ -1022,9 +1134,19 @@ class GPT(nn.Module):
                 order = order[: h.recur_end] + again + order[h.recur_end :]
         return order
 
+    def embedding_weight(self):
+        """EMBED_QAT: the token embedding rounded as EXPORT_EMBED stores it, with a straight-through gradient, so the
+        model that trains and scores before export is the one the artifact holds."""
+        w = self.tok_emb.weight
+        q, scale = int_rows_quantize(w.detach(), INT_BITS[self.h.export_embed])
+        return w + (q * scale - w).detach()
+
     def embed(self, idx):
         h = self.h
-        x = self.tok_emb(idx)
+        if h.embed_qat:
+            x = F.embedding(idx, self.embedding_weight())
+        else:
+            x = self.tok_emb(idx)
         if self.embed_in is not None:
             x = self.embed_in(x)
         x = F.rms_norm(x, (x.size(-1),))
@@ -1099,7 +1221,11 @@ class GPT(nn.Module):
         x, aux, state = self.hidden(idx, state, recur)
         if self.embed_out is not None:
             x = self.embed_out(x)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        h = self.h
+        weight = self.tok_emb.weight
+        if h.embed_qat:
+            weight = self.embedding_weight()
+        logits = F.linear(x, weight.to(x.dtype)).float()
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits, aux, state
@@ -1129,7 +1255,7 @@ class GPT(nn.Module):
 
 
 def count_params(model):
-    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, TernaryLinear))
+    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, TernaryLinear) and m.ternary)
     total = sum(p.numel() for p in model.parameters())
     return total, ternary
 
@@ -1550,7 +1676,7 @@ TEMPERATURE_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(31))  # 0.70 .
 def search_temperature(model, tokens, h, rank, world, device):
     """(T, {T: nll per token}): the grid temperature whose logits / T give the lowest NLL on `tokens`, which the
     caller takes from the training shards, never from validation. Every rank scores its share and the sums are
-    all-reduced, so every rank picks the same T. T is rounded to what the artifact stores (EXPORT_FLOAT), so the
+    all-reduced, so every rank picks the same T. T is rounded to what the artifact stores (fp16), so the
     reloaded model scores with exactly the value chosen here."""
     temps = torch.tensor(TEMPERATURE_GRID, dtype=torch.float32, device=device)
     totals = torch.zeros(len(temps) + 1, dtype=torch.float64, device=device)  # nll per T, then the token count
@@ -1568,8 +1694,7 @@ def search_temperature(model, tokens, h, rank, world, device):
     model.train(was_training)
     per_token = (totals[:-1] / totals[-1]).tolist()
     best = TEMPERATURE_GRID[int(np.argmin(per_token))]
-    meta, buf = encode_float(torch.tensor(best), h.export_float)
-    return decode_float(meta, buf, ()).item(), dict(zip(TEMPERATURE_GRID, per_token))
+    return stored_value("logit_temperature", torch.tensor(best), h).item(), dict(zip(TEMPERATURE_GRID, per_token))
 
 
 def calibrate_ternary(model, tokens, h, rank, world, device, log):
@@ -1931,131 +2056,425 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
 # export
 # ---------------------------------------------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"TGPT\x01"
+ARTIFACT_MAGIC = b"TGPT\x02"  # version 2: trits and scales in one section each, per-tensor float formats
 FP8_MAX = 448.0
+FLOAT_MATRIX_MIN = 16  # a float tensor whose two sides are both at least this long is a matrix (lossy formats apply)
+RANS_PROB_BITS = 10  # each context's digit frequencies sum to 1024 (tables of 1024 slots per context stay in cache)
+RANS_LOW = 1 << 16  # lane states live in [2^16, 2^32): at most one 16-bit word moves per symbol
+RANS_LANES = 2048  # lanes at most; each costs its 4-byte final state (8 KB in all, 0.0013 bits per trit at 51M)
+RANS_LANE_TRITS = 16384  # trits per lane at least, so the states cost < 0.002 bits per trit
+RANS_BLOCK = 1024  # stream rows whose contexts are laid out at once
 
 
 class ArtifactError(RuntimeError):
     pass
 
 
-def pack_trits_base3(trits):
+def trit_count(shapes):
+    return sum(math.prod(s) for s in shapes)
+
+
+def pack_trits_base3(trits, shapes=None):
     """5 trits per byte: sum_i (t_i + 1) * 3^i, i < 5 (values 0..242)."""
     d = (trits.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
     d = np.concatenate([d, np.ones((-len(d)) % 5, np.uint8)]).reshape(-1, 5).astype(np.uint16)
     return (d @ np.array([1, 3, 9, 27, 81], np.uint16)).astype(np.uint8).tobytes()
 
 
-def unpack_trits_base3(buf, n):
+def unpack_trits_base3(buf, shapes):
     v = np.frombuffer(buf, np.uint8).astype(np.int16)
-    d = np.stack([(v // 3**i) % 3 for i in range(5)], axis=1).reshape(-1)[:n]
+    d = np.stack([(v // 3**i) % 3 for i in range(5)], axis=1).reshape(-1)[: trit_count(shapes)]
     return (d - 1).astype(np.int8)
 
 
-def pack_trits_2bit(trits):
+def pack_trits_2bit(trits, shapes=None):
     """4 trits per byte at 2 bits each: looser than base-3 but byte-aligned patterns can compress better."""
     d = (trits.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
     d = np.concatenate([d, np.ones((-len(d)) % 4, np.uint8)]).reshape(-1, 4)
     return (d[:, 0] | d[:, 1] << 2 | d[:, 2] << 4 | d[:, 3] << 6).astype(np.uint8).tobytes()
 
 
-def unpack_trits_2bit(buf, n):
+def unpack_trits_2bit(buf, shapes):
     v = np.frombuffer(buf, np.uint8)
-    d = np.stack([(v >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:n]
+    d = np.stack([(v >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[: trit_count(shapes)]
     return (d.astype(np.int16) - 1).astype(np.int8)
 
 
-TRIT_PACKERS = {"base3": (pack_trits_base3, unpack_trits_base3), "2bit": (pack_trits_2bit, unpack_trits_2bit)}
+def rans_layout(shapes):
+    """(stream start of each tensor and the end, row length of each tensor and 1 for the padding)."""
+    starts = np.concatenate([[0], np.cumsum([math.prod(s) for s in shapes])]).astype(np.int32)
+    return starts, np.array([max(1, s[-1]) for s in shapes] + [1], np.int32)
 
 
-def encode_float(t, kind):
-    """fp16 bytes, or fp8 e4m3 with a per-row (per-tensor for 1-D) fp16 scale."""
-    t = t.detach().float().cpu()
-    if kind == "fp16":
-        return {"kind": "fp16"}, t.half().numpy().tobytes()
-    rows = t.reshape(t.size(0), -1) if t.ndim > 1 else t.reshape(1, -1)
+def rans_neighbours(T, lanes, t0, t1, starts, cols):
+    """(context base, flat index of the left neighbour, of the one above) of stream rows [t0, t1), for digits
+    (trit + 1) held in D (T, lanes) flattened with one extra cell holding 1 (the zero trit's digit) at the end, where
+    lane l holds stream positions [l*T, (l+1)*T). The context of a digit is base + 3 * above + left: 9 per tensor,
+    from the digit to the left in its weight row and the one above in its column (that extra cell when the neighbour
+    lies outside the row, the tensor or the lane); the padding past the end counts as one more tensor, of rows of 1.
+    Both neighbours come from earlier rows, so the decoder knows them when it needs them."""
+    t, lane = np.arange(t0, t1, dtype=np.int32)[:, None], np.arange(lanes, dtype=np.int32)[None, :]
+    pos, outside = lane * np.int32(T) + t, np.int32(T * lanes)
+    k = (np.searchsorted(starts, pos, side="right") - 1).astype(np.int32)
+    c, rel = cols[k], pos - starts[k]
+    left = np.where((rel % c != 0) & (t > 0), (t - 1) * lanes + lane, outside)
+    above = np.where((rel >= c) & (t >= c), (t - c) * lanes + lane, outside)
+    return 9 * k, left, above
+
+
+def rans_frequencies(counts):
+    """Static frequencies (contexts, 3) summing to 2^RANS_PROB_BITS: every digit seen in a context gets >= 1 and
+    the most frequent one takes the rounding remainder."""
+    total = 1 << RANS_PROB_BITS
+    seen = counts.sum(1, keepdims=True)
+    freq = np.where(counts > 0, np.maximum(1, counts * total // np.maximum(seen, 1)), 0)
+    freq[np.arange(len(freq)), freq.argmax(1)] += total - freq.sum(1)
+    return freq
+
+
+def rans_encode(idx, freq):
+    """(words, final lane states) of the symbols idx (T, lanes) = context * 3 + digit: every lane is a rANS coder
+    (ryg_rans with 16-bit renormalisation: states stay below 2^32, so uint32 arithmetic is exact) and all lanes step
+    together, from the last row to the first. The words come out reversed, in the order the decoder reads them."""
+    f_of = freq.reshape(-1).astype(np.uint32)
+    c_of = (np.cumsum(freq, 1) - freq).reshape(-1).astype(np.uint32)
+    last_of = ((freq.reshape(-1).astype(np.int64) << (32 - RANS_PROB_BITS)) - 1).astype(np.uint32)  # <= 2^32 - 1
+    x, out, bits = np.full(idx.shape[1], RANS_LOW, np.uint32), [], np.uint32(RANS_PROB_BITS)
+    for t in range(idx.shape[0] - 1, -1, -1):
+        f, c = f_of[idx[t]], c_of[idx[t]]
+        emit = x > last_of[idx[t]]  # the state would leave [2^16, 2^32) after coding this symbol
+        if emit.any():
+            out.append((x[emit] & np.uint32(0xFFFF)).astype(np.uint16))
+            x = np.where(emit, x >> np.uint32(16), x)
+        q, r = np.divmod(x, f)
+        x = (q << bits) + r + c
+    return (np.concatenate(out)[::-1] if out else np.zeros(0, np.uint16)), x
+
+
+def pack_trits_rans(trits, shapes):
+    """Interleaved rANS of the trits under static per-context frequencies (rans_neighbours): within ~0.1% of that
+    context model's entropy. Bytes: lane and context counts (uint32), the frequencies of digits 0 and 2 per context
+    (uint16; digit 1 has the rest), the final lane states (uint32), then the 16-bit words."""
+    n = trits.size
+    lanes = int(min(RANS_LANES, max(1, n // RANS_LANE_TRITS)))
+    T = -(-n // lanes)
+    starts, cols = rans_layout(shapes)
+    D = np.ones(lanes * T + 1, np.uint8)
+    D[:n] = trits.reshape(-1) + 1
+    D[:-1] = D[:-1].reshape(lanes, T).T.reshape(-1)
+    idx = np.zeros((T, lanes), np.int32)
+    for a in range(0, T, RANS_BLOCK):  # in blocks: the temporaries of 51M positions at once would take gigabytes
+        b = min(T, a + RANS_BLOCK)
+        base, left, above = rans_neighbours(T, lanes, a, b, starts, cols)
+        idx[a:b] = (base + 3 * D[above] + D[left]) * 3 + D[a * lanes : b * lanes].reshape(-1, lanes)
+    contexts = 9 * (len(shapes) + 1)
+    freq = rans_frequencies(np.bincount(idx.reshape(-1), minlength=3 * contexts).reshape(contexts, 3))
+    words, x = rans_encode(idx, freq)
+    return (struct.pack("<II", lanes, contexts) + freq[:, [0, 2]].astype("<u2").tobytes()
+            + x.astype("<u4").tobytes() + words.astype("<u2").tobytes())
+
+
+def rans_decode(x, words, freq, T, starts, cols):
+    """Digits (T * lanes + 1, as rans_neighbours lays them out) of rans_encode's words; every row's contexts come
+    from the rows already decoded. Tables indexed by context << bits | slot give the digit, its frequency and
+    slot - its cumulative frequency, so one step is a handful of numpy calls on `lanes` numbers."""
+    lanes, bits = len(x), RANS_PROB_BITS
+    cum = np.cumsum(freq, 1) - freq
+    digit_of = np.repeat(np.tile(np.arange(3, dtype=np.uint8), len(freq)), freq.reshape(-1))
+    slot = np.tile(np.arange(1 << bits, dtype=np.int64), len(freq))
+    row = np.repeat(np.arange(len(freq)), 1 << bits)
+    f_of = freq[row, digit_of].astype(np.uint32)
+    b_of = (slot - cum[row, digit_of]).astype(np.uint32)
+    D, pos = np.ones(T * lanes + 1, np.uint8), 0
+    shift, mask = np.uint32(bits), np.uint32((1 << bits) - 1)
+    for t in range(T):
+        if t % RANS_BLOCK == 0:
+            base, left, above = rans_neighbours(T, lanes, t, min(T, t + RANS_BLOCK), starts, cols)
+            base = base << bits
+        j = t % RANS_BLOCK
+        k = (base[j] + ((3 * D[above[j]] + D[left[j]]).astype(np.int32) << bits)) | (x & mask).astype(np.int32)
+        D[t * lanes : (t + 1) * lanes] = digit_of[k]
+        x = f_of[k] * (x >> shift) + b_of[k]
+        low = x < RANS_LOW
+        n = int(np.count_nonzero(low))
+        if n:
+            if pos + n > len(words):
+                raise ArtifactError("the rANS trit stream is truncated")
+            x[low] = (x[low] << np.uint32(16)) | words[pos : pos + n][::-1]
+            pos += n
+    if pos != len(words) or (x != RANS_LOW).any():
+        raise ArtifactError("the rANS trit stream does not end in its initial state (corrupt)")
+    return D
+
+
+def unpack_trits_rans(buf, shapes):
+    n = trit_count(shapes)
+    starts, cols = rans_layout(shapes)
+    lanes, contexts = struct.unpack("<II", buf[:8])
+    if contexts != 9 * (len(shapes) + 1) or lanes < 1 or len(buf) < 8 + 4 * contexts + 4 * lanes:
+        raise ArtifactError(f"the rANS trit stream does not fit the table ({lanes} lanes, {contexts} contexts)")
+    f02 = np.frombuffer(buf, "<u2", 2 * contexts, 8).reshape(contexts, 2).astype(np.int64)
+    freq = np.stack([f02[:, 0], (1 << RANS_PROB_BITS) - f02.sum(1), f02[:, 1]], 1)
+    if (freq[:, 1] < 0).any():
+        raise ArtifactError("the rANS frequency table is corrupt")
+    x = np.frombuffer(buf, "<u4", lanes, 8 + 4 * contexts).astype(np.uint32)
+    words = np.frombuffer(buf, "<u2", offset=8 + 4 * contexts + 4 * lanes).astype(np.uint32)
+    T = -(-n // lanes)
+    D = rans_decode(x, words, freq, T, starts, cols)
+    return (D[:-1].reshape(T, lanes).T.reshape(-1)[:n].astype(np.int16) - 1).astype(np.int8)
+
+
+TRIT_PACKERS = {"base3": (pack_trits_base3, unpack_trits_base3), "2bit": (pack_trits_2bit, unpack_trits_2bit),
+                "rans": (pack_trits_rans, unpack_trits_rans)}
+
+
+def fp16_planes(x):
+    """fp16 values as two byte planes, all high bytes then all low bytes: the high byte (sign, exponent, top of the
+    mantissa) repeats across neighbouring scales, which brotli finds better once it is not interleaved with the
+    near-random low byte (-7% on absmean scales at q11, -18% at q5)."""
+    b = np.ascontiguousarray(x, np.float16).view(np.uint8).reshape(-1, 2)
+    return b[:, 1].tobytes() + b[:, 0].tobytes()
+
+
+def from_fp16_planes(buf):
+    b = np.frombuffer(buf, np.uint8).reshape(2, -1)
+    return np.ascontiguousarray(b[::-1].T).view(np.float16).reshape(-1)
+
+
+def encode_fp16(t):
+    return {"kind": "fp16"}, t.half().numpy().tobytes()
+
+
+def decode_fp16(meta, buf, shape):
+    return torch.from_numpy(np.frombuffer(buf, np.float16).astype(np.float32)).reshape(shape)
+
+
+def encode_fp8(t):
+    """fp8 e4m3 with a per-row fp16 scale."""
+    rows = t.reshape(t.size(0), -1)
     scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12).half()
     q = (rows / scale.float()).to(torch.float8_e4m3fn)
     return {"kind": "fp8", "rows": rows.size(0)}, scale.numpy().tobytes() + q.view(torch.uint8).numpy().tobytes()
 
 
-def decode_float(meta, buf, shape):
-    if meta["kind"] == "fp16":
-        return torch.from_numpy(np.frombuffer(buf, np.float16).astype(np.float32)).reshape(shape)
+def decode_fp8(meta, buf, shape):
     rows = meta["rows"]
     scale = torch.from_numpy(np.frombuffer(buf[: 2 * rows], np.float16).astype(np.float32)).reshape(rows, 1)
     q = torch.from_numpy(np.frombuffer(buf[2 * rows :], np.uint8).copy()).view(torch.float8_e4m3fn).float()
     return (q.reshape(rows, -1) * scale).reshape(shape)
 
 
+def encode_int_rows(t, kind):
+    """int_rows_quantize's codes, one signed byte each (brotli's entropy coder takes the unused high bits back),
+    after the per-row fp16 scales."""
+    q, scale = int_rows_quantize(t, INT_BITS[kind])
+    return {"kind": kind, "rows": q.size(0)}, scale.half().numpy().tobytes() + q.to(torch.int8).numpy().tobytes()
+
+
+def decode_int_rows(meta, buf, shape):
+    rows = meta["rows"]
+    scale = np.frombuffer(buf[: 2 * rows], np.float16).astype(np.float32).reshape(rows, 1)
+    q = np.frombuffer(buf[2 * rows :], np.int8).astype(np.float32).reshape(rows, -1)
+    return torch.from_numpy(q * scale).reshape(shape)
+
+
+def float_codecs(h):
+    """{format: (encode, decode)} of the float formats this configuration writes and reads, each behind its guard
+    so that build_submission.py --dce keeps only the configured ones."""
+    codecs = {"fp16": (encode_fp16, decode_fp16)}
+    if h.export_embed == "fp8" or h.export_float == "fp8":
+        codecs["fp8"] = (encode_fp8, decode_fp8)
+    if h.export_embed in ("int8", "int6", "int5", "int4") or h.export_float in ("int8", "int6", "int5", "int4") or h.hybrid_int:
+        for kind in INT_BITS:
+            codecs[kind] = (functools.partial(encode_int_rows, kind=kind), decode_int_rows)
+    return codecs
+
+
+def float_format(name, p, h):
+    """EXPORT_EMBED for the token embedding, EXPORT_FLOAT for the other float matrices; vectors, gains and scalars
+    stay fp16 (a few KB in all, and the most sensitive numbers of the model)."""
+    if p.dim() != 2 or min(p.shape) < FLOAT_MATRIX_MIN:
+        return "fp16"
+    return h.export_embed if name == "tok_emb.weight" else h.export_float
+
+
+def stored_value(name, t, h):
+    """`t` as the artifact gives it back."""
+    encode, decode = float_codecs(h)[float_format(name, t, h)]
+    meta, buf = encode(t.detach().float().cpu())
+    return decode(meta, buf, tuple(t.shape))
+
+
 def ternary_modules(model):
-    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, TernaryLinear) and m.ternary}
+
+
+def export_parts(model, h):
+    """(tensor table, float tensor bytes, trits of all ternary tensors (flat int8), scale layout, scale bytes): the
+    part of the payload every trit packing shares, quantized once."""
+    ternary, codecs = ternary_modules(model), float_codecs(h)
+    hybrid = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, TernaryLinear) and not m.ternary}
+    table, chunks, trits, scales, offset = [], [], [], [], 0
+    for name, p in model.state_dict().items():
+        entry = {"name": name, "shape": list(p.shape)}
+        if name in ternary:
+            t, s = ternary[name].quantize()
+            trits.append(t.to(torch.int8).cpu().numpy().reshape(-1))
+            scales.append(s)
+            entry.update(kind="ternary", group_size=ternary[name].group_size)
+        else:
+            kind = float_format(name, p, h)
+            if h.hybrid_int:
+                if name in hybrid:
+                    kind = f"int{h.hybrid_bits}"
+                    entry["hybrid"] = True  # a block matrix in an int format: a loader without HYBRID_INT must refuse it
+            meta, data = codecs[kind][0](p.detach().float().cpu())
+            entry.update(meta, offset=offset, nbytes=len(data))
+            chunks.append(data)
+            offset += len(data)
+        table.append(entry)
+    layout, scale_data = "planes", fp16_planes(np.concatenate([s.half().cpu().numpy().reshape(-1) for s in scales] or [[]]))
+    if h.scale_format == "log8":
+        layout, scale_data = "log8", log8_scale_bytes(scales)
+    return table, chunks, np.concatenate(trits or [np.zeros(0, np.int8)]), layout, scale_data
+
+
+def log8_scale_bytes(scales):
+    """SCALE_FORMAT=log8: every tensor's row bases (fp16, as byte planes), then every group's code (uint8). The
+    scales are already on their row's grid, so log8_codes gives back the codes that made them."""
+    pairs = [log8_codes(s.float().cpu(), torch.from_numpy(LOG8_BOUNDS)) for s in scales]
+    codes = [c.cpu().numpy().reshape(-1).astype(np.uint8) for c, _ in pairs] or [np.zeros(0, np.uint8)]
+    bases = [b.cpu().numpy().reshape(-1).astype(np.float16) for _, b in pairs] or [np.zeros(0, np.float16)]
+    return fp16_planes(np.concatenate(bases)) + np.concatenate(codes).tobytes()
+
+
+def read_log8_scales(buf, ternary):
+    """Per-group fp32 scales of a log8 scale section: base x LOG8_FACTORS[code], as the training quantizer has them."""
+    rows = sum(t["shape"][0] for t in ternary)
+    bases = from_fp16_planes(buf[: 2 * rows]).astype(np.float32)
+    per_row = np.concatenate([[t["shape"][1] // t["group_size"]] * t["shape"][0] for t in ternary] or [[]]).astype(np.int64)
+    return np.repeat(bases, per_row) * LOG8_FACTORS[np.frombuffer(buf[2 * rows :], np.uint8)]
+
+
+def assemble_payload(parts, trit_packing):
+    """Uncompressed payload: magic, header length, JSON header (formats and tensor table), then the bytes: each
+    float tensor's in table order, then the trits of all ternary tensors packed as one stream, then their scales
+    (fp16 byte planes, or SCALE_FORMAT=log8's bases and codes)."""
+    table, chunks, trits, layout, scale_data = parts
+    offset = sum(len(c) for c in chunks)
+    shapes = [tuple(e["shape"]) for e in table if e["kind"] == "ternary"]
+    trit_data = TRIT_PACKERS[trit_packing][0](trits, shapes)
+    header = {"trit_packing": trit_packing, "trits": [offset, len(trit_data)], "scale_layout": layout,
+              "scales": [offset + len(trit_data), len(scale_data)], "tensors": table}
+    header = json.dumps(header, separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks) + trit_data + scale_data
 
 
 def serialize_model(model, h, trit_packing="base3"):
-    """Uncompressed payload: magic, header length, JSON header (tensor table), then the tensor bytes."""
-    ternary = ternary_modules(model)
-    pack = TRIT_PACKERS[trit_packing][0]
-    table, chunks, offset = [], [], 0
-    for name, p in model.state_dict().items():
-        if name in ternary:
-            trits, scale = ternary[name].quantize()
-            meta = {"kind": "ternary", "group_size": ternary[name].group_size}
-            data = pack(trits.to(torch.int8).cpu().numpy()) + scale.half().cpu().numpy().tobytes()
-            meta["trit_bytes"] = len(data) - 2 * scale.numel()
-        else:
-            meta, data = encode_float(p, h.export_float)
-        table.append({"name": name, "shape": list(p.shape), "offset": offset, "nbytes": len(data), **meta})
-        chunks.append(data)
-        offset += len(data)
-    header = json.dumps({"trit_packing": trit_packing, "tensors": table}, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return assemble_payload(export_parts(model, h), trit_packing)
 
 
-def deserialize_state(payload):
+def read_header(payload):
+    """(header, start of the body) of a payload, or ArtifactError for anything this loader cannot read."""
+    if payload[:4] != ARTIFACT_MAGIC[:4]:
+        raise ArtifactError("bad magic; not a train_gpt.py ternary artifact")
+    if payload[4:5] != ARTIFACT_MAGIC[4:]:
+        raise ArtifactError(f"artifact format version {payload[4]}; this train_gpt.py reads version {ARTIFACT_MAGIC[4]}")
+    (hlen,) = struct.unpack("<I", payload[5:9])
+    try:
+        header = json.loads(payload[9 : 9 + hlen])
+    except ValueError:
+        raise ArtifactError("unreadable header") from None
+    if header.get("trit_packing") not in TRIT_PACKERS:
+        raise ArtifactError(f"unknown trit packing {header.get('trit_packing')!r} (this train_gpt.py reads "
+                            f"{', '.join(TRIT_PACKERS)})")
+    if header.get("scale_layout") not in ("planes", "log8"):
+        raise ArtifactError(f"unknown scale layout {header.get('scale_layout')!r} (this train_gpt.py reads planes, log8)")
+    end = 9 + hlen + header["scales"][0] + header["scales"][1]
+    if len(payload) != end:
+        raise ArtifactError(f"payload is {len(payload)} bytes, its header describes {end}")
+    return header, 9 + hlen
+
+
+def deserialize_state(payload, h):
     """State dict of fp32 tensors from a payload; ternary weights come back as masters that requantize exactly."""
-    if payload[: len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        raise ArtifactError("artifact payload has a bad magic; not a train_gpt.py ternary artifact")
-    (hlen,) = struct.unpack("<I", payload[len(ARTIFACT_MAGIC) : len(ARTIFACT_MAGIC) + 4])
-    body = len(ARTIFACT_MAGIC) + 4 + hlen
-    header = json.loads(payload[len(ARTIFACT_MAGIC) + 4 : body])
-    unpack = TRIT_PACKERS[header["trit_packing"]][1]
-    state = {}
+    header, body = read_header(payload)
+    codecs, state, ternary = float_codecs(h), {}, []
     for t in header["tensors"]:
-        buf, shape = payload[body + t["offset"] : body + t["offset"] + t["nbytes"]], tuple(t["shape"])
+        hybrid = False
+        if h.hybrid_int:
+            families = h.hybrid_families.split(",")
+            hybrid = t["name"].startswith("blocks.") and t["name"].endswith(".weight") and t["name"].split(".")[-2] in families
+        if t.get("hybrid", False) != hybrid:
+            raise ArtifactError(f"tensor {t['name']} is {'an int' if t.get('hybrid') else 'a ternary'} block matrix, "
+                                f"which this configuration does not train that way (HYBRID_INT / HYBRID_FAMILIES)")
         if t["kind"] == "ternary":
-            n, gs = math.prod(shape), t["group_size"]
-            trits = torch.from_numpy(unpack(buf[: t["trit_bytes"]], n).astype(np.float32)).reshape(shape)
-            scale = torch.from_numpy(np.frombuffer(buf[t["trit_bytes"] :], np.float16).astype(np.float32))
-            state[t["name"]] = ternary_master_from_export(trits, scale.reshape(shape[0], -1), gs)
+            ternary.append(t)
+        elif t["kind"] in codecs:
+            buf = payload[body + t["offset"] : body + t["offset"] + t["nbytes"]]
+            state[t["name"]] = codecs[t["kind"]][1](t, buf, tuple(t["shape"]))
         else:
-            state[t["name"]] = decode_float(t, buf, shape)
-    return state
+            raise ArtifactError(f"tensor {t['name']} is stored as {t['kind']!r}, which this configuration does not "
+                                f"read (it reads {', '.join(codecs)}; EXPORT_EMBED / EXPORT_FLOAT choose)")
+    shapes = [tuple(t["shape"]) for t in ternary]
+    (t_off, t_len), (s_off, s_len) = header["trits"], header["scales"]
+    trits = TRIT_PACKERS[header["trit_packing"]][1](payload[body + t_off : body + t_off + t_len], shapes)
+    buf = payload[body + s_off : body + s_off + s_len]
+    if header["scale_layout"] == "planes":
+        scales = from_fp16_planes(buf).astype(np.float32)
+    elif h.scale_format == "log8":
+        scales = read_log8_scales(buf, ternary)
+    else:
+        raise ArtifactError(f"ternary scales are stored as {header['scale_layout']!r}, which this configuration does "
+                            f"not read (SCALE_FORMAT={h.scale_format})")
+    at, at_scale = 0, 0
+    for t, shape in zip(ternary, shapes):
+        n, groups = math.prod(shape), math.prod(shape) // t["group_size"]
+        tr = torch.from_numpy(trits[at : at + n].astype(np.float32)).reshape(shape)
+        sc = torch.from_numpy(scales[at_scale : at_scale + groups]).reshape(shape[0], -1)
+        state[t["name"]] = ternary_master_from_export(tr, sc, t["group_size"])
+        at, at_scale = at + n, at_scale + groups
+    return {t["name"]: state[t["name"]] for t in header["tensors"]}
 
 
 def compress_model(model, h, log=print):
-    """(packing, brotli blob). Each trit packing is tried at a fast quality; only the smaller one pays for the
-    final quality (q11 runs at ~0.3 MB/s on this data, too slow to run twice inside the time budget)."""
+    """(packing, brotli blob). Each trit packing is tried at a fast quality; only the smallest pays for the final
+    quality (q11 runs at ~0.3 MB/s on this data, too slow to run three times inside the time budget)."""
     import brotli
 
-    payloads = {packing: serialize_model(model, h, packing) for packing in TRIT_PACKERS}
+    t0 = time.perf_counter()
+    parts = export_parts(model, h)
+    payloads = {packing: assemble_payload(parts, packing) for packing in TRIT_PACKERS}
     trial_quality = min(5, h.brotli_quality)
     trial = {p: len(brotli.compress(b, quality=trial_quality, lgwin=24)) for p, b in payloads.items()}
     packing = min(trial, key=trial.get)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     blob = brotli.compress(payloads[packing], quality=h.brotli_quality, lgwin=24)
+    header = read_header(payloads[packing])[0]
+    trits = sum(math.prod(t["shape"]) for t in header["tensors"] if t["kind"] == "ternary")
     log(
         "export " + " ".join(f"q{trial_quality}_{p}:{n}" for p, n in trial.items())
-        + f" chosen:{packing} q{h.brotli_quality}_bytes:{len(blob)} seconds:{time.perf_counter() - t0:.1f}"
+        + f" chosen:{packing} q{h.brotli_quality}_bytes:{len(blob)} trits:{trits} "
+        f"trit_section_bits:{8 * header['trits'][1] / max(trits, 1):.4f} scale_section_bytes:{header['scales'][1]} "
+        f"pack_seconds:{t1 - t0:.1f} seconds:{time.perf_counter() - t1:.1f}"
     )
     return packing, blob
 
 
-def load_artifact(path):
+def load_artifact(path, h):
+    """State dict of the artifact at `path`; every reason it cannot be read is an ArtifactError naming the file."""
     import brotli
 
     with open(path, "rb") as f:
-        return deserialize_state(brotli.decompress(f.read()))
+        blob = f.read()
+    try:
+        return deserialize_state(brotli.decompress(blob), h)
+    except brotli.error as e:
+        raise ArtifactError(f"{path}: not a brotli stream ({e})") from None
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, IndexError, struct.error) as e:  # a header that lies about its body
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
 
 
 def write_atomic(path, data):
@@ -2114,6 +2533,7 @@ CHECKPOINT_FREE_KNOBS = {
     "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "ATTN_IMPL", "WORLD_SIZE", "RANK",
     "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB", "CALIB_TOKENS", "CALIB_MAX_EVALS",
     "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT", "BROTLI_QUALITY",
+    "EXPORT_EMBED",
 }
 
 
@@ -2140,7 +2560,9 @@ def load_checkpoint(model, h, device, log):
         ckpt = torch.load(h.checkpoint_path, map_location=device, weights_only=True)
     except Exception as e:
         raise ArtifactError(f"CHECKPOINT_PATH={h.checkpoint_path} is not a checkpoint: {e}") from None
-    ours, theirs = h.by_env_name(), ckpt["config"]
+    # a knob the checkpoint does not name did not exist when it was saved: that run had the knob's default behaviour
+    defaults = {k.name: k.default for k in vars(Hyperparameters).values() if isinstance(k, Knob)}
+    ours, theirs = h.by_env_name(), {**defaults, **ckpt["config"]}
     differ = sorted(k for k in ours.keys() | theirs.keys()
                     if ours.get(k) != theirs.get(k) and k not in CHECKPOINT_FREE_KNOBS and not k.startswith(CHECKPOINT_FREE_PREFIXES))
     if differ:
@@ -2374,7 +2796,7 @@ def export_and_score(base, h, val, rank, world, device, log):
         dist.barrier()
     t_rt = time.perf_counter()
     fresh = GPT(h).to(device)
-    fresh.load_state_dict(load_artifact(h.artifact_path))
+    fresh.load_state_dict(load_artifact(h.artifact_path, h))
     t_score = time.perf_counter()
     if h.ttt_enabled and h.ttt_mode == "lora":
         rt_loss, rt_bpb = lora_ttt_evaluate(fresh, val_tokens, luts, h, rank, world, device, log)

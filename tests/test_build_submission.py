@@ -181,6 +181,8 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "CHECKPOINT_SAVE": ({}, "def save_checkpoint"),
     "EVAL_FROM_CHECKPOINT": ({}, "def load_checkpoint"),
     "FP_PHASE": ({}, "class QuantMix"),
+    "EMBED_QAT": ({"EXPORT_EMBED": "int6"}, "def embedding_weight"),
+    "HYBRID_INT": ({}, "class IntQATLinear"),
 }
 
 
@@ -221,6 +223,33 @@ def test_ttt_mode_keeps_only_its_own_code(trainer, mode, kept, stripped):
     text = bs.extract(ROOT / "train_gpt.py", config)
     bs.py_compile_check(text)
     assert kept in text and stripped not in text
+
+
+FORMAT_CODE = {"fp8": ["def encode_fp8", "def decode_fp8"],
+               "int": ["def encode_int_rows", "def decode_int_rows", "def int_rows_quantize"],
+               "log8": ["class Log8TernaryLinear", "def log8_scale_bytes", "def read_log8_scales", "def log8_codes"]}
+
+
+@pytest.mark.parametrize("formats,used", [({}, []), ({"EXPORT_EMBED": "fp8"}, ["fp8"]), ({"EXPORT_FLOAT": "int6"}, ["int"]),
+                                          ({"EXPORT_EMBED": "int8", "EXPORT_FLOAT": "fp8"}, ["fp8", "int"]),
+                                          ({"SCALE_FORMAT": "log8"}, ["log8"])])
+def test_export_formats_a_config_does_not_use_are_stripped(trainer, tmp_path, formats, used):
+    """Each float format's encoder and decoder stay only where EXPORT_EMBED / EXPORT_FLOAT name it, the log8 scale
+    code only with SCALE_FORMAT=log8; the extracted file still writes its artifact and reads it back to the same
+    weights."""
+    text = bs.extract(ROOT / "train_gpt.py", bs.Config(trainer, {**TINY, **formats}))
+    for codec, markers in FORMAT_CODE.items():
+        for marker in markers:
+            assert (marker in text) == (codec in used), (codec, marker)
+    path = tmp_path / "x.py"
+    path.write_text(text)
+    mod = bs.load_trainer(path)
+    h = mod.Hyperparameters({})
+    m = mod.GPT(h).eval()
+    payload = mod.assemble_payload(mod.export_parts(m, h), "rans")
+    fresh = mod.GPT(h).eval()
+    fresh.load_state_dict(mod.deserialize_state(payload, h))
+    assert mod.assemble_payload(mod.export_parts(fresh, h), "rans") == payload
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_calibrated_model_exports_what_it_computes():
                 p.copy_(p.half().float())
     h = tg.Hyperparameters({**BASE, "TERNARY_CALIB": "1"})
     fresh = tg.GPT(h)
-    fresh.load_state_dict(tg.deserialize_state(tg.serialize_model(m, h)))
+    fresh.load_state_dict(tg.deserialize_state(tg.serialize_model(m, h), h))
     assert all(torch.equal(x.calib, torch.tensor([0.5, 1.0])) for x in fresh.modules() if hasattr(x, "calib"))
     idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     m.eval()

@@ -88,7 +88,7 @@ def test_temperature_and_calibration_see_training_tokens_only(shards, tmp_path):
         temps.append(log_values(r.stdout, "T")[0])
         calibrations.append(r.stdout.split("calibration ")[1].split(" seconds:")[0])
         assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 1e-3
-        stored = tg.load_artifact(str(tmp_path / name / "model.ptz"))["logit_temperature"].item()
+        stored = tg.load_artifact(str(tmp_path / name / "model.ptz"), tg.Hyperparameters({}))["logit_temperature"].item()
         assert stored == pytest.approx(temps[-1], abs=5e-5)
     assert temps[0] == temps[1] and 0.7 <= temps[0] <= 1.3
     assert calibrations[0] == calibrations[1] and "evals:8" in calibrations[0]
