@@ -22,6 +22,7 @@ RUNS = [  # (run id, flags on top of the default, commit of the train_gpt.py tha
     ("abl_moe", "MOE_ENABLED=1 MOE_EXPERTS=3 (tricks on: the default)", "cf44184"),
     ("abl_layerscale", "LAYER_SCALE=1 (tricks on: the default)", "cf44184"),
 ]
+LOG_DIRS = [HERE.parents[1] / "bench_logs" / "ablations", HERE.parents[1] / "bench_logs"]  # logs/ is git-ignored
 FIELDS = ["final_val_bpb", "pre_export_val_bpb", "q5_model_bytes", "code_bytes", "steps", "tok_s", "peak_mem_mib",
           "compile_s", "params"]
 
@@ -29,9 +30,10 @@ FIELDS = ["final_val_bpb", "pre_export_val_bpb", "q5_model_bytes", "code_bytes",
 def main():
     rows = []
     for run, flags, commit in RUNS:
-        path = HERE / "logs" / f"{run}.txt"
-        if not path.exists():
+        found = [d / f"{run}.txt" for d in LOG_DIRS if (d / f"{run}.txt").exists()]
+        if not found:
             continue
+        path = found[0]
         parsed = read_run_log(path)
         row = {"run": run, "flags": flags, "commit": commit}
         row.update({k: "" if parsed[k] is None else f"{parsed[k]:.4f}" if "bpb" in k else str(parsed[k]) for k in FIELDS})
@@ -52,5 +54,78 @@ def main():
     print("\n".join(lines))
 
 
+# Issues 12-14 on golf-proxy-300, one H200 (nvidia-h200), torch 2.11.0+cu130, 2026-11-29. Logs and the scripts
+# that ran them: h200_2026-11-29/ (run1.sh; run2.sh with call2.conf / call3.conf). A "trains" row is a 300 s
+# training run (SEED 1337, TRAIN_BATCH_TOKENS=262144 GRAD_ACCUM_STEPS=2 BROTLI_QUALITY=5); a "re-scores" row loads
+# that run's checkpoint (EVAL_FROM_CHECKPOINT=1) and changes only evaluation/export knobs. Each log's
+# `code sha256` is the sha256 of train_gpt.py at the commit given.
+H200 = HERE / "h200_2026-11-29"
+H200_RUNS = [  # (run id, what it is, commit, checkpoint of)
+    ("c1_train", "trains: default, EVAL_STRIDE=64", "a30dc71", ""),
+    ("c1_iso", "re-scores: EVAL_STRIDE=64 EVAL_DOC_ISOLATED=1", "a30dc71", "c1_train"),
+    ("c1_lora", "re-scores: LoRA TTT (q,v,head r8 lr 0.003 chunk 256), EVAL_DOC_ISOLATED=1, no span", "a30dc71", "c1_train"),
+    ("c1_lora_lr01", "re-scores: as c1_lora, TTT_LORA_LR=0.01", "a30dc71", "c1_train"),
+    ("c2_train", "trains: FP_PHASE=1 QAT_START_FRAC=0.3, EVAL_STRIDE=64", "281a7d2", ""),
+    ("c2_int8", "re-scores: EVAL_STRIDE=64 EXPORT_EMBED=int8 EXPORT_FLOAT=int8", "281a7d2", "c2_train"),
+    ("c2_lora_s2k", "re-scores: LoRA TTT, TTT_LORA_SPAN=2048, EVAL_DOC_ISOLATED=1", "281a7d2", "c2_train"),
+    ("c2_lora_s2k_c128", "re-scores: as c2_lora_s2k, TTT_LORA_CHUNK=128", "281a7d2", "c2_train"),
+    ("c2_lora_s1k_all", "re-scores: LoRA TTT on q,k,v,proj,up,down,head, lr 0.001, TTT_LORA_SPAN=1024", "281a7d2", "c2_train"),
+    ("c3_train", "trains: FP_PHASE=1 QAT_START_FRAC=0.3 EXPORT_EMBED=int8 EXPORT_FLOAT=int8 MLP_MULT=4, EVAL_STRIDE=64",
+     "281a7d2", ""),
+]
+H200_KEYS = ["run", "what", "commit", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
+             "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
+             "challenge_eval_s"]
+
+
+def h200_table():
+    """recipe_h200.md / .csv: one row per log of h200_2026-11-29/, deltas against the default's sliding score."""
+    rows = []
+    for run, what, commit, ckpt in H200_RUNS:
+        parsed = read_run_log(H200 / f"{run}.txt")
+        row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
+        row.update({k: "" if parsed.get(k) is None else f"{parsed[k]:.4f}" if "bpb" in k else str(parsed[k])
+                    for k in H200_KEYS if k not in row})
+        rows.append(row)
+    base = float(rows[0]["final_val_bpb"])
+    for r in rows:
+        r["delta_vs_c1_train"] = f"{float(r['final_val_bpb']) - base:+.4f}" if r["final_val_bpb"] else ""
+    with open(HERE / "recipe_h200.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, H200_KEYS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(H200_KEYS) + " |", "|" + "---|" * len(H200_KEYS)]
+    lines += ["| " + " | ".join(r[k] for k in H200_KEYS) + " |" for r in rows]
+    (HERE / "recipe_h200.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+def capacity_plot(rows):
+    """bytes_vs_bpb_h200.png: final (sliding, stride 64) val_bpb against total artifact bytes of the sliding-scored
+    rows, with the cap marked (issue 13)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["stride"] == "64" and not r["run"].endswith("_iso")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in pts:
+        x, y = int(r["total_bytes"]) / 1e6, float(r["final_val_bpb"])
+        ax.scatter(x, y)
+        ax.annotate(f"{r['run']} ({int(r['params']) / 1e6:.1f}M params)", (x, y), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axvline(16.0, color="red", linestyle="--", label="cap 16,000,000 B")
+    ax.set_xlabel("total artifact bytes (MB, brotli q5, unextracted code)")
+    ax.set_ylabel("final val_bpb (sliding, stride 64)")
+    ax.set_title("golf-proxy-300 on one H200, 2026-11-29")
+    ax.legend(loc="lower left")
+    ax.set_xlim(right=16.6)
+    fig.tight_layout()
+    fig.savefig(HERE / "bytes_vs_bpb_h200.png", dpi=120)
+
+
 if __name__ == "__main__":
     main()
+    capacity_plot(h200_table())
