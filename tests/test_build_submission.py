@@ -347,6 +347,38 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(seed_runs, tmp_path, case
     assert not (tmp_path / "records").exists() or not any((tmp_path / "records").iterdir())
 
 
+@pytest.mark.parametrize("case", ["other_tokenizer", "missing_tokenizer", "mixed_tokenizers", "no_tokenizer_line"])
+def test_a_log_of_another_tokenizer_is_refused(seed_runs, tmp_path, case):
+    """The logs' tokenizer sha256 must agree across seeds, and with the TOKENIZER_PATH the record names."""
+    import hashlib
+
+    base = "".join(f"{k}={v}\n" for k, v in TINY.items() if k != "TOKENIZER_PATH") + "ITERATIONS=6\n"
+    sha = hashlib.sha256(open(TINY["TOKENIZER_PATH"], "rb").read()).hexdigest()
+    logs = [seed_runs[7][1], seed_runs[8][1]]
+    (tmp_path / "ok").mkdir()
+    ok = build(tmp_path / "ok", logs, config=base + f"TOKENIZER_PATH={TINY['TOKENIZER_PATH']}\n")
+    assert ok.returncode == 0, ok.stderr
+    config = base
+    if case == "other_tokenizer":  # same vocab, other pieces: the silently wrong val_bpb of issue 15
+        other = tmp_path / "other.model"
+        other.write_bytes(open(TINY["TOKENIZER_PATH"], "rb").read() + b"\0")
+        config, expect = base + f"TOKENIZER_PATH={other}\n", f"is not the configuration's TOKENIZER_PATH={other}"
+    elif case == "missing_tokenizer":
+        config, expect = base + "TOKENIZER_PATH=nowhere.model\n", "TOKENIZER_PATH=nowhere.model, which is not found"
+    elif case == "mixed_tokenizers":
+        logs[1] = tmp_path / "mixed.txt"
+        logs[1].write_text(seed_runs[8][1].read_text().replace(f"sha256:{sha}", "sha256:" + "0" * 64))
+        expect = "the logs ran with different tokenizers"
+    else:
+        logs[1] = tmp_path / "old.txt"
+        logs[1].write_text("".join(l for l in seed_runs[8][1].read_text().splitlines(True)
+                                   if not l.startswith("tokenizer ")))
+        expect = "no `tokenizer ... sha256:` line"
+    r = build(tmp_path, logs, config=config)
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+    assert not (tmp_path / "records").exists()
+
+
 def test_extract_only_cli(tmp_path):
     out = tmp_path / "x.py"
     r = subprocess.run([sys.executable, str(ROOT / "build_submission.py"), "--dce", "--set", "SKC_ENABLED=1",

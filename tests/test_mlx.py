@@ -311,3 +311,24 @@ def test_mac_launcher_prints_what_it_runs(shards, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"running: {sys.executable} train_gpt_mlx.py" in r.stdout and "MAX_VAL_TOKENS=4096" in r.stdout
     assert "final_roundtrip" in r.stdout
+
+
+def test_the_same_start_checks_as_train_gpt(tmp_path):
+    """Issue 15: the port checks every shard's token range, refuses empty shards without spinning, and checks the
+    tokenizer against the shards' fingerprint, with train_gpt.py's messages."""
+    from test_data import write_fingerprint, write_shard
+
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.zeros(0))
+    toks = np.arange(300) % 1000
+    toks[299] = 1500
+    write_shard(tmp_path / "fineweb_train_000001.bin", toks)
+    files = tg.shard_files(str(tmp_path / "fineweb_train_*.bin"))
+    for mod in (tg, tm):
+        with pytest.raises(mod.DataError, match="fineweb_train_000000.bin: 0 tokens"):
+            mod.check_shards(files, 1024)
+        with pytest.raises(mod.DataError, match="no tokens"):
+            mod.TokenStream(files[:1], 1024, 0).take(3)
+        assert mod.shard_token_error(files[1], 1024).endswith("token id 1500 at position 299 >= VOCAB_SIZE=1024")
+        write_fingerprint(tmp_path, "ef" * 32)
+        with pytest.raises(mod.DataError, match="is not the tokenizer that made the shards"):
+            mod.tokenizer_fingerprint(tmp_path, TOKENIZER, 1024)
