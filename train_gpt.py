@@ -362,7 +362,10 @@ def load_tokenizer(path, vocab_size):
 
     if not Path(path).is_file():
         raise DataError(f"{path}: tokenizer model not found (TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:  # sentencepiece's own words ("unk is not defined") do not name the file
+        raise DataError(f"{path}: not a SentencePiece model (TOKENIZER_PATH; sentencepiece says: {e})") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab {sp.vocab_size()} != VOCAB_SIZE={vocab_size}")
     return sp
@@ -1717,17 +1720,62 @@ def serialize_model(model, h, trit_packing="base3"):
         table.append({"name": name, "shape": list(p.shape), "offset": offset, "nbytes": len(data), **meta})
         chunks.append(data)
         offset += len(data)
-    header = json.dumps({"trit_packing": trit_packing, "tensors": table}, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return artifact_payload({"trit_packing": trit_packing, "tensors": table}, b"".join(chunks))
+
+
+TENSOR_KINDS = {"ternary", "fp16", "fp8"}  # every kind deserialize_state decodes
+
+
+def artifact_payload(header, data):
+    """magic, header length, JSON header, tensor bytes. The header carries a sha256 of itself (without that
+    field) and the tensor bytes: brotli has no checksum, and most flipped bits decode to other weights."""
+    table = json.dumps(header, separators=(",", ":")).encode()
+    header = {**header, "sha256": hashlib.sha256(table + data).hexdigest()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(text)) + text + data
+
+
+def check_payload(payload):
+    """The header of a payload, once its layout and checksum hold: what a corrupt file gets instead of a numpy
+    or KeyError traceback. Artifacts written before the checksum have none to check."""
+    start = len(ARTIFACT_MAGIC) + 4
+    if len(payload) < start:
+        raise ArtifactError(f"payload of {len(payload)} bytes is shorter than its {start}-byte preamble")
+    if payload[: len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise ArtifactError("artifact payload has a bad magic; not a train_gpt.py ternary artifact")
+    (hlen,) = struct.unpack("<I", payload[len(ARTIFACT_MAGIC) : start])
+    if start + hlen > len(payload):
+        raise ArtifactError(f"header of {hlen} bytes runs past the end of the {len(payload)}-byte payload")
+    try:
+        header = json.loads(payload[start : start + hlen])
+        tensors, packing = header["tensors"], header["trit_packing"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"header is not JSON with a tensor table ({type(e).__name__}: {e})") from None
+    data = payload[start + hlen :]
+    if "sha256" in header:
+        table = json.dumps({k: v for k, v in header.items() if k != "sha256"}, separators=(",", ":")).encode()
+        if hashlib.sha256(table + data).hexdigest() != header["sha256"]:
+            raise ArtifactError("the payload does not match its sha256 checksum (a corrupt or bit-flipped file)")
+    if packing not in TRIT_PACKERS:
+        raise ArtifactError(f"unknown trit packing {packing!r} (this file reads {sorted(TRIT_PACKERS)})")
+    end = 0
+    for t in tensors:
+        if t.get("kind") not in TENSOR_KINDS:
+            raise ArtifactError(f"tensor {t.get('name')}: unknown tensor kind {t.get('kind')!r} (this file reads "
+                                f"{sorted(TENSOR_KINDS)})")
+        if t.get("offset") != end or end + t.get("nbytes", 0) > len(data):
+            raise ArtifactError(f"short payload: tensor {t.get('name')} needs bytes {t.get('offset')}.."
+                                f"{end + t.get('nbytes', 0)} of {len(data)}")
+        end += t["nbytes"]
+    if end != len(data):
+        raise ArtifactError(f"payload has {len(data) - end} bytes after its last tensor")
+    return header
 
 
 def deserialize_state(payload):
     """State dict of fp32 tensors from a payload; ternary weights come back as masters that requantize exactly."""
-    if payload[: len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        raise ArtifactError("artifact payload has a bad magic; not a train_gpt.py ternary artifact")
-    (hlen,) = struct.unpack("<I", payload[len(ARTIFACT_MAGIC) : len(ARTIFACT_MAGIC) + 4])
-    body = len(ARTIFACT_MAGIC) + 4 + hlen
-    header = json.loads(payload[len(ARTIFACT_MAGIC) + 4 : body])
+    header = check_payload(payload)
+    body = len(payload) - sum(t["nbytes"] for t in header["tensors"])
     unpack = TRIT_PACKERS[header["trit_packing"]][1]
     state = {}
     for t in header["tensors"]:
@@ -1761,10 +1809,25 @@ def compress_model(model, h, log=print):
 
 
 def load_artifact(path):
+    """The state dict of an artifact file; any fault of the file is an ArtifactError that names it."""
     import brotli
 
-    with open(path, "rb") as f:
-        return deserialize_state(brotli.decompress(f.read()))
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror})") from None
+    try:
+        payload = brotli.decompress(blob)
+    except brotli.error:
+        raise ArtifactError(f"{path}: not a brotli stream ({len(blob)} bytes; truncated, empty or not an "
+                            "artifact)") from None
+    try:
+        return deserialize_state(payload)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:  # a header that checks but lies
+        raise ArtifactError(f"{path}: corrupt artifact ({type(e).__name__}: {e})") from None
 
 
 def write_atomic(path, data):
@@ -1817,6 +1880,28 @@ def save_checkpoint(model, calibrated, h, log):
     log(f"checkpoint_saved path:{h.checkpoint_path} bytes:{buf.tell()} calibrated_tensors:{len(calib)}")
 
 
+def read_checkpoint(path, device):
+    """The dict save_checkpoint wrote. Anything else is an ArtifactError that says so plainly: torch's own message
+    suggests weights_only=False, which would unpickle arbitrary code and still not make it a checkpoint."""
+    import pickle
+    import zipfile
+
+    what = f"CHECKPOINT_PATH={path} is not a checkpoint written by CHECKPOINT_SAVE=1"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ArtifactError(f"{what}: not a torch file ({os.path.getsize(path)} bytes; an artifact, a text file, "
+                            "a truncated write?)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ArtifactError(f"{what}: it holds Python objects other than tensors and plain values") from None
+    except Exception as e:
+        raise ArtifactError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not (isinstance(ckpt, dict) and {"state", "calib", "config"} <= ckpt.keys()):
+        raise ArtifactError(f"CHECKPOINT_PATH={path} is a torch file, but not a CHECKPOINT_SAVE=1 checkpoint (no "
+                            "state, calib and config)")
+    return ckpt
+
+
 def load_checkpoint(model, h, device, log):
     """EVAL_FROM_CHECKPOINT: loads what CHECKPOINT_SAVE wrote into `model`. Refused unless every knob that shaped
     the trained model equals this run's, so the config line of this run still describes the model it scores.
@@ -1824,10 +1909,7 @@ def load_checkpoint(model, h, device, log):
     if not os.path.exists(h.checkpoint_path):
         raise ConfigError(f"EVAL_FROM_CHECKPOINT=1 but CHECKPOINT_PATH={h.checkpoint_path} does not exist "
                           "(a training run with CHECKPOINT_SAVE=1 writes it)")
-    try:
-        ckpt = torch.load(h.checkpoint_path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ArtifactError(f"CHECKPOINT_PATH={h.checkpoint_path} is not a checkpoint: {e}") from None
+    ckpt = read_checkpoint(h.checkpoint_path, device)
     ours, theirs = h.by_env_name(), ckpt["config"]
     differ = sorted(k for k in ours.keys() | theirs.keys()
                     if ours.get(k) != theirs.get(k) and k not in CHECKPOINT_FREE_KNOBS and not k.startswith(CHECKPOINT_FREE_PREFIXES))

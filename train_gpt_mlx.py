@@ -335,7 +335,10 @@ def load_tokenizer(path, vocab_size):
 
     if not Path(path).is_file():
         raise DataError(f"{path}: tokenizer model not found (TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:  # sentencepiece's own words ("unk is not defined") do not name the file
+        raise DataError(f"{path}: not a SentencePiece model (TOKENIZER_PATH; sentencepiece says: {e})") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab {sp.vocab_size()} != VOCAB_SIZE={vocab_size}")
     return sp
@@ -1037,17 +1040,62 @@ def serialize_model(model, h, trit_packing="base3"):
         table.append({"name": name, "shape": list(p.shape), "offset": offset, "nbytes": len(data), **meta})
         chunks.append(data)
         offset += len(data)
-    header = json.dumps({"trit_packing": trit_packing, "tensors": table}, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return artifact_payload({"trit_packing": trit_packing, "tensors": table}, b"".join(chunks))
+
+
+TENSOR_KINDS = {"ternary", "fp16", "fp8"}  # every kind deserialize_state decodes
+
+
+def artifact_payload(header, data):
+    """magic, header length, JSON header, tensor bytes. The header carries a sha256 of itself (without that
+    field) and the tensor bytes: brotli has no checksum, and most flipped bits decode to other weights."""
+    table = json.dumps(header, separators=(",", ":")).encode()
+    header = {**header, "sha256": hashlib.sha256(table + data).hexdigest()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(text)) + text + data
+
+
+def check_payload(payload):
+    """The header of a payload, once its layout and checksum hold: what a corrupt file gets instead of a numpy
+    or KeyError traceback. Artifacts written before the checksum have none to check."""
+    start = len(ARTIFACT_MAGIC) + 4
+    if len(payload) < start:
+        raise ArtifactError(f"payload of {len(payload)} bytes is shorter than its {start}-byte preamble")
+    if payload[: len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise ArtifactError("artifact payload has a bad magic; not a train_gpt.py ternary artifact")
+    (hlen,) = struct.unpack("<I", payload[len(ARTIFACT_MAGIC) : start])
+    if start + hlen > len(payload):
+        raise ArtifactError(f"header of {hlen} bytes runs past the end of the {len(payload)}-byte payload")
+    try:
+        header = json.loads(payload[start : start + hlen])
+        tensors, packing = header["tensors"], header["trit_packing"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"header is not JSON with a tensor table ({type(e).__name__}: {e})") from None
+    data = payload[start + hlen :]
+    if "sha256" in header:
+        table = json.dumps({k: v for k, v in header.items() if k != "sha256"}, separators=(",", ":")).encode()
+        if hashlib.sha256(table + data).hexdigest() != header["sha256"]:
+            raise ArtifactError("the payload does not match its sha256 checksum (a corrupt or bit-flipped file)")
+    if packing not in TRIT_PACKERS:
+        raise ArtifactError(f"unknown trit packing {packing!r} (this file reads {sorted(TRIT_PACKERS)})")
+    end = 0
+    for t in tensors:
+        if t.get("kind") not in TENSOR_KINDS:
+            raise ArtifactError(f"tensor {t.get('name')}: unknown tensor kind {t.get('kind')!r} (this file reads "
+                                f"{sorted(TENSOR_KINDS)})")
+        if t.get("offset") != end or end + t.get("nbytes", 0) > len(data):
+            raise ArtifactError(f"short payload: tensor {t.get('name')} needs bytes {t.get('offset')}.."
+                                f"{end + t.get('nbytes', 0)} of {len(data)}")
+        end += t["nbytes"]
+    if end != len(data):
+        raise ArtifactError(f"payload has {len(data) - end} bytes after its last tensor")
+    return header
 
 
 def deserialize_state(payload):
     """State dict of numpy fp32 arrays from a payload; ternary weights come back as masters that requantize exactly."""
-    if payload[: len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        raise ArtifactError("artifact payload has a bad magic; not a train_gpt.py ternary artifact")
-    (hlen,) = struct.unpack("<I", payload[len(ARTIFACT_MAGIC) : len(ARTIFACT_MAGIC) + 4])
-    body = len(ARTIFACT_MAGIC) + 4 + hlen
-    header = json.loads(payload[len(ARTIFACT_MAGIC) + 4 : body])
+    header = check_payload(payload)
+    body = len(payload) - sum(t["nbytes"] for t in header["tensors"])
     unpack = TRIT_PACKERS[header["trit_packing"]][1]
     state = {}
     for t in header["tensors"]:
@@ -1081,10 +1129,25 @@ def compress_model(model, h, log=print):
 
 
 def load_artifact(path):
+    """The state dict of an artifact file; any fault of the file is an ArtifactError that names it."""
     import brotli
 
-    with open(path, "rb") as f:
-        return deserialize_state(brotli.decompress(f.read()))
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror})") from None
+    try:
+        payload = brotli.decompress(blob)
+    except brotli.error:
+        raise ArtifactError(f"{path}: not a brotli stream ({len(blob)} bytes; truncated, empty or not an "
+                            "artifact)") from None
+    try:
+        return deserialize_state(payload)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:  # a header that checks but lies
+        raise ArtifactError(f"{path}: corrupt artifact ({type(e).__name__}: {e})") from None
 
 
 def write_atomic(path, data):

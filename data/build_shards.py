@@ -266,7 +266,10 @@ def build_shards(docs, split, tokenizer, out, shard_tokens=100_000_000, workers=
     if shard_tokens < 1:
         raise SystemExit("build_shards: --shard-tokens must be >= 1")
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    except (RuntimeError, OSError) as e:
+        raise SystemExit(f"build_shards: {tokenizer}: not a SentencePiece model ({e})")
     vocab = sp.vocab_size()
     if vocab_size is not None and vocab_size != vocab:
         raise SystemExit(f"build_shards: --vocab-size {vocab_size} != vocab size {vocab} of {tokenizer}")

@@ -247,3 +247,12 @@ def test_run_refuses_shards_of_another_tokenizer(shards, tmp_path):
     sha = hashlib.sha256(open(TOKENIZER, "rb").read()).hexdigest()
     assert f"tokenizer path:{TOKENIZER} sha256:{sha} vocab:1024 fingerprint:match" in ok.stdout
     assert "warning:" not in ok.stdout and "data_check shards:" in ok.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a model", b"\x0a\x05hello"])
+def test_a_file_that_is_not_a_tokenizer_names_itself(tmp_path, content):
+    bad = tmp_path / "tok.model"
+    bad.write_bytes(content)
+    with pytest.raises(tg.DataError, match=f"{bad}: not a SentencePiece model") as e:
+        tg.load_tokenizer(str(bad), 1024)
+    assert "TOKENIZER_PATH" in str(e.value)

@@ -124,6 +124,9 @@ def test_argument_errors(tmp_path):
         bs.build_shards(docs, "test", TOKENIZER, out, workers=1)
     with pytest.raises(SystemExit, match="nope.model"):
         bs.build_shards(docs, "train", str(tmp_path / "nope.model"), out, workers=1)
+    (tmp_path / "junk.model").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="junk.model: not a SentencePiece model"):
+        bs.build_shards(docs, "train", str(tmp_path / "junk.model"), out, workers=1)
 
 
 def test_read_shard_rejects_bad_files(tmp_path):

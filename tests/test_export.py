@@ -208,3 +208,114 @@ def test_rescoring_refuses_a_checkpoint_it_cannot_describe(saved, shards, tmp_pa
         r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, **{**knobs, **overrides})
         assert r.returncode == 2 and message in r.stderr, (overrides, r.stdout + r.stderr)
         assert not (tmp_path / "model.ptz").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corrupt files: a clear ArtifactError naming the file (issue 15 item 10)
+
+def small_payload():
+    return tg.serialize_model(fp16_exact(model()), tg.Hyperparameters({"EXPORT_FLOAT": "fp16"}))
+
+
+def rebuild(payload, edit_header=None, data=None):
+    """The payload with its JSON header edited and/or its tensor bytes replaced (no checksum: an old artifact)."""
+    import json
+    import struct
+
+    n = len(tg.ARTIFACT_MAGIC) + 4
+    (hlen,) = struct.unpack("<I", payload[len(tg.ARTIFACT_MAGIC) : n])
+    header = json.loads(payload[n : n + hlen])
+    header.pop("sha256", None)
+    if edit_header:
+        edit_header(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return tg.ARTIFACT_MAGIC + struct.pack("<I", len(text)) + text + (payload[n + hlen :] if data is None else data)
+
+
+def corrupt(case, payload):
+    """(file bytes, message) for one way an artifact file can be broken."""
+    blob = brotli.compress(payload, quality=1)
+    body = payload[len(tg.ARTIFACT_MAGIC) + 4 :]
+    cases = {
+        "empty": (b"", "not a brotli stream"),
+        "truncated": (blob[: len(blob) // 2], "not a brotli stream"),
+        "not_brotli": (b"PK\x03\x04 a zip file" * 10, "not a brotli stream"),
+        "short_preamble": (brotli.compress(tg.ARTIFACT_MAGIC + b"\x01"), "shorter than"),
+        "bad_magic": (brotli.compress(b"NOPE" + payload[4:]), "bad magic"),
+        "header_past_end": (brotli.compress(tg.ARTIFACT_MAGIC + (10**6).to_bytes(4, "little") + body), "past the end"),
+        "bad_json": (brotli.compress(rebuild(payload)[:12] + b"{" + rebuild(payload)[13:]), "header is not JSON"),
+        "unknown_packing": (brotli.compress(rebuild(payload, lambda h: h.update(trit_packing="rans"))),
+                            "unknown trit packing 'rans'"),
+        "unknown_kind": (brotli.compress(rebuild(payload, lambda h: h["tensors"][0].update(kind="int5"))),
+                         "unknown tensor kind 'int5'"),
+        "short_payload": (brotli.compress(rebuild(payload)[:-100]), "short payload"),
+        "trailing_bytes": (brotli.compress(rebuild(payload) + b"\0" * 8), "after its last tensor"),
+        "bad_shape": (brotli.compress(rebuild(payload, lambda h: h["tensors"][-1].update(shape=[3, 5]))),
+                      "corrupt artifact"),
+        "checksum": (brotli.compress(payload[:-1] + bytes([payload[-1] ^ 1])), "checksum"),
+    }
+    return cases[case]
+
+
+CORRUPT = ["empty", "truncated", "not_brotli", "short_preamble", "bad_magic", "header_past_end", "bad_json",
+           "unknown_packing", "unknown_kind", "short_payload", "trailing_bytes", "bad_shape", "checksum"]
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_a_corrupt_artifact_is_an_artifact_error_naming_the_file(tmp_path, case):
+    data, message = corrupt(case, small_payload())
+    path = tmp_path / f"{case}.ptz"
+    path.write_bytes(data)
+    with pytest.raises(tg.ArtifactError, match=re.escape(message)) as e:
+        tg.load_artifact(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_every_bit_flip_is_caught_or_harmless(tmp_path):
+    """Brotli has no checksum: without one of its own, most flipped bits decode to other weights, silently."""
+    payload = small_payload()
+    blob = brotli.compress(payload, quality=5, lgwin=24)
+    want = tg.deserialize_state(payload)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "flip.ptz"
+    caught = 0
+    for pos, bit in zip(rng.integers(0, len(blob), 150), rng.integers(0, 8, 150)):
+        flipped = bytearray(blob)
+        flipped[pos] ^= 1 << bit
+        path.write_bytes(bytes(flipped))
+        try:
+            got = tg.load_artifact(str(path))
+        except tg.ArtifactError as e:
+            assert str(path) in str(e)
+            caught += 1
+            continue
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (pos, bit)
+    assert caught > 140  # a few flips land in brotli padding or metadata and change nothing
+
+
+def test_an_old_artifact_without_checksum_still_loads(tmp_path):
+    payload = small_payload()
+    old = rebuild(payload)  # what train_gpt.py wrote before the checksum
+    path = tmp_path / "old.ptz"
+    path.write_bytes(brotli.compress(old))
+    got, want = tg.load_artifact(str(path)), tg.deserialize_state(payload)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so_plainly(tmp_path):
+    import functools
+
+    h = lambda p: tg.Hyperparameters({"EVAL_FROM_CHECKPOINT": "1", "CHECKPOINT_PATH": str(p)})  # noqa: E731
+    m = model()
+    cases = {
+        "junk.pt": (lambda p: p.write_bytes(b"not a torch file"), "written by CHECKPOINT_SAVE=1: not a torch file"),
+        "pickle.pt": (lambda p: torch.save({"f": functools.partial(print)}, p), "holds Python objects"),
+        "state_dict.pt": (lambda p: torch.save(m.state_dict(), p), "a torch file, but not a CHECKPOINT_SAVE=1 checkpoint"),
+        "artifact.ptz": (lambda p: p.write_bytes(brotli.compress(small_payload())), "not a torch file"),
+    }
+    for name, (make, message) in cases.items():
+        make(tmp_path / name)
+        with pytest.raises(tg.ArtifactError) as e:
+            tg.load_checkpoint(m, h(tmp_path / name), torch.device("cpu"), print)
+        assert message in str(e.value) and str(tmp_path / name) in str(e.value), str(e.value)
+        assert "weights_only" not in str(e.value)  # torch's advice to unpickle anything misleads here

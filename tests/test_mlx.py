@@ -332,3 +332,16 @@ def test_the_same_start_checks_as_train_gpt(tmp_path):
         write_fingerprint(tmp_path, "ef" * 32)
         with pytest.raises(mod.DataError, match="is not the tokenizer that made the shards"):
             mod.tokenizer_fingerprint(tmp_path, TOKENIZER, 1024)
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "bad_json", "unknown_packing", "unknown_kind", "short_payload",
+                                  "bad_shape", "checksum"])
+def test_a_corrupt_artifact_is_the_same_clear_error_here(tmp_path, case):
+    from test_export import corrupt, small_payload
+
+    data, message = corrupt(case, small_payload())
+    path = tmp_path / f"{case}.ptz"
+    path.write_bytes(data)
+    with pytest.raises(tm.ArtifactError, match=re.escape(message)) as e:
+        tm.load_artifact(str(path))
+    assert str(path) in str(e.value)
