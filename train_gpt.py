@@ -20,6 +20,7 @@ import os
 import queue
 import struct
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -1832,11 +1833,76 @@ def load_artifact(path):
 
 def write_atomic(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a half-written temp file on a full disk would only fill it further
+        raise
+
+
+def check_writable_file(knob, path):
+    """ConfigError naming the knob unless a file can be written at `path`: not a folder, in an existing folder that
+    takes new files (write_atomic writes beside it), and not a file someone made read-only to protect it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{knob}={path} is a directory; it names the file to write")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{knob}={path}: the folder {p.parent} does not exist")
+    if p.exists() and not p.stat().st_mode & 0o222:
+        raise ConfigError(f"{knob}={path} is read-only; it would be replaced at the end of the run")
+    probe_folder(knob, path, p.parent)
+
+
+def probe_folder(knob, value, folder):
+    """Creates and removes a file in `folder`: the one test that also holds for root and read-only mounts."""
+    probe = Path(folder) / f".probe{os.getpid()}"
+    try:
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{knob}={value}: cannot create files in {folder} ({e.strerror})") from None
+
+
+def check_outputs(h):
+    """Every path the run will write, checked at start: a path that fails only at export loses the trained model."""
+    try:
+        os.makedirs(h.log_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR={h.log_dir}: cannot create it ({e.strerror})") from None
+    probe_folder("LOG_DIR", h.log_dir, h.log_dir)
+    check_writable_file("ARTIFACT_PATH", h.artifact_path)
+    if h.checkpoint_save:
+        check_writable_file("CHECKPOINT_PATH", h.checkpoint_path)
+
+
+def rescue_weights(model, blob, h):
+    """After a failed artifact write (a full disk): the blob, then the float weights as a checkpoint, each into the
+    first of LOG_DIR and the temp folder that takes it. Returns where they went, for the error message."""
+    kept = []
+    for what, name, data in (("the artifact", "rescued.ternary.ptz", lambda: blob),
+                             ("the float weights", "rescued.float.pt", lambda: checkpoint_bytes(model, h.ternary_calib, h))):
+        for folder in (h.log_dir, tempfile.gettempdir()):
+            path = os.path.join(folder, f"{h.run_id}.{name}")
+            with contextlib.suppress(OSError):
+                write_atomic(path, data())
+                kept.append(f"{what} is kept at {path}")
+                break
+        else:
+            kept.append(f"{what} could not be written to {h.log_dir} or {tempfile.gettempdir()} either")
+    return "; ".join(kept) + " (EVAL_FROM_CHECKPOINT=1 with CHECKPOINT_PATH=<the float weights> re-exports them)"
+
+
+def write_or_rescue(path, blob, model, h):
+    try:
+        write_atomic(path, blob)
+    except OSError as e:
+        raise ArtifactError(f"cannot write ARTIFACT_PATH={h.artifact_path} ({e.strerror}); "
+                            + rescue_weights(model, blob, h)) from None
 
 
 def export_artifact(model, h, log):
@@ -1847,10 +1913,10 @@ def export_artifact(model, h, log):
     log(f"artifact packing:{packing} model_bytes:{len(blob)} code_bytes:{code} total_bytes:{total} cap:{h.artifact_cap_bytes}")
     if total > h.artifact_cap_bytes:
         kept = f"{h.artifact_path}.over_cap"
-        write_atomic(kept, blob)
+        write_or_rescue(kept, blob, model, h)
         log(f"ERROR artifact over cap by {total - h.artifact_cap_bytes} bytes; blob kept as {kept}, {h.artifact_path} untouched")
         return True
-    write_atomic(h.artifact_path, blob)
+    write_or_rescue(h.artifact_path, blob, model, h)
     log(f"artifact_written path:{h.artifact_path}")
     return False
 
@@ -1868,16 +1934,23 @@ CHECKPOINT_FREE_KNOBS = {
 }
 
 
-def save_checkpoint(model, calibrated, h, log):
-    """CHECKPOINT_SAVE: the trained float weights, the thresholds of an export-aligned calibration (`calibrated`:
-    CALIB_AT_FRAC < 1 ran it during training) and the run's config, written atomically. Rank 0 only; no collective."""
+def checkpoint_bytes(model, calibrated, h):
+    """The float weights, the calibrated thresholds when `calibrated`, and the run's config, as torch.save bytes."""
     calib = {n: m.calib.cpu() for n, m in model.named_modules() if calibrated and hasattr(m, "calib")}
-    # logit_temperature (TEMPERATURE_SEARCH) is still 1 here and exists only when the scoring run searches T
+    # logit_temperature (TEMPERATURE_SEARCH) exists only when the scoring run searches T, which it does again
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "logit_temperature"}
     buf = io.BytesIO()
     torch.save({"state": state, "calib": calib, "config": h.by_env_name()}, buf)
-    write_atomic(h.checkpoint_path, buf.getvalue())
-    log(f"checkpoint_saved path:{h.checkpoint_path} bytes:{buf.tell()} calibrated_tensors:{len(calib)}")
+    return buf.getvalue()
+
+
+def save_checkpoint(model, calibrated, h, log):
+    """CHECKPOINT_SAVE: the trained float weights, the thresholds of an export-aligned calibration (`calibrated`:
+    CALIB_AT_FRAC < 1 ran it during training) and the run's config, written atomically. Rank 0 only; no collective."""
+    data = checkpoint_bytes(model, calibrated, h)
+    write_atomic(h.checkpoint_path, data)
+    calib = sum(calibrated and hasattr(m, "calib") for m in model.modules())
+    log(f"checkpoint_saved path:{h.checkpoint_path} bytes:{len(data)} calibrated_tensors:{calib}")
 
 
 def read_checkpoint(path, device):
@@ -2135,6 +2208,7 @@ def main():
     h = Hyperparameters()
     rank, world, device = setup_distributed(h)
     check_batch_shape(h, world)
+    check_outputs(h)
     log = Logger(h, rank == 0)
     use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
     log(f"run_id:{h.run_id} world_size:{world} device:{device} torch:{torch.__version__} compile:{use_compile}")

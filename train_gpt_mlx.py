@@ -1159,6 +1159,39 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
+def check_writable_file(knob, path):
+    """ConfigError naming the knob unless a file can be written at `path`: not a folder, in an existing folder that
+    takes new files (write_atomic writes beside it), and not a file someone made read-only to protect it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{knob}={path} is a directory; it names the file to write")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{knob}={path}: the folder {p.parent} does not exist")
+    if p.exists() and not p.stat().st_mode & 0o222:
+        raise ConfigError(f"{knob}={path} is read-only; it would be replaced at the end of the run")
+    probe_folder(knob, path, p.parent)
+
+
+def probe_folder(knob, value, folder):
+    """Creates and removes a file in `folder`: the one test that also holds for root and read-only mounts."""
+    probe = Path(folder) / f".probe{os.getpid()}"
+    try:
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{knob}={value}: cannot create files in {folder} ({e.strerror})") from None
+
+
+def check_outputs(h):
+    """Every path the run will write, checked at start: a path that fails only at export loses the trained model."""
+    try:
+        os.makedirs(h.log_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR={h.log_dir}: cannot create it ({e.strerror})") from None
+    probe_folder("LOG_DIR", h.log_dir, h.log_dir)
+    check_writable_file("ARTIFACT_PATH", h.artifact_path)
+
+
 def export_artifact(model, h, log):
     """Writes the artifact atomically; returns True (and keeps the blob beside it) when over the cap."""
     packing, blob = compress_model(model, h, log)
@@ -1292,6 +1325,7 @@ def export_and_score(model, h, val, log):
 def main():
     h = Hyperparameters()
     check_batch_shape(h)
+    check_outputs(h)
     device = setup_device(h)
     log = Logger(h)
     use_compile = h.compile == "1" or (h.compile == "auto" and device == mx.gpu)

@@ -319,3 +319,101 @@ def test_a_file_that_is_not_a_checkpoint_says_so_plainly(tmp_path):
             tg.load_checkpoint(m, h(tmp_path / name), torch.device("cpu"), print)
         assert message in str(e.value) and str(tmp_path / name) in str(e.value), str(e.value)
         assert "weights_only" not in str(e.value)  # torch's advice to unpickle anything misleads here
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output paths checked at start; a failed artifact write keeps the weights (issue 15 item 5)
+
+def outputs(tmp_path, **env):
+    base = {"ARTIFACT_PATH": str(tmp_path / "a.ptz"), "LOG_DIR": str(tmp_path / "logs"),
+            "CHECKPOINT_PATH": str(tmp_path / "c.pt")}
+    return tg.Hyperparameters({**base, **{k: str(v) for k, v in env.items()}})
+
+
+def test_output_paths_are_checked_at_start(tmp_path):
+    import os
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    ro = tmp_path / "ro.ptz"
+    ro.write_text("a good old artifact")
+    ro.chmod(0o444)
+    cases = [
+        (dict(ARTIFACT_PATH=tmp_path / "adir"), "ARTIFACT_PATH=", "is a directory"),
+        (dict(ARTIFACT_PATH=tmp_path / "missing" / "a.ptz"), "ARTIFACT_PATH=", "does not exist"),
+        (dict(ARTIFACT_PATH="/proc/i15_not_writable.ptz"), "ARTIFACT_PATH=", "cannot create files in /proc"),
+        (dict(ARTIFACT_PATH=ro), "ARTIFACT_PATH=", "is read-only"),
+        (dict(CHECKPOINT_SAVE=1, CHECKPOINT_PATH=tmp_path / "missing" / "c.pt"), "CHECKPOINT_PATH=", "does not exist"),
+        (dict(CHECKPOINT_SAVE=1, CHECKPOINT_PATH=tmp_path / "adir"), "CHECKPOINT_PATH=", "is a directory"),
+        (dict(LOG_DIR=tmp_path / "afile" / "logs"), "LOG_DIR=", "cannot create"),
+        (dict(LOG_DIR="/proc/i15_logs"), "LOG_DIR=", "cannot create"),
+    ]
+    for env, knob, reason in cases:
+        with pytest.raises(tg.ConfigError) as e:
+            tg.check_outputs(outputs(tmp_path, **env))
+        assert str(e.value).startswith(knob) and reason in str(e.value), (env, str(e.value))
+    if os.geteuid() != 0:  # root writes into a read-only folder anyway
+        (tmp_path / "rodir").mkdir(mode=0o555)
+        with pytest.raises(tg.ConfigError, match="cannot create files in"):
+            tg.check_outputs(outputs(tmp_path, ARTIFACT_PATH=tmp_path / "rodir" / "a.ptz"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tg.check_outputs(outputs(tmp_path, CHECKPOINT_SAVE=1))  # fine: the checkpoint folder need not hold one yet
+    tg.check_outputs(outputs(tmp_path, CHECKPOINT_PATH=tmp_path / "missing" / "c.pt"))  # not saved: not checked
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) | {"logs"})  # no probe file left
+    assert not list((tmp_path / "logs").iterdir())
+
+
+@pytest.mark.slow
+def test_an_unwritable_artifact_path_stops_the_run_before_training(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=2, ARTIFACT_PATH=tmp_path / "no_such_folder" / "m.ptz")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: ARTIFACT_PATH=" in r.stderr and "does not exist" in r.stderr
+    assert "step:" not in r.stdout and "Traceback" not in r.stderr
+
+
+def test_a_failed_artifact_write_keeps_the_weights_and_says_where(tmp_path, monkeypatch):
+    import errno
+
+    h = outputs(tmp_path, **{"VOCAB_SIZE": "128", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
+                             "NUM_KV_HEADS": "2", "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2",
+                             "BROTLI_QUALITY": "1", "RUN_ID": "full"})
+    (tmp_path / "logs").mkdir()
+    m = fp16_exact(model())
+    real_write = tg.write_atomic
+    full = {str(tmp_path / "a.ptz"), str(tmp_path / "logs")}  # the artifact's disk, and the log dir's, are full
+
+    def write(path, data):
+        if str(path) in full or str(tmp_path / "logs") in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(tg, "write_atomic", write)
+    monkeypatch.setattr(tg.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(tg.ArtifactError) as e:
+        tg.export_artifact(m, h, log=lambda s: None)
+    msg = str(e.value)
+    blob, ckpt = tmp_path / "tmp" / "full.rescued.ternary.ptz", tmp_path / "tmp" / "full.rescued.float.pt"
+    assert f"ARTIFACT_PATH={tmp_path / 'a.ptz'}" in msg and "No space left" in msg
+    assert str(blob) in msg and str(ckpt) in msg and not (tmp_path / "a.ptz").exists()
+    fresh = model()
+    fresh.load_state_dict(tg.load_artifact(str(blob)))  # the artifact itself, whole
+    idx = torch.randint(0, 128, (1, 8))
+    assert torch.equal(fresh.logits(idx)[0], m.logits(idx)[0])
+    again = model()  # and the float weights, as EVAL_FROM_CHECKPOINT reads them
+    h2 = tg.Hyperparameters({**{k: str(v) for k, v in h.by_env_name().items()}, "EVAL_FROM_CHECKPOINT": "1",
+                             "CHECKPOINT_PATH": str(ckpt)})
+    tg.load_checkpoint(again, h2, torch.device("cpu"), lambda s: None)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), m.state_dict().values()))
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tg.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        tg.write_atomic(str(tmp_path / "a.ptz"), b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []

@@ -345,3 +345,13 @@ def test_a_corrupt_artifact_is_the_same_clear_error_here(tmp_path, case):
     with pytest.raises(tm.ArtifactError, match=re.escape(message)) as e:
         tm.load_artifact(str(path))
     assert str(path) in str(e.value)
+
+
+def test_output_paths_are_checked_at_start_here_too(tmp_path):
+    env = {"LOG_DIR": str(tmp_path / "logs")}
+    (tmp_path / "adir").mkdir()
+    for path, reason in ((tmp_path / "adir", "is a directory"), (tmp_path / "no" / "a.ptz", "does not exist")):
+        with pytest.raises(tm.ConfigError, match=f"ARTIFACT_PATH=.*{reason}"):
+            tm.check_outputs(tm.Hyperparameters({**env, "ARTIFACT_PATH": str(path)}))
+    with pytest.raises(tm.ConfigError, match="LOG_DIR=/proc/x: cannot create"):
+        tm.check_outputs(tm.Hyperparameters({"LOG_DIR": "/proc/x", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}))
