@@ -255,6 +255,28 @@ class Hyperparameters:
             if self.mlp_hidden % (self.moe_experts * self.group_size):
                 raise ConfigError(f"MLP hidden {self.mlp_hidden} must split into MOE_EXPERTS={self.moe_experts} "
                                   f"experts of whole GROUP_SIZE={self.group_size} groups")
+        self._check_ternary_widths()
+
+    def _check_ternary_widths(self):
+        """Every TernaryLinear's input width is whole GROUP_SIZE groups, or the model refuses to build minutes into a
+        sweep. The widths: MODEL_DIM (attention q/k/v/proj, SKC, MLP up, capsule encode, feedback adapters), the MLP
+        hidden width (MLP down), and the capsule read and EngramHash projection inputs when those are on."""
+        exact = self.mlp_mult * self.model_dim
+        if abs(exact - self.mlp_hidden) > 1e-6:
+            raise ConfigError(f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} = {exact:g} is not a whole "
+                              "number of hidden units")
+        if self.bos_id >= self.vocab_size:
+            raise ConfigError(f"BOS_ID={self.bos_id} must be < VOCAB_SIZE={self.vocab_size}")
+        widths = {"MODEL_DIM": self.model_dim, "the MLP hidden width MLP_MULT x MODEL_DIM": self.mlp_hidden}
+        if self.capsules_enabled:
+            widths["the capsule state width CAPSULE_COUNT x CAPSULE_DIM"] = self.capsule_state_dim
+        if self.engram_enabled:
+            widths["the EngramHash width len(ENGRAM_ORDERS) x ENGRAM_HEADS x ENGRAM_DIM"] = (
+                len(self.engram_order_list) * self.engram_heads * self.engram_dim)
+        for what, width in widths.items():
+            if width % self.group_size:
+                raise ConfigError(f"GROUP_SIZE={self.group_size} does not divide {what}={width}: every ternary "
+                                  "matrix's input width must be whole groups")
 
     @property
     def head_dim(self):

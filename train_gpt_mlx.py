@@ -242,6 +242,21 @@ class Hyperparameters:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims > self.head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
+        self._check_ternary_widths()
+
+    def _check_ternary_widths(self):
+        """train_gpt.py's check for the ported model: every TernaryLinear's input width is whole groups."""
+        exact = self.mlp_mult * self.model_dim
+        if abs(exact - self.mlp_hidden) > 1e-6:
+            raise ConfigError(f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} = {exact:g} is not a whole "
+                              "number of hidden units")
+        if self.bos_id >= self.vocab_size:
+            raise ConfigError(f"BOS_ID={self.bos_id} must be < VOCAB_SIZE={self.vocab_size}")
+        widths = {"MODEL_DIM": self.model_dim, "the MLP hidden width MLP_MULT x MODEL_DIM": self.mlp_hidden}
+        for what, width in widths.items():
+            if width % self.group_size:
+                raise ConfigError(f"GROUP_SIZE={self.group_size} does not divide {what}={width}: every ternary "
+                                  "matrix's input width must be whole groups")
 
     @property
     def head_dim(self):

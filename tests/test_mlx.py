@@ -355,3 +355,13 @@ def test_output_paths_are_checked_at_start_here_too(tmp_path):
             tm.check_outputs(tm.Hyperparameters({**env, "ARTIFACT_PATH": str(path)}))
     with pytest.raises(tm.ConfigError, match="LOG_DIR=/proc/x: cannot create"):
         tm.check_outputs(tm.Hyperparameters({"LOG_DIR": "/proc/x", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}))
+
+
+@pytest.mark.parametrize("env", [{"GROUP_SIZE": "48"}, {"MLP_MULT": "2.25"}, {"MLP_MULT": "2.7"}, {"BOS_ID": "1024"}])
+def test_the_same_shape_errors_as_train_gpt(env):
+    full = {**SHAPE, **env}
+    with pytest.raises(tg.ConfigError) as ours:
+        tg.Hyperparameters(full)
+    with pytest.raises(tm.ConfigError) as theirs:
+        tm.Hyperparameters(full)
+    assert str(ours.value) == str(theirs.value)

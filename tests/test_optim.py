@@ -103,10 +103,10 @@ def test_muon_momentum_warmup_and_ema():
 
 
 def test_feature_parameters_land_in_the_right_optimizer():
-    from test_model import ALL_ON
+    from test_model import ALL_ON, BASE
 
     m = model(**ALL_ON)
-    adam, muon = tg.build_optimizers(m, tg.Hyperparameters(ALL_ON))
+    adam, muon = tg.build_optimizers(m, tg.Hyperparameters({**BASE, **ALL_ON}))
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     assert muon_ids == {id(mod.weight) for mod in m.modules() if isinstance(mod, tg.TernaryLinear)} | {
         id(m.embed_in.weight), id(m.embed_out.weight)}
