@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -1221,18 +1222,55 @@ class RowNormMuon(Muon):
         return update / (row_rms * p.size(1) ** 0.5).to(update.dtype)
 
 
-def build_optimizers(model, h):
-    """Muon for matrices (ternary weights and the embedding projections); Adam for the embedding tables
-    (token, EngramHash) and every small parameter (norms, scales, gates, decays, router, capsule dynamics)."""
-    ternary = {id(m.weight) for m in model.modules() if isinstance(m, TernaryLinear)}
-    matrices, tables, scalars = [], [], []
+def optimizer_rules(h):
+    """(parameter name glob, group) for every parameter the model can have. Groups: matrices (Muon: the ternary
+    weights and the embedding projections), tables (Adam at EMBED_LR: embedding tables), scalars (Adam at
+    SCALAR_LR: norms, gains, scales, gates, decays, router, capsule dynamics). A feature adds its rules under its
+    own flag; a parameter that no rule, or two rules, name stops build_optimizers, so none lands anywhere by default."""
+    rules = [("tok_emb.weight", "tables"), ("embed_in.weight", "matrices"), ("embed_out.weight", "matrices"),
+             ("blocks.*.mixer.[qkv].weight", "matrices"), ("blocks.*.mixer.proj.weight", "matrices"),
+             ("blocks.*.mixer.q_gain", "scalars"), ("blocks.*.mlp.up.weight", "matrices"),
+             ("blocks.*.mlp.down.weight", "matrices"), ("blocks.*.mixer_norm.weight", "scalars"),
+             ("blocks.*.mlp_norm.weight", "scalars"), ("final_norm.weight", "scalars"), ("skip_weights", "scalars"),
+             ("layer_scales", "scalars")]
+    if h.value_residual:
+        rules += [("blocks.*.mixer.value_mix", "scalars")]
+    if h.smear_gate:
+        rules += [("smear.weight", "scalars"), ("smear.bias", "scalars")]
+    if h.skc_enabled:
+        rules += [("blocks.*.mixer.inp.weight", "matrices"), ("blocks.*.mixer.gate.weight", "matrices"),
+                  ("blocks.*.mixer.out.weight", "matrices"), ("blocks.*.mixer.decay_logit", "scalars")]
+    if h.moe_enabled:
+        rules += [("blocks.*.mlp.router", "scalars")]
+    if h.engram_enabled:
+        rules += [("engram.table.weight", "tables"), ("engram.proj.weight", "matrices"), ("engram.gate", "scalars"),
+                  ("engram.gate_bias", "scalars")]
+    if h.capsules_enabled:
+        rules += [("capsules.encode.weight", "matrices"), ("capsules.read.weight", "matrices"),
+                  ("capsules.diag", "scalars"), ("capsules.u", "scalars"), ("capsules.v", "scalars"),
+                  ("capsules.gate", "scalars")]
+    if h.feedback_enabled:
+        rules += [("feedback.adapters.*.weight", "matrices"), ("feedback.gates", "scalars")]
+    return rules
+
+
+def route_parameters(model, h):
+    """{group: [parameters]} by optimizer_rules, each parameter named by exactly one rule."""
+    rules, groups = optimizer_rules(h), {"matrices": [], "tables": [], "scalars": []}
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "engram.table.weight"):
-            tables.append(p)
-        elif id(p) in ternary or name.startswith(("embed_in.", "embed_out.")):
-            matrices.append(p)
-        else:
-            scalars.append(p)
+        hits = [(pattern, group) for pattern, group in rules if fnmatch.fnmatchcase(name, pattern)]
+        if len(hits) != 1:
+            which = f"{len(hits)} rules {[r for r, _ in hits]}" if hits else "no rule"
+            raise RuntimeError(f"parameter {name} is named by {which} of optimizer_rules; it needs exactly one "
+                               "(optimizer section of train_gpt.py)")
+        groups[hits[0][1]].append(p)
+    return groups
+
+
+def build_optimizers(model, h):
+    """Muon for matrices, Adam for the embedding tables and the small parameters (see optimizer_rules)."""
+    groups = route_parameters(model, h)
+    matrices, tables, scalars = groups["matrices"], groups["tables"], groups["scalars"]
     fused = next(model.parameters()).is_cuda
     adam = torch.optim.AdamW(
         [
