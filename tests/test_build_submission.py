@@ -407,15 +407,16 @@ def launch(tmp_path, shards, *args, config=None, script="run_skc_competition_2gp
 @pytest.mark.ddp
 def test_proxy_launch_runs_the_extracted_file_on_two_processes(shards, tmp_path):
     # the proxy's own MAX_WALLCLOCK_SECONDS=300 / batch are overridden back to the tiny shape by trailing args
-    r = launch(tmp_path, shards, "7", "MAX_WALLCLOCK_SECONDS=0", "TRAIN_BATCH_TOKENS=2048")
+    r = launch(tmp_path, shards, "7", "MAX_WALLCLOCK_SECONDS=0", "TRAIN_BATCH_TOKENS=2048", MATRIX_LR="0.5")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning: MATRIX_LR=0.5 is set in the environment" in r.stderr  # a stray knob: dropped, and said so
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("proxy2_seed7_")
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.env", "commit", "train_gpt.py", "stdout.txt", f"{run_dir.name}.txt",
             "final_model.ternary.ptz"} <= names
     log = (run_dir / f"{run_dir.name}.txt").read_text()
-    assert "world_size:2" in log and "SEED=7" in log and "TRAIN_BATCH_TOKENS=2048" in log
+    assert "world_size:2" in log and "SEED=7" in log and "TRAIN_BATCH_TOKENS=2048" in log and "MATRIX_LR=0.03" in log
     assert log_values(log, "code_bytes") == [(run_dir / "train_gpt.py").stat().st_size]  # the extracted file ran
     assert "final_roundtrip" in log and f"run:{run_dir.name} final_val_bpb:" in r.stdout
 
@@ -430,3 +431,33 @@ def test_launch_refuses_bad_setups_before_training(shards, tmp_path, case):
         expect = "no shards in"
     assert r.returncode != 0 and expect in r.stderr, r.stderr
     assert "launch:" not in r.stdout
+
+
+def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(shards, tmp_path):
+    """A knob exported in the caller's shell (MATRIX_LR from an earlier experiment) must not reach the run: the
+    launch runs with the config, the trailing overrides and the machine's variables, and names what it dropped.
+    A stand-in python3 on PATH records the environment torchrun would get, instead of training."""
+    bin_dir, dump = tmp_path / "bin", tmp_path / "env.txt"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(
+        "#!/bin/bash\n"
+        f'if [[ $1 == -m && $2 == torch.distributed.run ]]; then env > "{dump}"; exit 0; fi\n'
+        f'exec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    r = launch(tmp_path, shards, "7", "EMBED_LR=0.07", PATH=f"{bin_dir}:{os.environ['PATH']}", MATRIX_LR="0.5",
+               SMEAR_GATE="0", ITERATIONS="99", NCCL_DEBUG="INFO", COMPILE="0", script="run_skc_competition_8xh100.sh")
+    env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert "MATRIX_LR" not in env and "SMEAR_GATE" not in env, r.stderr  # strays: dropped
+    assert env["ITERATIONS"] == "4" and env["EMBED_LR"] == "0.07"  # the config's and the override's values
+    assert env["NCCL_DEBUG"] == "INFO" and env["COMPILE"] == "0" and env["DEVICE"] == "cpu"  # machine: kept
+    assert env["SEED"] == "7" and env["DATA_PATH"] == str(shards)
+    for name, value in (("MATRIX_LR", "0.5"), ("SMEAR_GATE", "0"), ("ITERATIONS", "99")):
+        assert f"warning: {name}={value} is set in the environment" in r.stderr, r.stderr
+    assert "warning: EMBED_LR" not in r.stderr and "warning: DEVICE" not in r.stderr
+    # the launcher finds the knobs with sed; it must find every one Hyperparameters reads
+    sys.path.insert(0, str(ROOT))
+    import train_gpt as tg
+
+    found = subprocess.run(["sed", "-n", r's/.*= Knob("\([A-Z0-9_]*\)".*/\1/p', str(ROOT / "train_gpt.py")],
+                           capture_output=True, text=True).stdout.split()
+    assert sorted(found) == sorted(tg.Hyperparameters({}).env_names().values())
