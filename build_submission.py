@@ -522,6 +522,26 @@ def check_tokenizer(runs, config):
                              f"configuration's TOKENIZER_PATH={named} (sha256 {sha[:16]})")
 
 
+def check_code(runs, text, code):
+    """Every log must come from the code this record ships. train_gpt.py logs the sha256 of the file that ran
+    (`code sha256:`); it must be the shipped file's, or the extracted text's when the shipped file is its lzma
+    wrapper: run_skc_competition_8xh100.sh trains `--dce --wrap never` output, and the wrapper execs exactly that
+    text. The extraction is deterministic (same source, commit and configuration give the same bytes), so the
+    record's file is byte for byte the one that trained."""
+    ships = hashlib.sha256(text.encode()).hexdigest()
+    accepted = {ships, hashlib.sha256(code.encode()).hexdigest()}
+    for r in runs:
+        if r["code_sha256"] is None:
+            raise BuildError(f"{r['path']}: no `code sha256:` line, so the run cannot be tied to the code this "
+                             "record ships (a log of an older train_gpt.py?)")
+        if r["code_sha256"] not in accepted:
+            raise BuildError(
+                f"{r['path']}: the run's code (sha256 {r['code_sha256'][:12]}) is not the code this record ships "
+                f"(sha256 {ships[:12]}); the score would not belong to the submitted file. Build from the same "
+                "train_gpt.py, commit and configuration as the launch (it trains the --dce extract), or, for a run "
+                "of the full file (EXTRACT=0), without --dce")
+
+
 def check_cap(code_bytes, runs, cap):
     worst = max(runs, key=lambda r: r["model_bytes"])
     total = code_bytes + worst["model_bytes"]
@@ -663,6 +683,7 @@ def build(args):
         print(f"wrote {args.extract_only}")
         return
     runs = read_runs(args.log, config)
+    check_code(runs, text, code)
     total = check_cap(len(code.encode()), runs, args.cap)
     out, sub = write_record(args, code, runs, config, info)
     print(f"record:{out} val_bpb:{sub['val_bpb']} seeds:{sub['seeds']} bytes_total:{total} cap:{args.cap}")

@@ -12,7 +12,7 @@ for split in train val; do
       --out $DATA --vocab-size 1024
   fi
 done
-export DATA_PATH=$DATA TOKENIZER_PATH=$TOK VOCAB_SIZE=1024 RUN_ID=${RUN_ID:-sample_cpu} DEVICE=${DEVICE:-cpu} \
+export DATA_PATH=$DATA TOKENIZER_PATH=$TOK VOCAB_SIZE=1024 RUN_ID=${RUN_ID:-sample_cpu_$(date +%Y%m%d_%H%M%S)} DEVICE=${DEVICE:-cpu} \
   ARTIFACT_PATH=${ARTIFACT_PATH:-logs/sample_cpu.ternary.ptz} \
   NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2} \
   EMBED_DIM=${EMBED_DIM:-64} GROUP_SIZE=${GROUP_SIZE:-64} MLP_MULT=${MLP_MULT:-3} \

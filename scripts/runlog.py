@@ -11,7 +11,8 @@ import re
 import sys
 
 NUM = r"([-+]?[0-9.]+(?:[eE][-+]?\d+)?)"
-# field -> (pattern, type); the LAST match wins, so a resumed or re-evaluated log reports its final state.
+# field -> (pattern, type). A log holds one run (train_gpt.py refuses to reuse one; parse_run_log refuses a log
+# of several), so a field appears once, except the step lines' mfu, where the last step line wins.
 FIELDS = {
     "final_val_bpb": (rf"final_roundtrip val_loss:\S+ val_bpb:{NUM}", float),
     "final_val_loss": (rf"final_roundtrip val_loss:{NUM}", float),
@@ -21,6 +22,8 @@ FIELDS = {
     "temperature_s": (rf"^temperature T:.*?seconds:{NUM}", float),
     "calib_s": (rf"^calibration tensors:.*?seconds:{NUM}", float),
     "ttt_adapted": (r"^stream_eval ttt:1 .*?adapted:(\d+)", int),
+    "lora_adapted_chunks": (r"^lora_ttt .*?adapted_chunks:(\d+)", int),
+    "challenge_eval_s": (r"^final_roundtrip .*?challenge_eval_seconds:(\d+)", int),
     "pre_export_val_bpb": (rf"pre_export val_loss:\S+ val_bpb:{NUM}", float),
     "model_bytes": (r"artifact packing:\S+ model_bytes:(\d+)", int),
     "code_bytes": (r"artifact packing:.*?code_bytes:(\d+)", int),
@@ -37,7 +40,10 @@ FIELDS = {
     "device": (r"^run_id:\S+ .*?device:(\S+)", str),
     "torch": (r"^run_id:\S+ .*?torch:(\S+)", str),
     "tokenizer_sha256": (r"^tokenizer path:.*? sha256:([0-9a-f]{64})", str),
+    "code_sha256": (r"^code sha256:([0-9a-f]{64})", str),
+    "gpu": (r"^code sha256:\S+ .*?gpu:(\S+)", str),
 }
+BANNER = re.compile(r"^run_id:\S+", re.M)
 STEP_LINE = re.compile(rf"^step:(\d+)/\d+ train_loss:{NUM}", re.M)
 
 
@@ -53,8 +59,13 @@ def parse_config(text):
     return dict(item.split("=", 1) for item in lines[-1].split()[1:])
 
 
-def parse_run_log(text):
-    """Every field of FIELDS that the log has (absent ones are None), plus `config` and the loss `curve`."""
+def parse_run_log(text, name="the log"):
+    """Every field of FIELDS that the log has (absent ones are None), plus `config` and the loss `curve`.
+    LogError when the text holds more than one run: its fields would mix two runs."""
+    runs = len(BANNER.findall(text))
+    if runs > 1:
+        raise LogError(f"{name}: holds {runs} runs (one `run_id:` line each); a log must hold one run. It was "
+                       "appended to by an older train_gpt.py: split it, or keep only the run you mean")
     out = {}
     for key, (pattern, kind) in FIELDS.items():
         found = re.findall(pattern, text, re.M)
@@ -69,7 +80,7 @@ def parse_run_log(text):
 def read_run_log(path):
     try:
         with open(path) as f:
-            return parse_run_log(f.read())
+            return parse_run_log(f.read(), path)
     except FileNotFoundError:
         raise LogError(f"log not found: {path}") from None
 
@@ -84,12 +95,15 @@ def bench_summary(run, wall_s, data_s):
 
 
 def main(argv):
-    if len(argv) == 4 and argv[1] == "--bench":
-        print(bench_summary(read_run_log(argv[0]), argv[2], argv[3]))
-    elif len(argv) == 1:
-        print(json.dumps(read_run_log(argv[0]), indent=1))
-    else:
-        sys.exit(__doc__)
+    try:
+        if len(argv) == 4 and argv[1] == "--bench":
+            print(bench_summary(read_run_log(argv[0]), argv[2], argv[3]))
+        elif len(argv) == 1:
+            print(json.dumps(read_run_log(argv[0]), indent=1))
+        else:
+            sys.exit(__doc__)
+    except LogError as e:
+        sys.exit(f"runlog: error: {e}")
 
 
 if __name__ == "__main__":

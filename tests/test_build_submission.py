@@ -2,6 +2,7 @@
 flag of train_gpt.py on and off, identical training of the full and the extracted file, the cap, the record
 writer and its refusals."""
 import ast
+import hashlib
 import json
 import os
 import subprocess
@@ -174,10 +175,14 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "MUON_ROW_NORM": ({}, "class RowNormMuon"),
     "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
     "TTT_ENABLED": ({}, "def ttt_adapt"),
+    "EVAL_DOC_ISOLATED": ({}, "def document_bounds"),
     "EVAL_ENGRAM": ({}, "class EvalEngram"),
     "TERNARY_CALIB": ({}, "class CalibratedTernaryLinear"),
     "CHECKPOINT_SAVE": ({}, "def save_checkpoint"),
     "EVAL_FROM_CHECKPOINT": ({}, "def load_checkpoint"),
+    "FP_PHASE": ({}, "class QuantMix"),
+    "EMBED_QAT": ({"EXPORT_EMBED": "int6"}, "def embedding_weight"),
+    "HYBRID_INT": ({}, "class IntQATLinear"),
 }
 
 
@@ -211,19 +216,73 @@ def test_flag_on_and_off(trainer, flag, tmp_path):
     assert max(len(texts["0"]), len(texts["1"])) < len((ROOT / "train_gpt.py").read_text())
 
 
+@pytest.mark.parametrize("mode, kept, stripped", [("lora", "class LoRABank", "def ttt_adapt"),
+                                                   ("sgd", "def ttt_adapt", "class LoRABank")])
+def test_ttt_mode_keeps_only_its_own_code(trainer, mode, kept, stripped):
+    config = bs.Config(trainer, {**TINY, "TTT_ENABLED": "1", "TTT_MODE": mode, "TTT_LORA_CHUNK": "32"})
+    text = bs.extract(ROOT / "train_gpt.py", config)
+    bs.py_compile_check(text)
+    assert kept in text and stripped not in text
+
+
+FORMAT_CODE = {"fp8": ["def encode_fp8", "def decode_fp8"],
+               "int": ["def encode_int_rows", "def decode_int_rows", "def int_rows_quantize"],
+               "log8": ["class Log8TernaryLinear", "def log8_scale_bytes", "def read_log8_scales", "def log8_codes"]}
+
+
+@pytest.mark.parametrize("formats,used", [({}, []), ({"EXPORT_EMBED": "fp8"}, ["fp8"]), ({"EXPORT_FLOAT": "int6"}, ["int"]),
+                                          ({"EXPORT_EMBED": "int8", "EXPORT_FLOAT": "fp8"}, ["fp8", "int"]),
+                                          ({"SCALE_FORMAT": "log8"}, ["log8"])])
+def test_export_formats_a_config_does_not_use_are_stripped(trainer, tmp_path, formats, used):
+    """Each float format's encoder and decoder stay only where EXPORT_EMBED / EXPORT_FLOAT name it, the log8 scale
+    code only with SCALE_FORMAT=log8; the extracted file still writes its artifact and reads it back to the same
+    weights."""
+    text = bs.extract(ROOT / "train_gpt.py", bs.Config(trainer, {**TINY, **formats}))
+    for codec, markers in FORMAT_CODE.items():
+        for marker in markers:
+            assert (marker in text) == (codec in used), (codec, marker)
+    path = tmp_path / "x.py"
+    path.write_text(text)
+    mod = bs.load_trainer(path)
+    h = mod.Hyperparameters({})
+    m = mod.GPT(h).eval()
+    payload = mod.assemble_payload(mod.export_parts(m, h), "rans")
+    fresh = mod.GPT(h).eval()
+    fresh.load_state_dict(mod.deserialize_state(payload, h))
+    assert mod.assemble_payload(mod.export_parts(fresh, h), "rans") == payload
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the extracted file trains exactly like the full one
 
+RECORD_CONFIG = "".join(f"{k}={v}\n" for k, v in TINY.items()) + "ITERATIONS=6\n"  # what build() records
+
+
 @pytest.fixture(scope="module")
 def seed_runs(shards, tmp_path_factory):
-    """The full train_gpt.py at the TINY default, two seeds: {seed: (stdout, log path)}."""
+    """Two seeds trained as run_skc_competition_8xh100.sh trains them: the file `build_submission.py --dce
+    --wrap never --extract-only` writes for RECORD_CONFIG. {seed: (stdout, log path)}."""
+    d = tmp_path_factory.mktemp("extracted")
+    (d / "run.env").write_text(RECORD_CONFIG)
+    script = d / "train_gpt.py"
+    r = subprocess.run([sys.executable, str(ROOT / "build_submission.py"), "--dce", "--wrap", "never", "--config",
+                        str(d / "run.env"), "--extract-only", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     runs = {}
     for seed in (7, 8):
-        d = tmp_path_factory.mktemp(f"seed{seed}")
-        r = run_train(shards, d, ITERATIONS=6, SEED=seed, RUN_ID=f"s{seed}")
+        r = run_train(shards, d, script=script, SEED=seed, RUN_ID=f"s{seed}")
         assert r.returncode == 0, r.stdout + r.stderr
         runs[seed] = (r.stdout, d / "logs" / f"s{seed}.txt")
     return runs
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tmp_path_factory):
+    """The full train_gpt.py at RECORD_CONFIG, seed 7: (stdout, log path)."""
+    d = tmp_path_factory.mktemp("full")
+    r = run_train(shards, d, ITERATIONS=6, SEED=7, RUN_ID="s7")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout, d / "logs" / "s7.txt"
 
 
 def extracted_run(shards, tmp_path, env, wrap):
@@ -234,6 +293,7 @@ def extracted_run(shards, tmp_path, env, wrap):
     script.write_text(code)
     r = run_train(shards, tmp_path, script=script, **env)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert f"code sha256:{hashlib.sha256(code.encode()).hexdigest()} " in r.stdout  # the bytes that ran
     return r.stdout, len(code.encode())
 
 
@@ -245,9 +305,9 @@ def same_run(full, extracted, code_bytes):
 
 
 @pytest.mark.parametrize("wrap", ["never", "always"])
-def test_extracted_default_trains_identically(shards, seed_runs, tmp_path, wrap):
+def test_extracted_default_trains_identically(shards, full_run, tmp_path, wrap):
     extracted, code_bytes = extracted_run(shards, tmp_path, dict(ITERATIONS=6, SEED=7, RUN_ID="s7"), wrap)
-    same_run(seed_runs[7][0], extracted, code_bytes)
+    same_run(full_run[0], extracted, code_bytes)
 
 
 @pytest.mark.parametrize("features", ["all", "foundation"])
@@ -267,7 +327,7 @@ def test_extracted_feature_configs_train_identically(shards, tmp_path, features)
 
 def build(tmp_path, logs, *extra, config=None):
     cfg = tmp_path / "run.env"
-    cfg.write_text(config if config is not None else "".join(f"{k}={v}\n" for k, v in TINY.items()) + "ITERATIONS=6\n")
+    cfg.write_text(config if config is not None else RECORD_CONFIG)
     cmd = [sys.executable, str(ROOT / "build_submission.py"), "--dce", "--config", str(cfg), "--name", "tiny",
            "--github-id", "tester", "--records-dir", str(tmp_path / "records"), "--date", "2026-11-23",
            *[a for log in logs for a in ("--log", str(log))], *extra]
@@ -297,6 +357,10 @@ def test_record_is_written_whole(seed_runs, tmp_path):
     assert set((out / "requirements.txt").read_text().split()) == {"brotli", "numpy", "sentencepiece", "torch"}
     readme = (out / "README.md").read_text()
     assert f"{bpb[7]:.4f}" in readme and f"{bpb[8]:.4f}" in readme and f"{code:,}" in readme
+    shipped = (out / "train_gpt.py").read_text()
+    if shipped.startswith("import lzma,base64"):  # the wrapper execs exactly the extracted text that trained
+        shipped = bs.lzma.decompress(bs.base64.b85decode(shipped.split('"')[1])).decode()
+    assert f"code sha256:{hashlib.sha256(shipped.encode()).hexdigest()} " in seed_runs[7][1].read_text()
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = build(tmp_path, [seed_runs[7][1]])
@@ -315,13 +379,15 @@ def test_over_cap_is_refused(seed_runs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_log", "unknown_flag", "missing_feature", "other_config", "unfinished",
-                                  "same_seed", "bad_line", "no_training"])
-def test_bad_input_is_a_clear_error_and_writes_nothing(seed_runs, tmp_path, case):
+                                  "same_seed", "bad_line", "no_training", "two_runs", "other_code", "no_code_hash"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(seed_runs, full_run, tmp_path, case):
     logs, config = [seed_runs[7][1]], None
-    base = "".join(f"{k}={v}\n" for k, v in TINY.items()) + "ITERATIONS=6\n"
+    base = RECORD_CONFIG
     expect = {"missing_log": "log not found", "unknown_flag": "NUM_LAYER,", "missing_feature": "TTT_ENABLED",
               "other_config": "SMEAR_GATE", "unfinished": "final_val_bpb", "same_seed": "same seed",
-              "bad_line": "not a KEY=VALUE line", "no_training": "no training in the log"}[case]
+              "bad_line": "not a KEY=VALUE line", "no_training": "no training in the log",
+              "two_runs": "holds 2 runs", "other_code": "is not the code this record ships",
+              "no_code_hash": "no `code sha256:` line"}[case]
     if case == "missing_log":
         logs = [tmp_path / "nope.txt"]
     elif case == "unknown_flag":
@@ -341,6 +407,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(seed_runs, tmp_path, case
         logs = [tmp_path / "rescored.txt"]
         text = seed_runs[7][1].read_text()
         logs[0].write_text("".join(l for l in text.splitlines(True) if not l.startswith(("train_done", "step:"))))
+    elif case == "two_runs":  # a finished run, then a second seed's crashed one, as appending to one log made
+        logs = [tmp_path / "two.txt"]
+        logs[0].write_text(seed_runs[7][1].read_text() + seed_runs[8][1].read_text().split("step:")[0])
+    elif case == "other_code":  # the full train_gpt.py trained it, not the extracted file the record ships
+        logs = [full_run[1]]
+    elif case == "no_code_hash":
+        logs = [tmp_path / "old.txt"]
+        logs[0].write_text("".join(l for l in seed_runs[7][1].read_text().splitlines(True) if not l.startswith("code ")))
     r = build(tmp_path, logs, config=config)
     assert r.returncode == 2 and expect in r.stderr, r.stderr
     assert r.stderr.startswith("build_submission: error:")
@@ -418,6 +492,7 @@ def test_proxy_launch_runs_the_extracted_file_on_two_processes(shards, tmp_path)
     log = (run_dir / f"{run_dir.name}.txt").read_text()
     assert "world_size:2" in log and "SEED=7" in log and "TRAIN_BATCH_TOKENS=2048" in log and "MATRIX_LR=0.03" in log
     assert log_values(log, "code_bytes") == [(run_dir / "train_gpt.py").stat().st_size]  # the extracted file ran
+    assert f"code sha256:{hashlib.sha256((run_dir / 'train_gpt.py').read_bytes()).hexdigest()} " in log
     assert "final_roundtrip" in log and f"run:{run_dir.name} final_val_bpb:" in r.stdout
 
 
@@ -464,9 +539,9 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 
 
 # The code of a submission counts against the 16,000,000-byte cap. These budgets are today's extracted sizes at
-# best_known_competition.env plus a margin (i15-inputs: 55,337 bytes, 18,933 wrapped, before merging main); raise
-# them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 64_000, 22_000
+# best_known_competition.env plus a margin (68,988 bytes, 23,476 wrapped: i15-inputs with main at 281a7d2 merged);
+# raise them deliberately, with the figure this test prints, when a change is worth its bytes.
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 72_000, 24_500
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

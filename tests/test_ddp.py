@@ -68,6 +68,117 @@ def test_two_process_exit_codes(shards, tmp_path):
     assert over.returncode == 1, over.stdout + over.stderr
     assert "ERROR artifact over cap" in (tmp_path / "logs" / "ternary.txt").read_text()
     assert (tmp_path / "model.ptz").read_bytes() == b"old" and "final_roundtrip" not in over.stdout
-    good = run_train(shards, tmp_path, nproc=2, ITERATIONS=2)
+    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("error: code + model is over")
+    good = run_train(shards, tmp_path, nproc=2, ITERATIONS=2, RUN_ID="good")
     assert good.returncode == 0, good.stdout + good.stderr
-    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("final_roundtrip")
+    log = tmp_path / "logs" / "good.txt"
+    assert log.read_text().splitlines()[-1].startswith("final_roundtrip")
+    # the same RUN_ID again: rank 0 refuses its log, and rank 1 stops too instead of waiting in a collective
+    before = log.read_bytes(), (tmp_path / "model.ptz").read_bytes()
+    again = run_train(shards, tmp_path, nproc=2, ITERATIONS=2, RUN_ID="good")
+    assert again.returncode != 0 and again.stderr.count(f"error: {log} already exists") == 2, again.stderr
+    assert (log.read_bytes(), (tmp_path / "model.ptz").read_bytes()) == before
+
+
+PHASE_PROBE = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+
+rank, original_train, original_step = int(os.environ["RANK"]), tg.train, tg.train_step
+
+
+def train(*args, **kwargs):
+    if rank == 1:
+        time.sleep(0.5)  # this rank's own clock starts later: only the shared (max-reduced) clock keeps it in step
+    return original_train(*args, **kwargs)
+
+
+def train_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced=None):
+    loss = original_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced)
+    with open(os.environ["PROBE_OUT"] + str(rank), "a") as f:
+        f.write(f"{{step}} {{elapsed!r}} {{base.quant_mix.value}}\\n")
+    return loss
+
+
+tg.train, tg.train_step = train, train_step
+tg.main()
+"""
+
+
+@pytest.mark.ddp
+def test_two_ranks_leave_the_fp_phase_at_the_same_step(shards, tmp_path):
+    """FP_PHASE on the wall clock: rank 1 starts its clock 0.5 s late, yet both ranks turn the quantizer on at
+    the same step (the one the log names), because the schedule reads the slowest rank's clock."""
+    from conftest import ROOT
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PHASE_PROBE.format(root=str(ROOT)))
+    r = run_train(shards, tmp_path, nproc=2, script=probe, FP_PHASE=1, QAT_START_FRAC=0.5, ITERATIONS=100000,
+                  MAX_WALLCLOCK_SECONDS=4, PROBE_OUT=tmp_path / "rank")
+    assert r.returncode == 0, r.stdout + r.stderr
+    records = [(tmp_path / f"rank{k}").read_text().splitlines() for k in (0, 1)]
+    assert records[0] == records[1]  # step, shared clock and quant_mix, line for line
+    mix = [float(line.split()[2]) for line in records[0]]
+    switch = mix.index(1.0)
+    assert 3 <= switch < len(mix) - 3 and set(mix[:switch]) == {0.0} and set(mix[switch:]) == {1.0}
+    assert log_values(r.stdout, "qat_start step") == [switch]
+
+
+MUON_SHAPES = [(48, 32), (32, 64), (64, 64), (96, 32), (32, 32)]  # odd count: the ranks' shares differ in size
+
+
+def muon_run(muon_class, steps=3):
+    """Muon over MUON_SHAPES from fixed weights and gradients (the same on every rank, as DDP leaves them); the
+    last matrix never gets a gradient. Returns (parameters, optimizer)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in MUON_SHAPES]
+    opt = muon_class(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
+    for _ in range(steps):
+        for p in params[:-1]:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, opt
+
+
+MUON_CLASSES = ("Muon", "RowNormMuon")
+
+
+def sharded_muon_worker(rank, world, store, out):
+    import torch
+    import torch.distributed as dist
+
+    import train_gpt as tg
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    for name in MUON_CLASSES:
+        params, opt = muon_run(getattr(tg, name))
+        owned = sorted(i for i, p in enumerate(params) if "momentum_buffer" in opt.state[p])
+        torch.save({"world": opt.world, "owned": owned, "params": [p.detach() for p in params]}, f"{out}{name}{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_sharded_muon_equals_unsharded(tmp_path):
+    """2 gloo ranks: each orthogonalizes every other matrix and keeps only those momentum buffers, and after
+    3 steps both hold exactly the parameters one unsharded process computes (Muon and RowNormMuon)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    import train_gpt as tg
+
+    mp.spawn(sharded_muon_worker, args=(2, tmp_path / "store", tmp_path / "rank"), nprocs=2)
+    for name in MUON_CLASSES:
+        ref, opt = muon_run(getattr(tg, name))
+        assert opt.world == 1 and all("momentum_buffer" in opt.state[p] for p in ref[:-1])
+        got = [torch.load(tmp_path / f"rank{name}{r}") for r in (0, 1)]
+        assert [g["world"] for g in got] == [2, 2]
+        assert got[0]["owned"] == [0, 2] and got[1]["owned"] == [1, 3]  # the gradient-less matrix 4 is nobody's
+        for g in got:
+            for a, b in zip(g["params"], ref):
+                assert torch.equal(a, b), name
+        assert not torch.equal(ref[0], muon_run(getattr(tg, name), steps=0)[0][0])  # the steps moved it

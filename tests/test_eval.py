@@ -217,7 +217,7 @@ def calibration_run(**kw):
 
 
 def test_calibration_lowers_the_loss_within_its_budget():
-    m, tokens, h, line = calibration_run(CALIB_MAX_EVALS=30)
+    m, tokens, h, line = calibration_run(CALIB_MAX_EVALS=30, CALIB_SECONDS=3600)  # the eval budget binds, not the clock
     evals = int(line.split("evals:")[1].split()[0])
     before, after = (float(line.split(k)[1].split()[0]) for k in ("loss_before:", "loss_after:"))
     assert evals == 30 and after <= before
@@ -232,3 +232,87 @@ def test_calibration_lowers_the_loss_within_its_budget():
 def test_calibration_stops_at_its_time_budget():
     _, _, _, line = calibration_run(CALIB_SECONDS=1e-9)
     assert "evals:2 " in line  # the baseline, then one candidate, after which the over-budget flag stops it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# document-aware scoring (EVAL_DOC_ISOLATED)
+
+def stream_with_documents(n, seed, bos=1, p=0.05):
+    """Random ids 2.. with BOS at random places, sometimes at 0, twice in a row, or last."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, 100, n)
+    tokens[rng.random(n) < p] = bos
+    if seed % 2:
+        tokens[0] = bos
+    if seed % 3 == 0:
+        tokens[[n // 2, n // 2 + 1, n - 1]] = bos
+    return tokens
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_documents_tile_the_targets(seed):
+    tokens = stream_with_documents(400, seed)
+    first, last = tg.document_bounds(tokens, 1)
+    owner = np.zeros(len(tokens), int)
+    for k, (a, b) in enumerate(zip(first, last)):
+        assert a <= b
+        owner[a : b + 1] += 1
+        assert (tokens[a : b] != 1).all()  # no BOS inside a document's inputs after its own start
+        assert a == 1 or tokens[a - 1] == 1  # it starts at a BOS, or at the split's start
+    assert owner[0] == 0 and (owner[1:] == 1).all()
+
+
+@pytest.mark.parametrize("seed, seq, stride, batch, world", [(0, 16, 0, 4, 1), (1, 16, 4, 3, 2), (2, 8, 3, 5, 3),
+                                                             (3, 32, 7, 2, 1), (4, 8, 8, 1, 4)])
+def test_document_windows_score_every_target_once_and_never_read_across_a_bos(seed, seq, stride, batch, world):
+    tokens = stream_with_documents(300, seed)
+    docs = tg.document_bounds(tokens, 1)
+    doc_of = np.zeros(len(tokens), int)
+    for k, (a, b) in enumerate(zip(*docs)):
+        doc_of[a - 1 : b] = k  # the document a token belongs to as an input (its BOS included)
+    positions = np.arange(len(tokens))
+    seen = np.zeros(len(tokens), int)
+    for rank in range(world):
+        for x, y, m in tg.eval_batches(positions, seq, batch, rank, world, stride, docs):  # ids are positions
+            for r, c in zip(*np.nonzero(m)):
+                target = y[r, c]
+                seen[target] += 1
+                context = x[r, : c + 1]
+                assert (doc_of[context] == doc_of[target - 1]).all()  # all of it from the target's document
+                in_doc = target - docs[0][doc_of[target - 1]] + 1  # tokens of the document up to the target
+                assert len(context) >= min(in_doc, seq - (stride or seq) + 1)
+    assert seen[0] == 0 and (seen[1:] == 1).all()
+
+
+@pytest.mark.parametrize("stride", [0, 3])
+def test_document_evaluate_is_the_sum_over_documents_scored_alone(stride):
+    """Independent reference: each document's slice tokens[first - 1 : last + 1] scored on its own by evaluate()
+    with no document knowledge; the totals add up to the document-aware score of the whole split."""
+    from test_model import BASE, model
+
+    m = model()
+    h = tg.Hyperparameters({**BASE, "TRAIN_SEQ_LEN": "8", "VAL_BATCH_TOKENS": "24"})
+    tokens = stream_with_documents(120, 5)
+    luts = (np.arange(128) % 3 + 1, np.zeros(128, bool), np.zeros(128, bool))  # 1-3 bytes, per id
+    cpu = torch.device("cpu")
+    loss, bpb = tg.evaluate(m, tokens, luts, h, 0, 1, cpu, stride, tg.document_bounds(tokens, 1))
+    nll = nbytes = n = 0.0
+    for a, b in zip(*tg.document_bounds(tokens, 1)):
+        part = tokens[a - 1 : b + 1]
+        l, bp = tg.evaluate(m, part, luts, h, 0, 1, cpu, stride)
+        nll += l * (b - a + 1)
+        nbytes += luts[0][part[1:]].sum()
+        n += b - a + 1
+    assert n == len(tokens) - 1
+    assert loss == pytest.approx(nll / n, rel=1e-6)
+    assert bpb == pytest.approx(nll / math.log(2) / nbytes, rel=1e-6)
+    assert loss != pytest.approx(tg.evaluate(m, tokens, luts, h, 0, 1, cpu, stride)[0], rel=1e-6)  # it matters
+
+
+def test_challenge_eval_estimate_scales_seconds_per_byte_per_gpu():
+    """3 ranks scored 300 targets of 2 bytes in 6 s after a 2 s load: 6 * 3 / 600 s per byte and GPU, over the
+    challenge's bytes on 8 GPUs, plus the load once."""
+    tokens = np.full(301, 5)
+    luts = (np.full(10, 2), np.zeros(10, bool), np.zeros(10, bool))
+    want = 2.0 + 6.0 * 3 / 600 * tg.CHALLENGE_VAL_BYTES / 8
+    assert tg.challenge_eval_seconds(2.0, 6.0, tokens, luts, 3) == pytest.approx(want)

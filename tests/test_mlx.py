@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 
+import brotli
 import numpy as np
 import pytest
 
@@ -103,13 +104,14 @@ def test_optimizer_steps_match():
     h = tg.Hyperparameters({**SHAPE, **env})
     opts, mopts = tg.build_optimizers(m, h), tm.Optimizers(mm, tm.Hyperparameters({**SHAPE, **env}))
     grad_fn = tm.make_grad_fn(mm, use_compile=False)
+    sched = tg.TrainingSchedule(h)
     for step in range(2):
         x, y = batch(step)
         for opt in opts:  # train_gpt.train_step's schedule
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * tg.lr_multiplier(step, 0.0, h)
+                g["lr"] = g["base_lr"] * sched.lr(step, 0.0)
                 if isinstance(opt, tg.Muon):
-                    g["momentum"] = tg.muon_momentum(step, h)
+                    g["momentum"] = sched.momentum(step)
         m(x, y).backward()
         for opt in opts:
             opt.step()
@@ -146,43 +148,80 @@ def test_byte_accounting_matches_train_gpt():
     assert np.array_equal(tg.target_bytes(x, y, ref), tm.target_bytes(x, y, got))
 
 
-def payload_tensors(payload):
-    """{name: (table entry, bytes)} of an uncompressed artifact payload."""
-    (hlen,) = struct.unpack("<I", payload[5:9])
-    body, header = 9 + hlen, json.loads(payload[9 : 9 + hlen])
-    return {t["name"]: (t, payload[body + t["offset"] : body + t["offset"] + t["nbytes"]]) for t in header["tensors"]}
+def payload_parts(payload):
+    """(header, {float tensor name: bytes}, trits of all ternary tensors, their fp16 scales) of a payload."""
+    header, body = tg.read_header(payload)
+    floats = {t["name"]: payload[body + t["offset"] : body + t["offset"] + t["nbytes"]]
+              for t in header["tensors"] if t["kind"] != "ternary"}
+    shapes = [tuple(t["shape"]) for t in header["tensors"] if t["kind"] == "ternary"]
+    (t_off, t_len), (s_off, s_len) = header["trits"], header["scales"]
+    trits = tg.TRIT_PACKERS[header["trit_packing"]][1](payload[body + t_off : body + t_off + t_len], shapes)
+    return header, floats, trits, tg.from_fp16_planes(payload[body + s_off : body + s_off + s_len])
 
 
-@pytest.mark.parametrize("kind", ["fp16", "fp8"])
-def test_same_weights_serialize_alike(kind):
-    """Same table, same float bytes (fp16, and fp8 through the numpy e4m3 encoder), same trits. A ternary scale
-    may differ by one fp16 ulp: the two frameworks sum a group's absmean in different orders, so a group whose
-    fp32 absmean lands on an fp16 rounding tie can round either way (here 1 group of 3,000)."""
+FORMATS = [{"EXPORT_FLOAT": "fp16"}, {"EXPORT_FLOAT": "fp8", "EXPORT_EMBED": "fp8"},
+           {"EXPORT_FLOAT": "int6", "EXPORT_EMBED": "int8"}, {"EXPORT_EMBED": "int4"}]
+
+
+@pytest.mark.parametrize("formats", FORMATS, ids=lambda f: "-".join(f.values()))
+def test_same_weights_serialize_alike(formats):
+    """Same table, same float bytes (fp16, fp8 through the numpy e4m3 encoder, the per-row int codes), same trits,
+    for every trit packing. A ternary scale may differ by one fp16 ulp: the two frameworks sum a group's absmean in
+    different orders, so a group whose fp32 absmean lands on an fp16 rounding tie can round either way (here 1 group
+    of 3,000); its trits (and so the packed trit stream's length) may differ with it."""
     m = torch_model()
     mm = mlx_copy(m)
-    for packing, (_, unpack) in tg.TRIT_PACKERS.items():
-        ref_payload = tg.serialize_model(m, tg.Hyperparameters({"EXPORT_FLOAT": kind}), packing)
-        ref = payload_tensors(ref_payload)
-        got = payload_tensors(tm.serialize_model(mm, tm.Hyperparameters({"EXPORT_FLOAT": kind}), packing))
-        assert [t for t, _ in ref.values()] == [t for t, _ in got.values()]  # names, shapes, offsets, sizes
-        ties, groups = 0, 0
-        for name, (t, ref_bytes) in ref.items():
-            got_bytes = got[name][1]
-            if t["kind"] != "ternary":
-                assert got_bytes == ref_bytes, name
-                continue
-            n, tb = math.prod(t["shape"]), t["trit_bytes"]
-            trits = [unpack(b[:tb], n).reshape(t["shape"][0], -1, t["group_size"]) for b in (ref_bytes, got_bytes)]
-            scales = [np.frombuffer(b[tb:], np.float16).reshape(t["shape"][0], -1) for b in (ref_bytes, got_bytes)]
-            same = scales[0] == scales[1]
-            assert np.array_equal(trits[0][same], trits[1][same]), name
-            ulps = np.abs(scales[0].view(np.int16).astype(int) - scales[1].view(np.int16).astype(int))
-            assert ulps.max() <= 1, name
-            ties, groups = ties + int((~same).sum()), groups + same.size
-        assert ties <= max(1, groups // 1000), (ties, groups)
-        ref_state, got_state = tg.deserialize_state(ref_payload), tm.deserialize_state(ref_payload)
+    h = tg.Hyperparameters(formats)
+    for packing in tg.TRIT_PACKERS:
+        ref_payload = tg.serialize_model(m, h, packing)
+        ref, got = payload_parts(ref_payload), payload_parts(tm.serialize_model(mm, tm.Hyperparameters(formats), packing))
+        assert ref[0]["tensors"] == got[0]["tensors"]  # names, shapes, formats, offsets, sizes
+        assert ref[1] == got[1]  # every float tensor's bytes
+        ternary = [t for t in ref[0]["tensors"] if t["kind"] == "ternary"]
+        same = np.repeat(ref[3] == got[3], [t["group_size"] for t in ternary for _ in range(
+            math.prod(t["shape"]) // t["group_size"])])
+        assert np.array_equal(ref[2][same], got[2][same])
+        ulps = np.abs(ref[3].view(np.int16).astype(int) - got[3].view(np.int16).astype(int))
+        assert ulps.max() <= 1 and (ulps > 0).sum() <= max(1, ulps.size // 1000), ulps.sum()
+        ref_state, got_state = tg.deserialize_state(ref_payload, h), tm.deserialize_state(ref_payload)
         for name, t in ref_state.items():  # both loaders read one payload to the same numbers
             assert np.array_equal(t.numpy(), got_state[name]), name
+
+
+@pytest.mark.parametrize("formats", FORMATS[1:], ids=lambda f: "-".join(f.values()))
+def test_torch_artifact_formats_load_into_mlx(formats, tmp_path):
+    """An artifact train_gpt.py writes in each float format and trit packing gives the MLX model the torch model's
+    logits; one in a format MLX does not know is refused with an ArtifactError naming the file."""
+    m = torch_model().eval()
+    h = tg.Hyperparameters({**SHAPE, **formats})
+    x, _ = batch()
+    for packing in tg.TRIT_PACKERS:
+        path = tmp_path / f"{packing}.ptz"
+        path.write_bytes(brotli.compress(tg.serialize_model(m, h, packing)))
+        ref = tg.GPT(h).eval()
+        ref.load_state_dict(tg.load_artifact(str(path), h))
+        mm = tm.GPT(tm.Hyperparameters({**SHAPE, **formats}))
+        tm.load_state(mm, tm.load_artifact(path))
+        with torch.no_grad():
+            want = ref.logits(x)[0].numpy()
+        assert np.abs(np.array(mm.logits(to_mx(x))) - want).max() <= 1e-4 * np.abs(want).max(), packing
+    payload = tg.serialize_model(m, h, "rans")
+    hlen = struct.unpack("<I", payload[5:9])[0]
+    header = json.loads(payload[9 : 9 + hlen])
+    header.pop("sha256")  # an edited header: as written before the checksum, else that is what the loader reports
+    header["tensors"] = [dict(t, kind="int3") if t["name"] == "tok_emb.weight" else t for t in header["tensors"]]
+    new = json.dumps(header, separators=(",", ":")).encode()
+    (tmp_path / "odd.ptz").write_bytes(brotli.compress(payload[:5] + struct.pack("<I", len(new)) + new + payload[9 + hlen :]))
+    with pytest.raises(tm.ArtifactError, match=r"odd\.ptz: tensor tok_emb.weight is stored as 'int3'"):
+        tm.load_artifact(tmp_path / "odd.ptz")
+    log8 = {**SHAPE, **formats, "SCALE_FORMAT": "log8"}
+    (tmp_path / "log8.ptz").write_bytes(brotli.compress(tg.serialize_model(model(log8), tg.Hyperparameters(log8), "rans")))
+    with pytest.raises(tm.ArtifactError, match=r"log8\.ptz: ternary scales stored as 'log8' \(SCALE_FORMAT=log8\)"):
+        tm.load_artifact(tmp_path / "log8.ptz")
+    hybrid = {**SHAPE, **formats, "HYBRID_INT": "1"}
+    (tmp_path / "hybrid.ptz").write_bytes(brotli.compress(tg.serialize_model(model(hybrid), tg.Hyperparameters(hybrid), "rans")))
+    with pytest.raises(tm.ArtifactError, match=r"hybrid\.ptz: block matrices in an int format \(HYBRID_INT"):
+        tm.load_artifact(tmp_path / "hybrid.ptz")
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +270,36 @@ def test_over_cap_keeps_the_blob_and_fails(shards, tmp_path):
     assert "ERROR artifact over cap" in r.stdout and "final_roundtrip" not in r.stdout
     assert (tmp_path / "model.ptz").read_bytes() == b"old" and (tmp_path / "model.ptz.over_cap").stat().st_size > 1000
 
+    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith("error: code + model is over")
+
+
+def test_a_log_holds_one_run_and_ends_with_its_error(shards, tmp_path):
+    """As in train_gpt.py: a failed run's log ends with its `error:` line, and a RUN_ID whose log exists is
+    refused at start with the log left as it was."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, DATA_PATH=empty)
+    log = tmp_path / "logs" / "ternary.txt"
+    assert r.returncode == 2 and log.read_text().splitlines()[-1] == r.stderr.strip().splitlines()[-1]
+    assert log.read_text().splitlines()[-1].startswith("error: no shard matches")
+    before = log.read_bytes()
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=1)
+    assert r.returncode == 2 and f"error: {log} already exists" in r.stderr, r.stdout + r.stderr
+    assert log.read_bytes() == before and not (tmp_path / "model.ptz").exists()
+
+
+@pytest.mark.parametrize("steps, error", [(6, "error: training diverged at step 3: train_loss:nan"),
+                                          (2, "error: the trained weights are not finite")])
+def test_a_diverged_run_writes_no_model(shards, tmp_path, steps, error):
+    """EMBED_LR=1e30: the loss is NaN from step 3 (the run stops there), and after 2 steps the weights are
+    already non-finite while both logged losses are not. Exit 1 either way, the artifact on disk untouched."""
+    (tmp_path / "model.ptz").write_bytes(b"good")
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, ITERATIONS=steps, EMBED_LR=1e30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (tmp_path / "logs" / "ternary.txt").read_text().splitlines()[-1].startswith(error)
+    assert "step:4/" not in r.stdout and "pre_export" not in r.stdout
+    assert (tmp_path / "model.ptz").read_bytes() == b"good"
+
 
 def val_setup(shards):
     import sentencepiece as spm
@@ -244,7 +313,7 @@ def val_setup(shards):
 def torch_score(path, h_env, tokens, luts):
     h = tg.Hyperparameters(h_env)
     m = tg.GPT(h)
-    m.load_state_dict(tg.load_artifact(path))
+    m.load_state_dict(tg.load_artifact(path, h))
     return m, tg.evaluate(m, tokens, luts, h, 0, 1, torch.device("cpu"))[1]
 
 
@@ -272,12 +341,15 @@ def test_torch_artifact_loads_into_mlx(shards, tmp_path):
 
 @pytest.mark.parametrize("name", ["SKC_ENABLED", "PARALLEL_RESIDUAL", "SHARED_BLOCKS", "DEPTH_RECUR",
                                   "CAPSULES_ENABLED", "FEEDBACK_ENABLED", "ENGRAM_ENABLED", "MOE_ENABLED",
-                                  "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM", "TERNARY_CALIB"])
+                                  "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM", "TERNARY_CALIB", "EMBED_QAT",
+                                  "HYBRID_INT"])
 def test_unported_flag_is_a_clear_error(name):
     with pytest.raises(tm.ConfigError, match=f"{name}=True is not implemented in train_gpt_mlx.py"):
         tm.Hyperparameters({name: "1"})
     with pytest.raises(tm.ConfigError, match="EVAL_STRIDE=16 is not implemented"):
         tm.Hyperparameters({"EVAL_STRIDE": "16"})
+    with pytest.raises(tm.ConfigError, match="SCALE_FORMAT=log8 is not implemented"):
+        tm.Hyperparameters({"SCALE_FORMAT": "log8"})
 
 
 def test_the_same_knobs_as_train_gpt():

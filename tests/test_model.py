@@ -474,7 +474,8 @@ SHAPE_GRID = {  # knob -> values, good and bad ones mixed (a repeated value is a
     "MOE_ENABLED": ["0", "1"], "MOE_EXPERTS": ["2", "3"], "MOE_TOP_K": ["1", "2"],
     "SKC_ENABLED": ["0", "1"], "SKC_CHUNK": ["4"], "FEEDBACK_ENABLED": ["0", "1"], "PARALLEL_RESIDUAL": ["0", "1"],
     "SHARED_BLOCKS": ["0", "1"], "SHARED_BLOCK_COUNT": ["2"], "DEPTH_RECUR": ["0", "0", "1"], "RECUR_START": ["0", "1"],
-    "RECUR_END": ["2", "3"], "VOCAB_SIZE": ["64"],
+    "RECUR_END": ["2", "3"], "VOCAB_SIZE": ["64"], "HYBRID_INT": ["0", "1"], "HYBRID_FAMILIES": ["q,k,v,proj", "up,down"],
+    "SCALE_FORMAT": ["fp16", "log8"], "FP_PHASE": ["0", "1"], "EMBED_QAT": ["0", "0", "1"], "EXPORT_EMBED": ["int8", "fp16"],
 }
 
 
@@ -489,7 +490,7 @@ def test_every_shape_the_model_rejects_is_rejected_by_hyperparameters_first():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a hundred tiny models: thread start-up would cost more than the work
     try:
-        for _ in range(500):
+        for _ in range(700):
             env = {k: rng.choice(v) for k, v in SHAPE_GRID.items()}
             try:
                 h = tg.Hyperparameters(env)

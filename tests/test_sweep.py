@@ -298,3 +298,33 @@ def test_a_signal_reaches_the_training_child_and_the_folder_is_locked(tmp_path, 
     assert f"sweep: stopped by {sig}" in stderr
     (row,) = read_csv(out)
     assert row["status"] == "failed" and "stopped by" in row["error"]
+
+
+# ---- scripts/runlog.py -----------------------------------------------------------------------------------------
+
+ONE_RUN = """run_id:a world_size:1 device:cuda:0 torch:2.11 compile:True
+code sha256:{sha} gpu:NVIDIA_H100_80GB_HBM3
+config SEED=1 MATRIX_LR=0.03
+step:1/2 train_loss:6.9000 mfu:0.100
+step:2/2 train_loss:6.5000 mfu:0.200
+train_done steps:2 train_seconds:1.0 tok/s:10 peak_mem_mib:5
+final_roundtrip val_loss:3.0000 val_bpb:1.5000 gap_bpb:+0.0 eval_seconds:1.0 stride:64
+"""
+
+
+def test_runlog_reads_one_run_and_refuses_a_log_of_two(tmp_path):
+    import runlog
+
+    sha = "ab" * 32
+    run = runlog.parse_run_log(ONE_RUN.format(sha=sha))
+    assert run["code_sha256"] == sha and run["gpu"] == "NVIDIA_H100_80GB_HBM3" and run["device"] == "cuda:0"
+    assert run["curve"] == [(1, 6.9), (2, 6.5)] and run["mfu"] == 0.2  # within one run the last step line wins
+    assert run["finished"] and run["seed"] == 1 and run["steps"] == 2
+    # a finished run followed by a crashed one with another config, as appending to one log used to produce
+    crashed = "run_id:a world_size:1 device:cuda:0 torch:2.11 compile:True\nconfig SEED=2 MATRIX_LR=0.05\n"
+    log = tmp_path / "a.txt"
+    log.write_text(ONE_RUN.format(sha=sha) + crashed)
+    with pytest.raises(runlog.LogError, match=re.escape(f"{log}: holds 2 runs")):
+        runlog.read_run_log(log)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "runlog.py"), str(log)], capture_output=True, text=True)
+    assert r.returncode != 0 and "holds 2 runs" in r.stderr

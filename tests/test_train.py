@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import train_gpt as tg
+
 from conftest import event_bpb, log_values, run_train
 
 
@@ -86,7 +88,7 @@ def test_temperature_and_calibration_see_training_tokens_only(shards, tmp_path):
         temps.append(log_values(r.stdout, "T")[0])
         calibrations.append(r.stdout.split("calibration ")[1].split(" seconds:")[0])
         assert abs(event_bpb(r.stdout, "final_roundtrip") - event_bpb(r.stdout, "pre_export")) < 1e-3
-        stored = tg.load_artifact(str(tmp_path / name / "model.ptz"))["logit_temperature"].item()
+        stored = tg.load_artifact(str(tmp_path / name / "model.ptz"), tg.Hyperparameters({}))["logit_temperature"].item()
         assert stored == pytest.approx(temps[-1], abs=5e-5)
     assert temps[0] == temps[1] and 0.7 <= temps[0] <= 1.3
     assert calibrations[0] == calibrations[1] and "evals:8" in calibrations[0]
@@ -102,3 +104,225 @@ def test_ternary_calibration_runs_on_training_tokens_and_exports_exactly(shards,
     mid_run = out.index("calibration tensors:") < out.index("train_done")
     assert mid_run == (at_frac == "0.5")  # the export-aligned phase trains on through the calibrated quantizer
     assert abs(event_bpb(out, "final_roundtrip") - event_bpb(out, "pre_export")) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one log per run, failures recorded in it, and no diverged model written
+
+def test_a_log_holds_one_run(shards, tmp_path):
+    """A RUN_ID whose log exists is refused at start, before any work: nothing appended, nothing written."""
+    log = tmp_path / "logs" / "ternary.txt"
+    log.parent.mkdir()
+    log.write_text("run_id:ternary world_size:1\nfinal_roundtrip val_loss:3 val_bpb:1.5\n")
+    r = run_train(shards, tmp_path, ITERATIONS=2)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"error: {log} already exists" in r.stderr and "RUN_ID" in r.stderr
+    assert log.read_text() == "run_id:ternary world_size:1\nfinal_roundtrip val_loss:3 val_bpb:1.5\n"
+    assert "run_id:" not in r.stdout and not (tmp_path / "model.ptz").exists()
+
+
+def last_line(path):
+    return path.read_text().splitlines()[-1]
+
+
+def test_a_failed_run_ends_its_log_with_the_error_and_the_log_names_its_code(shards, tmp_path):
+    import hashlib
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import runlog
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_train(shards, tmp_path, DATA_PATH=empty)
+    assert r.returncode == 2, r.stdout + r.stderr
+    log = tmp_path / "logs" / "ternary.txt"
+    assert last_line(log).startswith("error: no shard matches") and str(empty) in last_line(log)
+    assert last_line(log) == r.stderr.strip().splitlines()[-1]  # the line stderr shows, word for word
+    run = runlog.read_run_log(log)
+    assert run["code_sha256"] == hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+    assert run["gpu"] == "cpu"
+
+
+def test_an_unexpected_exception_leaves_its_type_in_the_log(shards, tmp_path, monkeypatch):
+    import train_gpt as tg
+    from conftest import TINY
+
+    for k, v in {**TINY, "DATA_PATH": str(shards), "LOG_DIR": str(tmp_path), "ITERATIONS": "1"}.items():
+        monkeypatch.setenv(k, v)
+
+    def boom(*args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(tg, "load_tokenizer", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        tg.main()
+    assert last_line(tmp_path / "ternary.txt") == "error: RuntimeError: boom second line"
+
+
+def test_a_diverged_run_stops_at_once_and_keeps_the_good_artifact(shards, tmp_path):
+    """EMBED_LR=1e30 turns the loss NaN at step 3: the run stops there, says so in its log, exits 1, and the
+    artifact already on disk stays."""
+    (tmp_path / "model.ptz").write_bytes(b"previous good artifact")
+    r = run_train(shards, tmp_path, ITERATIONS=6, EMBED_LR=1e30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    log = tmp_path / "logs" / "ternary.txt"
+    assert "step:3/6 train_loss:nan" in r.stdout and "step:4/6" not in r.stdout and "pre_export" not in r.stdout
+    assert last_line(log).startswith("error: training diverged at step 3: train_loss:nan")
+    assert (tmp_path / "model.ptz").read_bytes() == b"previous good artifact"
+
+
+@pytest.mark.parametrize("target", ["artifact", "checkpoint"])
+def test_non_finite_weights_are_never_written(shards, tmp_path, target):
+    """Two steps at EMBED_LR=1e30: both logged losses are finite, the weights after the last step are not. Neither
+    the checkpoint nor the artifact is written, and the files already there stay."""
+    good = {"artifact": tmp_path / "model.ptz", "checkpoint": tmp_path / "ckpt.pt"}
+    for path in good.values():
+        path.write_bytes(b"good " + path.name.encode())
+    extra = dict(CHECKPOINT_SAVE=1, CHECKPOINT_PATH=good["checkpoint"]) if target == "checkpoint" else {}
+    r = run_train(shards, tmp_path, ITERATIONS=2, EMBED_LR=1e30, **extra)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert len(log_values(r.stdout, "train_loss")) == 2 and "train_loss:nan" not in r.stdout
+    error = last_line(tmp_path / "logs" / "ternary.txt")
+    assert error.startswith("error: ") and "not finite" in error and str(good[target]) in error
+    assert "tok_emb.weight" in error
+    for path in good.values():
+        assert path.read_bytes() == b"good " + path.name.encode()
+
+@pytest.fixture
+def one_thread():
+    """In-process training like the subprocess runs (OMP_NUM_THREADS=1): on a shared CPU, spinning intra-op
+    threads make small kernels many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unquantized_copy(m, cls):
+    """A deep copy of m whose ternary layers are all of class cls."""
+    import copy
+
+    ref = copy.deepcopy(m)
+    for layer in ref.modules():
+        if isinstance(layer, tg.TernaryLinear):
+            layer.__class__ = cls
+    return ref
+
+
+class FloatLinear(tg.TernaryLinear):
+    """The FP phase's reference: the latent weight, unquantized."""
+
+    def quantized_weight(self):
+        return self.weight
+
+
+def test_fp_phase_switches_inside_one_compiled_graph(one_thread):
+    """FP_PHASE under torch.compile: one graph serves both phases (a recompile raises), the steps before
+    QAT_START_FRAC compute the unquantized forward and the steps from it the ternary one, each against an eager
+    reference on the same weights. (aot_eager keeps the test fast: the guards and the lifted buffers are dynamo's
+    and AOTAutograd's; inductor was checked by hand, see the i12 report.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from test_model import BASE
+    from test_optim import OneBatchLoader
+
+    h = tg.Hyperparameters({**BASE, "NUM_LAYERS": "2", "FP_PHASE": "1", "QAT_START_FRAC": "0.5", "ITERATIONS": "4",
+                            "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "MATRIX_LR": "0.05"})
+    torch.manual_seed(0)
+    base = tg.GPT(h)
+    with torch.no_grad():  # away from the zero-init projections, so that quantizing changes the loss visibly
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    base.quant_mix = tg.QuantMix(base)
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.compile(base, backend="aot_eager", dynamic=False)
+    opts, sched = tg.build_optimizers(base, h), tg.TrainingSchedule(h)
+    idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    for step in range(4):
+        with torch.no_grad():
+            fp, ternary = (unquantized_copy(base, cls)(idx, idx).item() for cls in (FloatLinear, tg.TernaryLinear))
+        assert abs(fp - ternary) > 1e-2
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            loss = tg.train_step(model, base, OneBatchLoader(idx, idx), opts, h, sched, step, 0.0).item()
+        assert loss == pytest.approx(fp if step < 2 else ternary, abs=1e-5), step
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs >= 1
+    assert base.quant_mix.value == 1.0
+
+
+def fit_in_process(shards, monkeypatch, **env):  # use with the one_thread fixture
+    """train_gpt.fit on the TINY config in this process: (model, h, log lines, the parameters after every step
+    as float64 numpy arrays, (val tokens, byte tables))."""
+    import sentencepiece as spm
+    from conftest import TINY, TOKENIZER
+
+    h = tg.Hyperparameters({**TINY, "DATA_PATH": str(shards), **{k: str(v) for k, v in env.items()}})
+    torch.manual_seed(h.seed)
+    base = tg.GPT(h)
+    trajectory, logs, step_fn = [], [], tg.train_step
+
+    def recording_step(*args, **kwargs):
+        loss = step_fn(*args, **kwargs)
+        trajectory.append({n: p.detach().double().numpy().copy() for n, p in base.named_parameters()})
+        return loss
+
+    monkeypatch.setattr(tg, "train_step", recording_step)
+    tokens = tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), h.vocab_size, h.max_val_tokens)
+    val = (tokens, tg.build_byte_luts(spm.SentencePieceProcessor(model_file=TOKENIZER), h.vocab_size))
+    tg.fit(base, h, str(shards / "fineweb_train_*.bin"), val, 0, 1, torch.device("cpu"), logs.append, False)
+    return base, h, logs, trajectory, val
+
+
+@pytest.mark.parametrize("domain", ["latent", "ternary"])
+def test_ema_averages_the_warmdown_and_exports_what_it_scores(shards, monkeypatch, one_thread, domain):
+    """EMA over the warmdown (8 steps, WARMDOWN_FRAC 0.25: from step 6 on): the shadow starts from the weights
+    before step 6 and follows steps 6 and 7, as a float64 loop over the recorded trajectory computes it (in the
+    ternary domain, over numpy-dequantized trits). The artifact of the averaged model reloads to the same trits
+    and scales, and scores exactly what the averaged model scores with its small parameters in fp16."""
+    import copy
+
+    import numpy as np
+    from test_quant import numpy_ternary
+
+    base, h, logs, trajectory, (tokens, luts) = fit_in_process(
+        shards, monkeypatch, ITERATIONS=8, WARMDOWN_FRAC=0.25, EMA_ENABLED=1, EMA_DECAY=0.6, EMA_DOMAIN=domain)
+    assert len(trajectory) == 8 and "ema_start step:6" in logs
+    assert f"ema_applied steps:2 decay:0.6 domain:{domain}" in logs
+    ternary = {n + ".weight" for n, m in base.named_modules() if isinstance(m, tg.TernaryLinear)}
+    for name, p in base.named_parameters():
+        seen = [t[name] for t in trajectory[5:]]  # before step 6 (after step 5), after step 6, after step 7
+        if domain == "ternary" and name in ternary:
+            seen = [np.repeat(s, h.group_size, axis=1) * t for t, s in (numpy_ternary(w, h.group_size) for w in seen)]
+        want = seen[0]
+        for w in seen[1:]:
+            want = 0.6 * want + 0.4 * w
+        np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-5, atol=1e-7, err_msg=name)
+    fresh = tg.GPT(h)
+    fresh.load_state_dict(tg.deserialize_state(tg.serialize_model(base, h)))
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name not in ternary:
+                p.copy_(p.half().float())  # the artifact's fp16 small parameters
+    for (name, a), b in zip(tg.ternary_modules(ref).items(), tg.ternary_modules(fresh).values()):
+        assert all(torch.equal(x, y) for x, y in zip(a.quantize(), b.quantize())), name
+    cpu = torch.device("cpu")
+    assert tg.evaluate(fresh, tokens, luts, h, 0, 1, cpu) == tg.evaluate(ref, tokens, luts, h, 0, 1, cpu)
+    assert tg.evaluate(base, tokens, luts, h, 0, 1, cpu)[1] == pytest.approx(
+        tg.evaluate(fresh, tokens, luts, h, 0, 1, cpu)[1], abs=2e-3)
+
+
+def test_trit_zero_frac_is_logged_after_training(shards, monkeypatch, one_thread):
+    import numpy as np
+    from test_quant import numpy_ternary
+
+    base, h, logs, _, _ = fit_in_process(shards, monkeypatch, ITERATIONS=2, MUON_WD=0.1)
+    trits = [numpy_ternary(m.weight.detach().numpy(), h.group_size)[0] for m in tg.ternary_modules(base).values()]
+    want = sum((t == 0).sum() for t in trits) / sum(t.size for t in trits)
+    assert 0.2 < want < 0.5 and [line for line in logs if line.startswith("trit_zero_frac:")] == [
+        f"trit_zero_frac:{want:.4f}"]

@@ -1,6 +1,7 @@
 """Legal score-first TTT: a canary model that catches any token scored after an update that used it, coverage of
 every target exactly once, the numbers against a hand-written loop, the time budget, and end-to-end runs."""
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -232,3 +233,177 @@ def test_end_to_end_eval_engram_run(shards, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "stream_eval ttt:0" in r.stdout and "eval_engram:1 chunks:8 adapted:8" in r.stdout
     assert event_bpb(r.stdout, "final_roundtrip") > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA TTT (TTT_MODE=lora)
+
+def lora_h(**kw):
+    env = {**BASE, "TRAIN_SEQ_LEN": "16", "TTT_ENABLED": "1", "TTT_MODE": "lora", "TTT_LORA_CHUNK": "6",
+           "TTT_LORA_RANK": "2", "TTT_LORA_LR": "0.05", "TTT_LORA_DOCS": "2", "TTT_LORA_TARGETS": "q,v,down,head"}
+    return tg.Hyperparameters({**env, **{k: str(v) for k, v in kw.items()}})
+
+
+def docs_stream(seed=0, n=90):
+    """Random ids with BOS (1) at 0 and at a few places: documents of different lengths, one longer than the
+    16-token window, one of a single target."""
+    tokens = np.random.default_rng(seed).integers(2, 128, n)
+    tokens[[0, 30, 31, 52]] = 1
+    return tokens
+
+
+def lora_nll(m, tokens, h):
+    spans = tg.adapter_spans(*tg.document_bounds(tokens, 1), h)
+    nll, scored, adapted = tg.lora_ttt_nll(m, tokens, h, spans, CPU, time.perf_counter())
+    assert scored == len(tokens) - 1 and not torch.isnan(nll).any()
+    return nll, adapted
+
+
+@pytest.mark.parametrize("isolated, span", [("0", 0), ("1", 0), ("1", 4)])
+def test_lora_canary_a_score_never_depends_on_its_own_or_a_later_token(isolated, span):
+    """Black-box legality: change the token at position p. Score-first TTT (and causal windows) leave the score
+    of every target before p exactly as it was, in every document; an update that used p before scoring the
+    targets of p's chunk would move them. Moving the update before the scoring makes this test fail."""
+    h = lora_h(EVAL_DOC_ISOLATED=isolated, TTT_LORA_SPAN=span)
+    tokens = docs_stream()
+    m = model()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    before, adapted = lora_nll(m, tokens, h)
+    assert adapted > 0
+    p = 1 + 6 + 3  # mid-way through the second chunk of the first document
+    changed = tokens.copy()
+    changed[p] = (changed[p] + 1) % 126 + 2
+    after, _ = lora_nll(m, changed, h)
+    torch.testing.assert_close(after[: p - 1], before[: p - 1], rtol=0, atol=1e-6)  # targets 1..p-1
+    later = slice(p + 6, 30)  # the first document's later chunks: adapted on p, so they move
+    assert not torch.allclose(after[later], before[later], atol=1e-4)
+    torch.testing.assert_close(after[30:], before[30:], rtol=0, atol=1e-6)  # other documents: untouched
+
+
+def reference_spans(tokens, span):
+    """(first, last, document's first) of each adapter's span: documents cut every `span` targets (0: never)."""
+    out = []
+    for first, last in zip(*tg.document_bounds(tokens, 1)):
+        step = span or last - first + 1
+        out += [(a, min(a + step - 1, last), first) for a in range(first, last + 1, step)]
+    return out
+
+
+def lora_reference(m, tokens, h, a_init, adapt=True):
+    """A hand-written loop, one span at a time: windows ending at each chunk's last target (reading back to the
+    document's start at most, with EVAL_DOC_ISOLATED), adapters added by explicit hooks, score the chunk, then
+    one Adam step on its mean NLL. Returns the total NLL."""
+    seq, chunk = h.train_seq_len, h.ttt_lora_chunk
+    mods = tg.lora_target_modules(m, h.ttt_lora_targets)
+    total = 0.0
+    for d, (first, last, doc_first) in enumerate(reference_spans(tokens, h.ttt_lora_span)):
+        a = [t[d].clone().requires_grad_() for t in a_init]
+        b = [torch.zeros(mod.out_features, h.ttt_lora_rank, requires_grad=True) for mod in mods]
+        hooks = [mod.register_forward_hook(lambda _m, i, o, a=ai, b=bi: o + i[0] @ a.T @ b.T)
+                 for mod, ai, bi in zip(mods, a, b)]
+        opt = torch.optim.Adam(a + b, lr=h.ttt_lora_lr)
+        for lo in range(first, last + 1, chunk):
+            hi = min(lo + chunk - 1, last)
+            w = max(doc_first - 1 if h.eval_doc_isolated else 0, hi - seq)
+            x, y = torch.from_numpy(tokens[w:hi][None]), torch.from_numpy(tokens[w + 1 : hi + 1][None])
+            nll = m.token_nll(x, y)[0][0, lo - 1 - w :]
+            total += nll.sum().item()
+            if adapt:
+                opt.zero_grad()
+                nll.mean().backward()
+                opt.step()
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+@pytest.mark.parametrize("isolated, adapt, span", [("0", True, 0), ("1", True, 0), ("1", False, 0), ("1", True, 10),
+                                                   ("0", True, 7)])
+def test_lora_ttt_matches_a_one_span_at_a_time_loop(isolated, adapt, span):
+    """Spans batched 2 at a time, longest first, with a prefix of rows running at each step, against the
+    sequential reference: the same total, so each span adapted on its own. adapt=False: over the budget from
+    the start, so the adapters stay at zero and the score is the trained model's. span > 0 cuts documents into
+    spans with adapters of their own, whose windows still read the document before them."""
+    h = lora_h(EVAL_DOC_ISOLATED=isolated, EVAL_BUDGET_SECONDS=0 if adapt else 1e-9, TTT_LORA_SPAN=span)
+    tokens = docs_stream(1)
+    m = model()
+    nll, adapted = lora_nll(m, tokens, h)
+    assert (adapted > 0) == adapt
+    first = [a for a, _, _ in reference_spans(tokens, span)]
+    a_init = tg.lora_init(h, first, tg.lora_target_modules(m, h.ttt_lora_targets))
+    total = lora_reference(m, tokens, h, a_init, adapt)
+    assert nll.sum().item() == pytest.approx(total, rel=1e-5)
+    if adapt:
+        assert total != pytest.approx(lora_reference(m, tokens, h, a_init, adapt=False), rel=1e-4)  # TTT moved it
+
+
+def test_lora_ttt_leaves_the_model_as_it_was():
+    h = lora_h()
+    m = model()
+    state = copy.deepcopy(m.state_dict())
+    loss, bpb = tg.lora_ttt_evaluate(m, docs_stream(2), ONE_BYTE, h, 0, 1, CPU, log=lambda s: None)
+    assert np.isfinite(loss) and bpb == pytest.approx(loss / np.log(2))
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+    assert not any(mod._forward_hooks for mod in m.modules())
+
+
+@pytest.mark.parametrize("world, docs", [(2, 2), (3, 2), (1, 1), (1, 5)])
+def test_lora_ranks_own_whole_documents_and_add_up(monkeypatch, world, docs):
+    """Ranks (run one after another in this process) and batch sizes change nothing: the ranks' documents tile
+    the split, and their summed NLL is the one-rank score of two documents at a time."""
+    tokens = docs_stream(3, n=140)
+    tokens[[70, 100, 101]] = 1
+    m = model()
+    h = lora_h(TTT_LORA_DOCS=docs)
+    first, last = tg.document_bounds(tokens, 1)
+    total, count = 0.0, 0
+    for rank in range(world):
+        lo, hi = tg.rank_share(len(tokens) - 1, rank, world)
+        mine = (first > lo) & (first <= hi)
+        spans = tg.adapter_spans(first[mine], last[mine], h)
+        nll, scored, _ = tg.lora_ttt_nll(m, tokens, h, spans, CPU, time.perf_counter())
+        total, count = total + nll.sum().item(), count + scored
+    one, n, _ = tg.lora_ttt_nll(m, tokens, lora_h(), tg.adapter_spans(first, last, h), CPU, time.perf_counter())
+    assert count == n == len(tokens) - 1
+    assert total == pytest.approx(one.sum().item(), rel=1e-5)
+    if world > 1:  # a rank alone (no all-reduce here) has not scored the split: the final check says so
+        monkeypatch.setattr(tg.dist, "all_reduce", lambda t: None)
+        with pytest.raises(RuntimeError, match="scored"):
+            tg.lora_ttt_evaluate(m, tokens, ONE_BYTE, h, 0, world, CPU, log=print)
+
+
+def test_lora_config_is_checked():
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_TARGETS"):
+        lora_h(TTT_LORA_TARGETS="q,w")
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_CHUNK=17"):
+        lora_h(TTT_LORA_CHUNK=17)
+    with pytest.raises(tg.ConfigError, match="EMBED_DIM"):
+        lora_h(EMBED_DIM=0)
+    with pytest.raises(tg.ConfigError, match="EVAL_ENGRAM"):
+        lora_h(EVAL_ENGRAM=1)
+    assert lora_h(EMBED_DIM=0, TTT_LORA_TARGETS="q,k,v,proj,up,down").ttt_lora_targets.count(",") == 5
+
+
+def test_end_to_end_lora_ttt_run(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=4, TTT_ENABLED=1, TTT_MODE="lora", TTT_LORA_CHUNK=32,
+                  EVAL_DOC_ISOLATED=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert log_values(r.stdout, "scored")[0] == 4096 and log_values(r.stdout, "adapted_chunks")[0] > 0
+    assert event_bpb(r.stdout, "final_roundtrip") > 0
+
+
+@pytest.mark.ddp
+def test_two_process_lora_ttt(shards, tmp_path):
+    """(world 2, accum 1) trains on what (world 1, accum 2) does, and a document's adapter does not depend on
+    which rank runs it, so the two LoRA TTT scores agree. 17,000 validation tokens hold three documents: rank 0
+    adapts the first (15,578 targets), rank 1 the other two."""
+    runs = []
+    for nproc, accum in ((1, 2), (2, 1)):
+        (tmp_path / str(nproc)).mkdir()
+        runs.append(run_train(shards, tmp_path / str(nproc), nproc=nproc, GRAD_ACCUM_STEPS=accum, ITERATIONS=4,
+                              TTT_ENABLED=1, TTT_MODE="lora", TTT_LORA_CHUNK=32, MAX_VAL_TOKENS=17000))
+        assert runs[-1].returncode == 0, runs[-1].stdout + runs[-1].stderr
+    assert "world_size:2" in runs[1].stdout
+    one, two = (event_bpb(r.stdout, "final_roundtrip") for r in runs)
+    assert two == pytest.approx(one, abs=2e-3)
