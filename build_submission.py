@@ -487,13 +487,39 @@ def read_runs(logs, config):
         if run["steps"] is None:
             raise BuildError(f"{path}: no training in the log (no train_done line); a record needs the run that "
                              "trained the model, not one that re-scored a checkpoint (EVAL_FROM_CHECKPOINT)")
-        config.check_log(run, path)
         run["path"] = Path(path)
+        config.check_log(run, path)
         runs.append(run)
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise BuildError(f"two logs have the same seed: {seeds}")
+    check_tokenizer(runs, config)
     return runs
+
+
+def check_tokenizer(runs, config):
+    """Every log ran with one tokenizer (its file's sha256, logged at start), and it is the TOKENIZER_PATH the
+    configuration names, if it names one: a tokenizer with the right vocab but other pieces scores wrongly."""
+    for r in runs:
+        if r["tokenizer_sha256"] is None:
+            raise BuildError(f"{r['path']}: no `tokenizer ... sha256:` line; the log predates tokenizer "
+                             "fingerprints, so nothing shows which tokenizer scored it")
+    shas = {r["tokenizer_sha256"] for r in runs}
+    if len(shas) > 1:
+        raise BuildError("the logs ran with different tokenizers: " + ", ".join(
+            f"{r['path']} sha256 {r['tokenizer_sha256'][:16]}" for r in runs))
+    named = config.env.get("TOKENIZER_PATH")
+    if not named:
+        return
+    path = next((p for p in (Path(named), ROOT / named) if p.is_file()), None)
+    if path is None:
+        raise BuildError(f"the configuration names TOKENIZER_PATH={named}, which is not found (from here or {ROOT}); "
+                         "cannot check the logs' tokenizer against it")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    for r in runs:
+        if r["tokenizer_sha256"] != sha:
+            raise BuildError(f"{r['path']}: its tokenizer (sha256 {r['tokenizer_sha256'][:16]}) is not the "
+                             f"configuration's TOKENIZER_PATH={named} (sha256 {sha[:16]})")
 
 
 def check_code(runs, text, code):

@@ -15,8 +15,21 @@
 #   GOLFMIX_DIR  folder with train_docs.jsonl.xz / val_docs.jsonl.xz to build DATA_PATH from when it has no shards
 #   EXTRACT [1]  0 launches the full train_gpt.py instead of the extracted one
 #   DEVICE [auto]  cpu runs the multi-process path with gloo on CPU (tests, no GPU box)
+# The run sees the config, the trailing KEY=VALUEs, DATA_PATH/TOKENIZER_PATH, the machine knobs DEVICE, COMPILE and
+# ATTN_IMPL, and the machine's own variables (PATH, CUDA_*, NCCL_*, ...). Any other train_gpt.py knob set in the
+# caller's environment (a MATRIX_LR exported for an earlier experiment) is unset, with a warning naming it.
 set -euo pipefail
 cd "$(dirname "$0")"
+for knob in $(sed -n 's/.*= Knob("\([A-Z0-9_]*\)".*/\1/p' train_gpt.py); do
+  case " DATA_PATH TOKENIZER_PATH DEVICE COMPILE ATTN_IMPL " in *" $knob "*) continue ;; esac
+  [[ -n ${!knob+set} ]] || continue
+  case " SEED RUN_ID LOG_DIR ARTIFACT_PATH WORLD_SIZE RANK LOCAL_RANK " in
+    *" $knob "*) ;;  # set by this script or by torchrun anyway
+    *) echo "warning: $knob=${!knob} is set in the environment, outside ${CONFIG:-best_known_competition.env} and" \
+         "the arguments; unset for this run (pass $knob=... after the seed to keep it)" >&2 ;;
+  esac
+  unset "$knob"
+done
 SEED=${1:?usage: $0 SEED [KEY=VALUE ...]}
 shift
 CONFIG=${CONFIG:-best_known_competition.env}

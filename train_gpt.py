@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -20,6 +21,7 @@ import os
 import queue
 import struct
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -291,6 +293,28 @@ class Hyperparameters:
             if self.mlp_hidden % (self.moe_experts * self.group_size):
                 raise ConfigError(f"MLP hidden {self.mlp_hidden} must split into MOE_EXPERTS={self.moe_experts} "
                                   f"experts of whole GROUP_SIZE={self.group_size} groups")
+        self._check_ternary_widths()
+
+    def _check_ternary_widths(self):
+        """Every TernaryLinear's input width is whole GROUP_SIZE groups, or the model refuses to build minutes into a
+        sweep. The widths: MODEL_DIM (attention q/k/v/proj, SKC, MLP up, capsule encode, feedback adapters), the MLP
+        hidden width (MLP down), and the capsule read and EngramHash projection inputs when those are on."""
+        exact = self.mlp_mult * self.model_dim
+        if abs(exact - self.mlp_hidden) > 1e-6:
+            raise ConfigError(f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} = {exact:g} is not a whole "
+                              "number of hidden units")
+        if self.bos_id >= self.vocab_size:
+            raise ConfigError(f"BOS_ID={self.bos_id} must be < VOCAB_SIZE={self.vocab_size}")
+        widths = {"MODEL_DIM": self.model_dim, "the MLP hidden width MLP_MULT x MODEL_DIM": self.mlp_hidden}
+        if self.capsules_enabled:
+            widths["the capsule state width CAPSULE_COUNT x CAPSULE_DIM"] = self.capsule_state_dim
+        if self.engram_enabled:
+            widths["the EngramHash width len(ENGRAM_ORDERS) x ENGRAM_HEADS x ENGRAM_DIM"] = (
+                len(self.engram_order_list) * self.engram_heads * self.engram_dim)
+        for what, width in widths.items():
+            if width % self.group_size:
+                raise ConfigError(f"GROUP_SIZE={self.group_size} does not divide {what}={width}: every ternary "
+                                  "matrix's input width must be whole groups")
 
     def _check_lora(self):
         if self.ttt_lora_chunk > self.train_seq_len:
@@ -393,15 +417,83 @@ def shard_files(pattern):
     return files
 
 
+def shard_token_error(path, vocab_size):
+    """The problem of one shard's tokens, or None: no tokens at all, or an id >= vocab_size. Reads the file
+    through a memory map and one vectorised max (about 0.1 s per 100M tokens once the file is in the page cache)."""
+    ntok = read_shard_header(path)
+    if ntok == 0:
+        return f"{path}: 0 tokens; an empty shard is a failed build (the loader would find nothing in it)"
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+    if int(tokens.max()) < vocab_size:
+        return None
+    bad = int(np.argmax(tokens >= vocab_size))
+    return f"{path}: token id {int(tokens[bad])} at position {bad} >= VOCAB_SIZE={vocab_size}"
+
+
+def check_shards(files, vocab_size):
+    """Every shard's header and token range, before any training, so that a bad token in the last shard stops the
+    run at start rather than minutes in. numpy's max releases the GIL, so a few threads read shards at once.
+    Returns the total token count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        errors = [e for e in pool.map(lambda f: shard_token_error(f, vocab_size), files) if e]
+    if errors:
+        raise DataError(errors[0] + (f" (and {len(errors) - 1} more bad shards)" if len(errors) > 1 else ""))
+    return sum(read_shard_header(f) for f in files)
+
+
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
 
     if not Path(path).is_file():
         raise DataError(f"{path}: tokenizer model not found (TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:  # sentencepiece's own words ("unk is not defined") do not name the file
+        raise DataError(f"{path}: not a SentencePiece model (TOKENIZER_PATH; sentencepiece says: {e})") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab {sp.vocab_size()} != VOCAB_SIZE={vocab_size}")
     return sp
+
+
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside the shards; data/build_shards.py writes it
+
+
+def tokenizer_fingerprint(data_path, tokenizer_path, vocab_size):
+    """(sha256 of the TOKENIZER_PATH file, whether DATA_PATH's fingerprint vouches for it). A tokenizer with the
+    right vocab size but other pieces gives a silently wrong val_bpb, so the shards' fingerprint must name this
+    very file. Shards without one (built before fingerprints) are not refused: the caller warns."""
+    digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    path = Path(data_path) / TOKENIZER_FINGERPRINT
+    if not path.is_file():
+        return digest, False
+    try:
+        fp = json.loads(path.read_text())
+        want, vocab = fp["tokenizer_sha256"], fp["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a tokenizer fingerprint ({type(e).__name__}: {e})") from None
+    if (want, vocab) != (digest, vocab_size):
+        raise DataError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {digest[:16]}, vocab {vocab_size}) is not the "
+                        f"tokenizer that made the shards: {path} says sha256 {want[:16]}, vocab {vocab} "
+                        f"({fp.get('tokenizer_file', '?')})")
+    return digest, True
+
+
+def check_data(h, log):
+    """Before any training: the tokenizer against the shards' fingerprint, and every shard's header and token
+    range (a bad token in a late shard, or an empty shard, would otherwise stop or hang the run minutes in)."""
+    digest, vouched = tokenizer_fingerprint(h.data_path, h.tokenizer_path, h.vocab_size)
+    log(f"tokenizer path:{h.tokenizer_path} sha256:{digest} vocab:{h.vocab_size} "
+        f"fingerprint:{'match' if vouched else 'none'}")
+    if not vouched:
+        log(f"warning: {Path(h.data_path) / TOKENIZER_FINGERPRINT} is missing, so nothing checks that TOKENIZER_PATH "
+            "made these shards (data/build_shards.py and data/cached_challenge_fineweb.py write it)")
+    t0 = time.perf_counter()
+    files = shard_files(os.path.join(h.data_path, "fineweb_train_*.bin"))
+    files += shard_files(os.path.join(h.data_path, "fineweb_val_*.bin"))
+    tokens = check_shards(files, h.vocab_size)
+    log(f"data_check shards:{len(files)} tokens:{tokens} seconds:{time.perf_counter() - t0:.1f}")
 
 
 def training_prefix(pattern, n_tokens, vocab_size):
@@ -434,11 +526,15 @@ class TokenStream:
         self.next_file, self.pos = self.next_file + 1, 0
 
     def take(self, n):
-        parts = []
+        parts, empty = [], 0
         while n > 0:
             if self.pos == len(self.tokens):
+                if empty > len(self.files):  # a whole epoch gave nothing: raise rather than spin forever
+                    raise DataError(f"the {len(self.files)} train shard(s) hold no tokens (e.g. {self.files[0]})")
                 self._advance_file()
+                empty += 1
                 continue
+            empty = 0
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos : self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -1361,18 +1457,55 @@ class RowNormMuon(Muon):
         return update / (row_rms * p.size(1) ** 0.5).to(update.dtype)
 
 
-def build_optimizers(model, h):
-    """Muon for matrices (ternary weights and the embedding projections); Adam for the embedding tables
-    (token, EngramHash) and every small parameter (norms, scales, gates, decays, router, capsule dynamics)."""
-    ternary = {id(m.weight) for m in model.modules() if isinstance(m, TernaryLinear)}
-    matrices, tables, scalars = [], [], []
+def optimizer_rules(h):
+    """(parameter name glob, group) for every parameter the model can have. Groups: matrices (Muon: the ternary
+    weights and the embedding projections), tables (Adam at EMBED_LR: embedding tables), scalars (Adam at
+    SCALAR_LR: norms, gains, scales, gates, decays, router, capsule dynamics). A feature adds its rules under its
+    own flag; a parameter that no rule, or two rules, name stops build_optimizers, so none lands anywhere by default."""
+    rules = [("tok_emb.weight", "tables"), ("embed_in.weight", "matrices"), ("embed_out.weight", "matrices"),
+             ("blocks.*.mixer.[qkv].weight", "matrices"), ("blocks.*.mixer.proj.weight", "matrices"),
+             ("blocks.*.mixer.q_gain", "scalars"), ("blocks.*.mlp.up.weight", "matrices"),
+             ("blocks.*.mlp.down.weight", "matrices"), ("blocks.*.mixer_norm.weight", "scalars"),
+             ("blocks.*.mlp_norm.weight", "scalars"), ("final_norm.weight", "scalars"), ("skip_weights", "scalars"),
+             ("layer_scales", "scalars")]
+    if h.value_residual:
+        rules += [("blocks.*.mixer.value_mix", "scalars")]
+    if h.smear_gate:
+        rules += [("smear.weight", "scalars"), ("smear.bias", "scalars")]
+    if h.skc_enabled:
+        rules += [("blocks.*.mixer.inp.weight", "matrices"), ("blocks.*.mixer.gate.weight", "matrices"),
+                  ("blocks.*.mixer.out.weight", "matrices"), ("blocks.*.mixer.decay_logit", "scalars")]
+    if h.moe_enabled:
+        rules += [("blocks.*.mlp.router", "scalars")]
+    if h.engram_enabled:
+        rules += [("engram.table.weight", "tables"), ("engram.proj.weight", "matrices"), ("engram.gate", "scalars"),
+                  ("engram.gate_bias", "scalars")]
+    if h.capsules_enabled:
+        rules += [("capsules.encode.weight", "matrices"), ("capsules.read.weight", "matrices"),
+                  ("capsules.diag", "scalars"), ("capsules.u", "scalars"), ("capsules.v", "scalars"),
+                  ("capsules.gate", "scalars")]
+    if h.feedback_enabled:
+        rules += [("feedback.adapters.*.weight", "matrices"), ("feedback.gates", "scalars")]
+    return rules
+
+
+def route_parameters(model, h):
+    """{group: [parameters]} by optimizer_rules, each parameter named by exactly one rule."""
+    rules, groups = optimizer_rules(h), {"matrices": [], "tables": [], "scalars": []}
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "engram.table.weight"):
-            tables.append(p)
-        elif id(p) in ternary or name.startswith(("embed_in.", "embed_out.")):
-            matrices.append(p)
-        else:
-            scalars.append(p)
+        hits = [(pattern, group) for pattern, group in rules if fnmatch.fnmatchcase(name, pattern)]
+        if len(hits) != 1:
+            which = f"{len(hits)} rules {[r for r, _ in hits]}" if hits else "no rule"
+            raise RuntimeError(f"parameter {name} is named by {which} of optimizer_rules; it needs exactly one "
+                               "(optimizer section of train_gpt.py)")
+        groups[hits[0][1]].append(p)
+    return groups
+
+
+def build_optimizers(model, h):
+    """Muon for matrices, Adam for the embedding tables and the small parameters (see optimizer_rules)."""
+    groups = route_parameters(model, h)
+    matrices, tables, scalars = groups["matrices"], groups["tables"], groups["scalars"]
     fused = next(model.parameters()).is_cuda
     adam = torch.optim.AdamW(
         [
@@ -2366,8 +2499,17 @@ def assemble_payload(parts, trit_packing):
     trit_data = TRIT_PACKERS[trit_packing][0](trits, shapes)
     header = {"trit_packing": trit_packing, "trits": [offset, len(trit_data)], "scale_layout": layout,
               "scales": [offset + len(trit_data), len(scale_data)], "tensors": table}
+    body = b"".join(chunks) + trit_data + scale_data
+    # brotli has no checksum, and most flipped bits decode to other weights: the header carries a sha256 of itself
+    # (without this field) and the body
+    header["sha256"] = payload_sha256(header, body)
     header = json.dumps(header, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks) + trit_data + scale_data
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def payload_sha256(header, body):
+    table = json.dumps({k: v for k, v in header.items() if k != "sha256"}, separators=(",", ":")).encode()
+    return hashlib.sha256(table + body).hexdigest()
 
 
 def serialize_model(model, h, trit_packing="base3"):
@@ -2380,11 +2522,19 @@ def read_header(payload):
         raise ArtifactError("bad magic; not a train_gpt.py ternary artifact")
     if payload[4:5] != ARTIFACT_MAGIC[4:]:
         raise ArtifactError(f"artifact format version {payload[4]}; this train_gpt.py reads version {ARTIFACT_MAGIC[4]}")
+    if len(payload) < 9:
+        raise ArtifactError(f"payload of {len(payload)} bytes is shorter than its 9-byte preamble")
     (hlen,) = struct.unpack("<I", payload[5:9])
+    if 9 + hlen > len(payload):
+        raise ArtifactError(f"header of {hlen} bytes runs past the end of the {len(payload)}-byte payload")
     try:
         header = json.loads(payload[9 : 9 + hlen])
     except ValueError:
-        raise ArtifactError("unreadable header") from None
+        header = None
+    if not isinstance(header, dict):
+        raise ArtifactError("unreadable header")
+    if "sha256" in header and payload_sha256(header, payload[9 + hlen :]) != header["sha256"]:  # older: none
+        raise ArtifactError("the payload does not match its sha256 checksum (a corrupt, truncated or bit-flipped file)")
     if header.get("trit_packing") not in TRIT_PACKERS:
         raise ArtifactError(f"unknown trit packing {header.get('trit_packing')!r} (this train_gpt.py reads "
                             f"{', '.join(TRIT_PACKERS)})")
@@ -2465,25 +2615,93 @@ def load_artifact(path, h):
     """State dict of the artifact at `path`; every reason it cannot be read is an ArtifactError naming the file."""
     import brotli
 
-    with open(path, "rb") as f:
-        blob = f.read()
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror})") from None
     try:
         return deserialize_state(brotli.decompress(blob), h)
     except brotli.error as e:
         raise ArtifactError(f"{path}: not a brotli stream ({e})") from None
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError, IndexError, struct.error) as e:  # a header that lies about its body
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, struct.error) as e:  # a header that lies
         raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
 
 
 def write_atomic(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a half-written temp file on a full disk would only fill it further
+        raise
+
+
+def check_writable_file(knob, path):
+    """ConfigError naming the knob unless a file can be written at `path`: not a folder, in an existing folder that
+    takes new files (write_atomic writes beside it), and not a file someone made read-only to protect it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{knob}={path} is a directory; it names the file to write")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{knob}={path}: the folder {p.parent} does not exist")
+    if p.exists() and not p.stat().st_mode & 0o222:
+        raise ConfigError(f"{knob}={path} is read-only; it would be replaced at the end of the run")
+    probe_folder(knob, path, p.parent)
+
+
+def probe_folder(knob, value, folder):
+    """Creates and removes a file in `folder`: the one test that also holds for root and read-only mounts."""
+    probe = Path(folder) / f".probe{os.getpid()}"
+    try:
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{knob}={value}: cannot create files in {folder} ({e.strerror})") from None
+
+
+def check_outputs(h):
+    """Every path the run will write, checked at start: a path that fails only at export loses the trained model."""
+    try:
+        os.makedirs(h.log_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR={h.log_dir}: cannot create it ({e.strerror})") from None
+    probe_folder("LOG_DIR", h.log_dir, h.log_dir)
+    check_writable_file("ARTIFACT_PATH", h.artifact_path)
+    if h.checkpoint_save:
+        check_writable_file("CHECKPOINT_PATH", h.checkpoint_path)
+
+
+def rescue_weights(model, blob, h):
+    """After a failed artifact write (a full disk): the blob, then the float weights as a checkpoint, each into the
+    first of LOG_DIR and the temp folder that takes it. Returns where they went, for the error message."""
+    kept = []
+    for what, name, data in (("the artifact", "rescued.ternary.ptz", lambda: blob),
+                             ("the float weights", "rescued.float.pt", lambda: checkpoint_bytes(model, h.ternary_calib, h))):
+        for folder in (h.log_dir, tempfile.gettempdir()):
+            path = os.path.join(folder, f"{h.run_id}.{name}")
+            with contextlib.suppress(OSError):
+                write_atomic(path, data())
+                kept.append(f"{what} is kept at {path}")
+                break
+        else:
+            kept.append(f"{what} could not be written to {h.log_dir} or {tempfile.gettempdir()} either")
+    return "; ".join(kept) + " (EVAL_FROM_CHECKPOINT=1 with CHECKPOINT_PATH=<the float weights> re-exports them)"
+
+
+def write_or_rescue(path, blob, model, h):
+    try:
+        write_atomic(path, blob)
+    except OSError as e:
+        raise ArtifactError(f"cannot write ARTIFACT_PATH={h.artifact_path} ({e.strerror}); "
+                            + rescue_weights(model, blob, h)) from None
 
 
 def export_artifact(model, h, log):
@@ -2494,10 +2712,10 @@ def export_artifact(model, h, log):
     log(f"artifact packing:{packing} model_bytes:{len(blob)} code_bytes:{code} total_bytes:{total} cap:{h.artifact_cap_bytes}")
     if total > h.artifact_cap_bytes:
         kept = f"{h.artifact_path}.over_cap"
-        write_atomic(kept, blob)
+        write_or_rescue(kept, blob, model, h)
         log(f"ERROR artifact over cap by {total - h.artifact_cap_bytes} bytes; blob kept as {kept}, {h.artifact_path} untouched")
         return True
-    write_atomic(h.artifact_path, blob)
+    write_or_rescue(h.artifact_path, blob, model, h)
     log(f"artifact_written path:{h.artifact_path}")
     return False
 
@@ -2537,16 +2755,45 @@ CHECKPOINT_FREE_KNOBS = {
 }
 
 
-def save_checkpoint(model, calibrated, h, log):
-    """CHECKPOINT_SAVE: the trained float weights, the thresholds of an export-aligned calibration (`calibrated`:
-    CALIB_AT_FRAC < 1 ran it during training) and the run's config, written atomically. Rank 0 only; no collective."""
+def checkpoint_bytes(model, calibrated, h):
+    """The float weights, the calibrated thresholds when `calibrated`, and the run's config, as torch.save bytes."""
     calib = {n: m.calib.cpu() for n, m in model.named_modules() if calibrated and hasattr(m, "calib")}
-    # logit_temperature (TEMPERATURE_SEARCH) is still 1 here and exists only when the scoring run searches T
+    # logit_temperature (TEMPERATURE_SEARCH) exists only when the scoring run searches T, which it does again
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "logit_temperature"}
     buf = io.BytesIO()
     torch.save({"state": state, "calib": calib, "config": h.by_env_name()}, buf)
-    write_atomic(h.checkpoint_path, buf.getvalue())
-    log(f"checkpoint_saved path:{h.checkpoint_path} bytes:{buf.tell()} calibrated_tensors:{len(calib)}")
+    return buf.getvalue()
+
+
+def save_checkpoint(model, calibrated, h, log):
+    """CHECKPOINT_SAVE: the trained float weights, the thresholds of an export-aligned calibration (`calibrated`:
+    CALIB_AT_FRAC < 1 ran it during training) and the run's config, written atomically. Rank 0 only; no collective."""
+    data = checkpoint_bytes(model, calibrated, h)
+    write_atomic(h.checkpoint_path, data)
+    calib = sum(calibrated and hasattr(m, "calib") for m in model.modules())
+    log(f"checkpoint_saved path:{h.checkpoint_path} bytes:{len(data)} calibrated_tensors:{calib}")
+
+
+def read_checkpoint(path, device):
+    """The dict save_checkpoint wrote. Anything else is an ArtifactError that says so plainly: torch's own message
+    suggests weights_only=False, which would unpickle arbitrary code and still not make it a checkpoint."""
+    import pickle
+    import zipfile
+
+    what = f"CHECKPOINT_PATH={path} is not a checkpoint written by CHECKPOINT_SAVE=1"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ArtifactError(f"{what}: not a torch file ({os.path.getsize(path)} bytes; an artifact, a text file, "
+                            "a truncated write?)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ArtifactError(f"{what}: it holds Python objects other than tensors and plain values") from None
+    except Exception as e:
+        raise ArtifactError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not (isinstance(ckpt, dict) and {"state", "calib", "config"} <= ckpt.keys()):
+        raise ArtifactError(f"CHECKPOINT_PATH={path} is a torch file, but not a CHECKPOINT_SAVE=1 checkpoint (no "
+                            "state, calib and config)")
+    return ckpt
 
 
 def load_checkpoint(model, h, device, log):
@@ -2556,10 +2803,7 @@ def load_checkpoint(model, h, device, log):
     if not os.path.exists(h.checkpoint_path):
         raise ConfigError(f"EVAL_FROM_CHECKPOINT=1 but CHECKPOINT_PATH={h.checkpoint_path} does not exist "
                           "(a training run with CHECKPOINT_SAVE=1 writes it)")
-    try:
-        ckpt = torch.load(h.checkpoint_path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ArtifactError(f"CHECKPOINT_PATH={h.checkpoint_path} is not a checkpoint: {e}") from None
+    ckpt = read_checkpoint(h.checkpoint_path, device)
     # a knob the checkpoint does not name did not exist when it was saved: that run had the knob's default behaviour
     defaults = {k.name: k.default for k in vars(Hyperparameters).values() if isinstance(k, Knob)}
     ours, theirs = h.by_env_name(), {**defaults, **ckpt["config"]}
@@ -2856,6 +3100,7 @@ def run(h, rank, world, device, log):
     val = (val_tokens, build_byte_luts(sp, h.vocab_size))
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
     log(f"data train_shards:{len(shard_files(train_pattern))} val_tokens:{len(val_tokens) - 1}")
+    check_data(h, log)
 
     base = GPT(h).to(device)
     total_params, ternary_params = count_params(base)
@@ -2898,6 +3143,7 @@ def main():
     h = Hyperparameters()
     rank, world, device = setup_distributed(h)
     check_batch_shape(h, world)
+    check_outputs(h)
     log = Logger(h, rank, world, device)
     try:
         run(h, rank, world, device, log)

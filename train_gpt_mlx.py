@@ -11,6 +11,7 @@ Launch: `./run_mlx_reasoner.sh` (Mac defaults) or `python3 train_gpt_mlx.py` wit
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -266,6 +267,21 @@ class Hyperparameters:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims > self.head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
+        self._check_ternary_widths()
+
+    def _check_ternary_widths(self):
+        """train_gpt.py's check for the ported model: every TernaryLinear's input width is whole groups."""
+        exact = self.mlp_mult * self.model_dim
+        if abs(exact - self.mlp_hidden) > 1e-6:
+            raise ConfigError(f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} = {exact:g} is not a whole "
+                              "number of hidden units")
+        if self.bos_id >= self.vocab_size:
+            raise ConfigError(f"BOS_ID={self.bos_id} must be < VOCAB_SIZE={self.vocab_size}")
+        widths = {"MODEL_DIM": self.model_dim, "the MLP hidden width MLP_MULT x MODEL_DIM": self.mlp_hidden}
+        for what, width in widths.items():
+            if width % self.group_size:
+                raise ConfigError(f"GROUP_SIZE={self.group_size} does not divide {what}={width}: every ternary "
+                                  "matrix's input width must be whole groups")
 
     @property
     def head_dim(self):
@@ -333,15 +349,83 @@ def shard_files(pattern):
     return files
 
 
+def shard_token_error(path, vocab_size):
+    """The problem of one shard's tokens, or None: no tokens at all, or an id >= vocab_size. Reads the file
+    through a memory map and one vectorised max (about 0.1 s per 100M tokens once the file is in the page cache)."""
+    ntok = read_shard_header(path)
+    if ntok == 0:
+        return f"{path}: 0 tokens; an empty shard is a failed build (the loader would find nothing in it)"
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+    if int(tokens.max()) < vocab_size:
+        return None
+    bad = int(np.argmax(tokens >= vocab_size))
+    return f"{path}: token id {int(tokens[bad])} at position {bad} >= VOCAB_SIZE={vocab_size}"
+
+
+def check_shards(files, vocab_size):
+    """Every shard's header and token range, before any training, so that a bad token in the last shard stops the
+    run at start rather than minutes in. numpy's max releases the GIL, so a few threads read shards at once.
+    Returns the total token count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        errors = [e for e in pool.map(lambda f: shard_token_error(f, vocab_size), files) if e]
+    if errors:
+        raise DataError(errors[0] + (f" (and {len(errors) - 1} more bad shards)" if len(errors) > 1 else ""))
+    return sum(read_shard_header(f) for f in files)
+
+
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
 
     if not Path(path).is_file():
         raise DataError(f"{path}: tokenizer model not found (TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:  # sentencepiece's own words ("unk is not defined") do not name the file
+        raise DataError(f"{path}: not a SentencePiece model (TOKENIZER_PATH; sentencepiece says: {e})") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer vocab {sp.vocab_size()} != VOCAB_SIZE={vocab_size}")
     return sp
+
+
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint.json"  # beside the shards; data/build_shards.py writes it
+
+
+def tokenizer_fingerprint(data_path, tokenizer_path, vocab_size):
+    """(sha256 of the TOKENIZER_PATH file, whether DATA_PATH's fingerprint vouches for it). A tokenizer with the
+    right vocab size but other pieces gives a silently wrong val_bpb, so the shards' fingerprint must name this
+    very file. Shards without one (built before fingerprints) are not refused: the caller warns."""
+    digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    path = Path(data_path) / TOKENIZER_FINGERPRINT
+    if not path.is_file():
+        return digest, False
+    try:
+        fp = json.loads(path.read_text())
+        want, vocab = fp["tokenizer_sha256"], fp["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a tokenizer fingerprint ({type(e).__name__}: {e})") from None
+    if (want, vocab) != (digest, vocab_size):
+        raise DataError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {digest[:16]}, vocab {vocab_size}) is not the "
+                        f"tokenizer that made the shards: {path} says sha256 {want[:16]}, vocab {vocab} "
+                        f"({fp.get('tokenizer_file', '?')})")
+    return digest, True
+
+
+def check_data(h, log):
+    """Before any training: the tokenizer against the shards' fingerprint, and every shard's header and token
+    range (a bad token in a late shard, or an empty shard, would otherwise stop or hang the run minutes in)."""
+    digest, vouched = tokenizer_fingerprint(h.data_path, h.tokenizer_path, h.vocab_size)
+    log(f"tokenizer path:{h.tokenizer_path} sha256:{digest} vocab:{h.vocab_size} "
+        f"fingerprint:{'match' if vouched else 'none'}")
+    if not vouched:
+        log(f"warning: {Path(h.data_path) / TOKENIZER_FINGERPRINT} is missing, so nothing checks that TOKENIZER_PATH "
+            "made these shards (data/build_shards.py and data/cached_challenge_fineweb.py write it)")
+    t0 = time.perf_counter()
+    files = shard_files(os.path.join(h.data_path, "fineweb_train_*.bin"))
+    files += shard_files(os.path.join(h.data_path, "fineweb_val_*.bin"))
+    tokens = check_shards(files, h.vocab_size)
+    log(f"data_check shards:{len(files)} tokens:{tokens} seconds:{time.perf_counter() - t0:.1f}")
 
 
 def load_validation_tokens(pattern, vocab_size, max_tokens=0):
@@ -368,11 +452,15 @@ class TokenStream:
         self.next_file, self.pos = self.next_file + 1, 0
 
     def take(self, n):
-        parts = []
+        parts, empty = [], 0
         while n > 0:
             if self.pos == len(self.tokens):
+                if empty > len(self.files):  # a whole epoch gave nothing: raise rather than spin forever
+                    raise DataError(f"the {len(self.files)} train shard(s) hold no tokens (e.g. {self.files[0]})")
                 self._advance_file()
+                empty += 1
                 continue
+            empty = 0
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos : self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -1191,8 +1279,15 @@ def serialize_model(model, h, trit_packing="base3"):
     chunks.append(fp16_planes(np.concatenate(scales or [np.zeros(0, np.float16)])))
     header = {"trit_packing": trit_packing, "trits": [offset, len(chunks[-2])], "scale_layout": "planes",
               "scales": [offset + len(chunks[-2]), len(chunks[-1])], "tensors": table}
+    body = b"".join(chunks)
+    header["sha256"] = payload_sha256(header, body)  # as train_gpt.py: brotli has no checksum of its own
     header = json.dumps(header, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def payload_sha256(header, body):
+    table = json.dumps({k: v for k, v in header.items() if k != "sha256"}, separators=(",", ":")).encode()
+    return hashlib.sha256(table + body).hexdigest()
 
 
 def read_header(payload):
@@ -1201,11 +1296,19 @@ def read_header(payload):
         raise ArtifactError("bad magic; not a train_gpt.py ternary artifact")
     if payload[4:5] != ARTIFACT_MAGIC[4:]:
         raise ArtifactError(f"artifact format version {payload[4]}; this train_gpt_mlx.py reads version {ARTIFACT_MAGIC[4]}")
+    if len(payload) < 9:
+        raise ArtifactError(f"payload of {len(payload)} bytes is shorter than its 9-byte preamble")
     (hlen,) = struct.unpack("<I", payload[5:9])
+    if 9 + hlen > len(payload):
+        raise ArtifactError(f"header of {hlen} bytes runs past the end of the {len(payload)}-byte payload")
     try:
         header = json.loads(payload[9 : 9 + hlen])
     except ValueError:
-        raise ArtifactError("unreadable header") from None
+        header = None
+    if not isinstance(header, dict):
+        raise ArtifactError("unreadable header")
+    if "sha256" in header and payload_sha256(header, payload[9 + hlen :]) != header["sha256"]:  # older: none
+        raise ArtifactError("the payload does not match its sha256 checksum (a corrupt, truncated or bit-flipped file)")
     if header.get("trit_packing") not in TRIT_PACKERS:
         raise ArtifactError(f"unknown trit packing {header.get('trit_packing')!r} (this train_gpt_mlx.py reads "
                             f"{', '.join(TRIT_PACKERS)})")
@@ -1274,8 +1377,11 @@ def load_artifact(path):
     """State dict of the artifact at `path`; every reason it cannot be read is an ArtifactError naming the file."""
     import brotli
 
-    with open(path, "rb") as f:
-        blob = f.read()
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror})") from None
     try:
         return deserialize_state(brotli.decompress(blob))
     except brotli.error as e:
@@ -1293,6 +1399,39 @@ def write_atomic(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_writable_file(knob, path):
+    """ConfigError naming the knob unless a file can be written at `path`: not a folder, in an existing folder that
+    takes new files (write_atomic writes beside it), and not a file someone made read-only to protect it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{knob}={path} is a directory; it names the file to write")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{knob}={path}: the folder {p.parent} does not exist")
+    if p.exists() and not p.stat().st_mode & 0o222:
+        raise ConfigError(f"{knob}={path} is read-only; it would be replaced at the end of the run")
+    probe_folder(knob, path, p.parent)
+
+
+def probe_folder(knob, value, folder):
+    """Creates and removes a file in `folder`: the one test that also holds for root and read-only mounts."""
+    probe = Path(folder) / f".probe{os.getpid()}"
+    try:
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{knob}={value}: cannot create files in {folder} ({e.strerror})") from None
+
+
+def check_outputs(h):
+    """Every path the run will write, checked at start: a path that fails only at export loses the trained model."""
+    try:
+        os.makedirs(h.log_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR={h.log_dir}: cannot create it ({e.strerror})") from None
+    probe_folder("LOG_DIR", h.log_dir, h.log_dir)
+    check_writable_file("ARTIFACT_PATH", h.artifact_path)
 
 
 def export_artifact(model, h, log):
@@ -1475,6 +1614,7 @@ def run(h, device, log):
     val = (val_tokens, build_byte_luts(sp, h.vocab_size))
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
     log(f"data train_shards:{len(shard_files(train_pattern))} val_tokens:{len(val_tokens) - 1}")
+    check_data(h, log)
 
     model = GPT(h)
     mx.eval(model.parameters())
@@ -1495,6 +1635,7 @@ def run(h, device, log):
 def main():
     h = Hyperparameters()
     check_batch_shape(h)
+    check_outputs(h)
     device = setup_device(h)
     log = Logger(h)
     try:

@@ -6,7 +6,9 @@ The dataset repo (repo_type "dataset") is mirrored under --out (default: this da
     <out>/datasets/fineweb10B_<variant>/fineweb_train_000000.bin ... (--train-shards of them)
     <out>/tokenizers/fineweb_<vocab>_bpe.model
 
-Files already present and valid are not downloaded again. Every shard's header is checked afterwards.
+Files already present and valid are not downloaded again. Every shard's header is checked afterwards, and the
+shard folder gets tokenizer_fingerprint.json for the downloaded tokenizer (what train_gpt.py checks
+TOKENIZER_PATH against; data/build_shards.py writes the same file).
 huggingface_hub is imported only when downloading for real; fetch() takes any `download` callable
 with hf_hub_download's signature (repo_id, filename, repo_type, local_dir) -> local path.
 
@@ -67,6 +69,20 @@ def _hf_download():
     return hf_hub_download
 
 
+def stamp_fingerprint(folder, tokenizer, vocab):
+    """The published shards were made with the published tokenizer: say so beside them. A folder whose
+    fingerprint names another tokenizer holds shards of that one (files present are not downloaded again)."""
+    from build_shards import read_fingerprint, tokenizer_fingerprint, write_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer, vocab)
+    recorded = read_fingerprint(folder)
+    if recorded is not None and recorded != (fp["tokenizer_sha256"], vocab):
+        raise SystemExit(f"cached_challenge_fineweb: {os.path.join(folder, 'tokenizer_fingerprint.json')} names "
+                         f"another tokenizer (sha256 {recorded[0][:16]}) than {tokenizer}: the folder holds shards "
+                         "built elsewhere; use another --out")
+    write_fingerprint(folder, fp)
+
+
 def fetch(variant, train_shards=80, dest=DEFAULT_DEST, download=None, repo_id=REPO_ID):
     """Download (if needed) and validate one variant; return {"shards", "tokenizer", "tokens"}."""
     shards, tokenizer = remote_files(variant, train_shards)
@@ -106,6 +122,7 @@ def fetch(variant, train_shards=80, dest=DEFAULT_DEST, download=None, repo_id=RE
             raise SystemExit(f"cached_challenge_fineweb: cannot load tokenizer {tok_path}: {e}")
         if vocab != VARIANTS[variant]:
             raise SystemExit(f"cached_challenge_fineweb: {tok_path} has vocab {vocab}, expected {VARIANTS[variant]}")
+    stamp_fingerprint(os.path.dirname(local[shards[0]]), tok_path, VARIANTS[variant])
     val_tokens = tokens[shards[0]]
     train_tokens = sum(tokens.values()) - val_tokens
     print(f"{variant}: {len(shards) - 1} train shards ({train_tokens:,} tokens) + 1 val shard "

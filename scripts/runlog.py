@@ -39,6 +39,7 @@ FIELDS = {
     "world_size": (r"^run_id:\S+ world_size:(\d+)", int),
     "device": (r"^run_id:\S+ .*?device:(\S+)", str),
     "torch": (r"^run_id:\S+ .*?torch:(\S+)", str),
+    "tokenizer_sha256": (r"^tokenizer path:.*? sha256:([0-9a-f]{64})", str),
     "code_sha256": (r"^code sha256:([0-9a-f]{64})", str),
     "gpu": (r"^code sha256:\S+ .*?gpu:(\S+)", str),
 }

@@ -13,19 +13,26 @@ RUN_ID=<name> and LOG_DIR=DIR/logs itself; ARTIFACT_PATH defaults to DIR/artifac
 
 Outputs in DIR (default logs/sweep_<manifest stem>): logs/<name>.txt (train_gpt.py's log), logs/<name>.stdout,
 results.csv and results.md (rewritten after every run), sweep.png (final val_bpb per run, loss curves).
-Rerunning the same command resumes: finished runs are skipped, unfinished ones rerun (old log kept in *.prev).
-Exit code: 0 if every run finished, 1 if any failed, 2 for a bad manifest (nothing is run or written then).
+Rerunning the same command resumes: a finished run whose logged config still matches its manifest row is
+skipped; an unfinished or failed one, or one whose row changed, reruns (its old log moved to *.prev first).
+One sweep at a time per DIR (a lock on DIR/.sweep.lock, held by the training child too). SIGTERM or SIGINT stops
+the training child (a SIGTERM), waits for it, writes the tables and exits 128 + the signal.
+Exit code: 0 if every run finished, 1 if any failed, 2 for a bad manifest (nothing is run or written then) or a
+DIR in use.
 """
 import argparse
 import csv
+import fcntl
 import io
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -34,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from runlog import read_run_log  # noqa: E402
 
+TORCHRUN_KNOBS = {"WORLD_SIZE", "RANK", "LOCAL_RANK"}  # the launcher's, not the manifest's: never compared
 EXTRA_ENV = {"OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONUNBUFFERED"}  # not knobs, but runs may need them
 RESERVED = {"RUN_ID": "the sweep runner (the run name)", "LOG_DIR": "the sweep runner (OUT/logs)",
             "WORLD_SIZE": "torchrun", "RANK": "torchrun", "LOCAL_RANK": "torchrun"}
@@ -137,32 +145,141 @@ def check_env(plan, base, command):
         raise SweepError("\n".join(errors))
 
 
-# ---- running ---------------------------------------------------------------------------------------------------
+# ---- resume ----------------------------------------------------------------------------------------------------
+
+def log_error(log):
+    """The last `error: ...` line of a log (train_gpt.py ends a failed run's log with one), or None."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error: ")]
+    return lines[-1] if lines else None
+
+
+def config_differences(run, logged):
+    """The knobs on which a log's `config` line and its manifest row (as train_gpt.py resolves it now, with the
+    caller's environment) disagree, as 'NAME log X, manifest Y' strings."""
+    from train_gpt import ConfigError, Hyperparameters, Knob
+
+    want = Hyperparameters({**os.environ, **run["env"]})
+    diffs = []
+    for attr, knob in vars(Hyperparameters).items():
+        if not isinstance(knob, Knob) or knob.name in TORCHRUN_KNOBS:
+            continue
+        value = getattr(want, attr)
+        if knob.name not in logged:  # a knob added since the run: its default is what that code did
+            if value != knob.default:
+                diffs.append(f"{knob.name} log -, manifest {value}")
+            continue
+        try:
+            was = knob.read({knob.name: logged[knob.name]})
+        except ConfigError:
+            was = None
+        if was != value:
+            diffs.append(f"{knob.name} log {logged[knob.name]}, manifest {value}")
+    known = {k.name for k in vars(Hyperparameters).values() if isinstance(k, Knob)}
+    diffs += [f"{name} log {logged[name]}, not a knob any more" for name in sorted(set(logged) - known)]
+    return diffs
+
+
+def resume_status(run, log):
+    """("done", None) for a run whose log finished, without an error, under the config its manifest row gives now;
+    else ("pending", why it runs again, or None for a run that never started)."""
+    if not log.exists():
+        return "pending", None
+    parsed = read_run_log(log)
+    if not parsed["finished"] or log_error(log):
+        return "pending", "its log is unfinished or failed"
+    diffs = config_differences(run, parsed["config"])
+    if diffs:
+        return "pending", "its log's config differs from the manifest: " + "; ".join(diffs)
+    return "done", None
+
 
 def move_aside(path):
-    """An unfinished run's old output goes to <path>.prev, appended, so repeated reruns never lose one."""
+    """A rerun's old output goes to <path>.prev, appended, so repeated reruns never lose one; the fresh run then
+    starts a log of its own (a log holds one run)."""
     if path.exists():
         with open(f"{path}.prev", "ab") as prev:
             prev.write(path.read_bytes())
         path.unlink()
 
 
-def execute(command, run, out):
+# ---- running ---------------------------------------------------------------------------------------------------
+
+def lock_folder(out):
+    """An exclusive lock on OUT/.sweep.lock, or SweepError: two sweeps in one folder would run the same rows twice.
+    The training child inherits the descriptor, so a run orphaned by a killed sweep still holds the lock."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SweepError(f"{out} is in use by another sweep (or its training run): {out / '.sweep.lock'} is "
+                         "locked; wait for it, or use another --out") from None
+    return fd
+
+
+class Stopper:
+    """SIGTERM and SIGINT: the running training child gets a SIGTERM and is waited for (killed after GRACE s, or at
+    a second signal); then the sweep writes its tables and stops. Without this a SIGTERM orphaned the child."""
+
+    GRACE = 60.0
+
+    def __init__(self):
+        self.proc, self.signum, self.timer = None, None, None
+
+    def __enter__(self):
+        self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+        if self.timer:
+            self.timer.cancel()
+
+    def handle(self, signum, frame):
+        again, self.signum = self.signum is not None, self.signum or signum
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if again:
+            self.proc.kill()
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        self.timer = threading.Timer(self.GRACE, self.proc.kill)
+        self.timer.daemon = True
+        self.timer.start()
+
+
+def execute(command, run, out, stopper, lock_fd):
     """Runs one config; stdout and stderr both land in logs/<name>.stdout. Returns (exit code, the last `error:`
     line of train_gpt.py on stderr, else the last stderr line): torchrun ends its stderr with a banner of its own."""
     logs = out / "logs"
     for path in (logs / f"{run['name']}.txt", logs / f"{run['name']}.stdout"):
-        move_aside(path)  # train_gpt.py appends to its log, so a stale one would mix two runs
+        move_aside(path)  # a stale log would mix two runs
     with open(logs / f"{run['name']}.stdout", "a") as f:
         proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **run["env"]}, stdout=f,
-                                stderr=subprocess.PIPE, text=True, errors="replace")
+                                stderr=subprocess.PIPE, text=True, errors="replace", pass_fds=(lock_fd,))
+        stopper.proc = proc
         last, error = "", ""
         for line in proc.stderr:  # stderr is read here only to remember the message for the table
             f.write(line)
             f.flush()
             last = line.strip() if re.search(r"\w", line) else last
             error = line.strip() if line.startswith("error: ") else error
-        return proc.wait(), error or last
+        rc = proc.wait()
+        stopper.proc = None
+        return rc, error or last
+
+
+def outcome(rc, stderr_error, log, stopper):
+    """(status, error) of a run that ended: the log's own `error:` line first (train_gpt.py's contract)."""
+    if stopper.signum is not None:
+        return "failed", f"rc:{rc} stopped by {signal.Signals(stopper.signum).name} (resuming reruns it)"
+    parsed = read_run_log(log) if log.exists() else {"finished": False}
+    error = log_error(log) if log.exists() else None
+    if rc == 0 and parsed["finished"] and not error:
+        return "done", None
+    return "failed", f"rc:{rc} {error or stderr_error or 'but the log has no final_roundtrip'}"
 
 
 def clock(seconds):
@@ -170,39 +287,44 @@ def clock(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def finished(log):
-    return log.exists() and read_run_log(log)["finished"]
-
-
-def run_sweep(command, plan, out, header):
+def run_sweep(command, plan, out, header, lock_fd):
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "artifacts").mkdir(exist_ok=True)
     logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
-    results = {r["name"]: {"status": "done" if finished(logs[r["name"]]) else "pending"} for r in plan}
+    results, why = {}, {}
+    for r in plan:
+        status, why[r["name"]] = resume_status(r, logs[r["name"]])
+        results[r["name"]] = {"status": status}
     todo = sum(res["status"] == "pending" for res in results.values())
     t0, durations, total = time.time(), [], len(plan)
-    for i, run in enumerate(plan, 1):
-        name, res, log = run["name"], results[run["name"]], logs[run["name"]]
-        if res["status"] == "done":
-            print(f"sweep [{i}/{total}] skip {name}: already finished val_bpb:{read_run_log(log)['final_val_bpb']}",
-                  flush=True)
-            continue
-        # ETA: the mean duration of this invocation's runs so far, times the runs still to go
-        left = todo - len(durations)
-        eta = clock(left * sum(durations) / len(durations)) if durations else "?"
-        print(f"sweep [{i}/{total}] start {name} elapsed:{clock(time.time() - t0)} eta:{eta}", flush=True)
-        t_run = time.time()
-        rc, last = execute(command, run, out)
-        durations.append(time.time() - t_run)
-        if rc == 0 and finished(log):
-            res["status"] = "done"
-        else:
-            res.update(status="failed", error=f"rc:{rc} {last}" if rc else "rc:0 but the log has no final_roundtrip")
-        bpb = read_run_log(log)["final_val_bpb"] if log.exists() else None
-        print(f"sweep [{i}/{total}] {res['status']} {name} in {clock(durations[-1])} val_bpb:{bpb} "
-              f"elapsed:{clock(time.time() - t0)} eta:{clock((left - 1) * sum(durations) / len(durations))}"
-              + (f" error:{res['error']}" if "error" in res else ""), flush=True)
-        write_tables(table_rows(plan, results, logs), out, header)  # a killed sweep keeps what finished
+    with Stopper() as stopper:
+        for i, run in enumerate(plan, 1):
+            name, res, log = run["name"], results[run["name"]], logs[run["name"]]
+            if res["status"] == "done":
+                print(f"sweep [{i}/{total}] skip {name}: already finished val_bpb:{read_run_log(log)['final_val_bpb']}",
+                      flush=True)
+                continue
+            if why[name]:
+                print(f"sweep [{i}/{total}] rerun {name}: {why[name]}", flush=True)
+            # ETA: the mean duration of this invocation's runs so far, times the runs still to go
+            left = todo - len(durations)
+            eta = clock(left * sum(durations) / len(durations)) if durations else "?"
+            print(f"sweep [{i}/{total}] start {name} elapsed:{clock(time.time() - t0)} eta:{eta}", flush=True)
+            t_run = time.time()
+            rc, last = execute(command, run, out, stopper, lock_fd)
+            durations.append(time.time() - t_run)
+            res["status"], error = outcome(rc, last, log, stopper)
+            if error:
+                res["error"] = error
+            bpb = read_run_log(log)["final_val_bpb"] if log.exists() else None
+            print(f"sweep [{i}/{total}] {res['status']} {name} in {clock(durations[-1])} val_bpb:{bpb} "
+                  f"elapsed:{clock(time.time() - t0)} eta:{clock((left - 1) * sum(durations) / len(durations))}"
+                  + (f" error:{res['error']}" if "error" in res else ""), flush=True)
+            write_tables(table_rows(plan, results, logs), out, header)  # a killed sweep keeps what finished
+            if stopper.signum is not None:
+                name = signal.Signals(stopper.signum).name
+                print(f"sweep: stopped by {name}; tables in {out}/results.md", file=sys.stderr, flush=True)
+                return 128 + stopper.signum
     rows = table_rows(plan, results, logs)
     write_tables(rows, out, header)
     plot(rows, out / "sweep.png")
@@ -316,13 +438,19 @@ def main(argv=None):
     if args.dry_run:
         for i, run in enumerate(plan, 1):
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run["env"].items())
-            skip = " (finished: would skip)" if finished(out / "logs" / f"{run['name']}.txt") else ""
+            done = resume_status(run, out / "logs" / f"{run['name']}.txt")[0] == "done"
+            skip = " (finished: would skip)" if done else ""
             print(f"sweep [{i}/{len(plan)}] {run['name']}{skip}: "
                   f"cd {ROOT} && env {env} {shlex.join(command)}")
         return 0
     header = [f"# Sweep {args.manifest}", "", f"Command: `{shlex.join(command)}`", "",
               "Base env: `" + " ".join(f"{k}={v}" for k, v in base.items()) + "`", ""]
-    return run_sweep(command, plan, out, header)
+    try:
+        lock_fd = lock_folder(out)
+    except SweepError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    return run_sweep(command, plan, out, header, lock_fd)
 
 
 if __name__ == "__main__":

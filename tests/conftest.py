@@ -33,7 +33,7 @@ def shards(tmp_path_factory):
     return out
 
 
-def run_train(shards_dir, workdir, nproc=1, script=None, **overrides):
+def run_train(shards_dir, workdir, nproc=1, script=None, timeout=600, **overrides):
     """Runs train_gpt.py, or `script` (under torchrun when nproc > 1); returns the CompletedProcess. Logs go to
     workdir."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -43,7 +43,7 @@ def run_train(shards_dir, workdir, nproc=1, script=None, **overrides):
     script = str(script or ROOT / "train_gpt.py")
     cmd = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def log_values(text, key):

@@ -1,4 +1,7 @@
 """train_gpt.py data section: shard validation errors, tokenizer/vocab check, loader determinism and rank layout."""
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +141,118 @@ def test_loader_surfaces_bad_shard_from_prefetch_thread(tmp_path):
     with pytest.raises(tg.DataError, match="token id 2000"):
         loader.next_batch()
     loader.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every shard checked at start (issue 15 item 6)
+
+def test_check_shards_finds_a_bad_token_in_the_last_shard(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(500) % 1000)
+    toks = np.arange(700) % 1000
+    toks[650] = 1030
+    write_shard(tmp_path / "fineweb_train_000003.bin", toks)
+    files = tg.shard_files(str(tmp_path / "fineweb_train_*.bin"))
+    with pytest.raises(tg.DataError, match=r"fineweb_train_000003.bin: token id 1030 at position 650 >= VOCAB_SIZE=1024"):
+        tg.check_shards(files, 1024)
+    assert tg.check_shards(files, 2048) == 2200  # total tokens
+
+
+def test_check_shards_refuses_an_empty_shard(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(50))
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.zeros(0))
+    with pytest.raises(tg.DataError, match=r"fineweb_train_000001.bin: 0 tokens"):
+        tg.check_shards(tg.shard_files(str(tmp_path / "fineweb_train_*.bin")), 1024)
+
+
+def test_token_stream_raises_instead_of_spinning_on_empty_shards(tmp_path):
+    import threading
+
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.zeros(0))
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.zeros(0))
+    stream = tg.TokenStream(tg.shard_files(str(tmp_path / "fineweb_train_*.bin")), 1024, 0)
+    errors = []
+
+    def take():
+        try:
+            stream.take(5)
+        except tg.DataError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "TokenStream.take spins on a whole epoch of empty shards"
+    assert errors and "no tokens" in errors[0]
+
+
+@pytest.mark.slow
+def test_run_with_an_empty_train_shard_stops_at_start(shards, tmp_path):
+    import shutil
+
+    from conftest import run_train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(shards / "fineweb_val_000000.bin", data)
+    write_shard(data / "fineweb_train_000000.bin", np.zeros(0))
+    r = run_train(data, tmp_path, ITERATIONS=2, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "fineweb_train_000000.bin: 0 tokens" in r.stderr
+    assert "step:" not in r.stdout
+    # no fingerprint in this hand-made folder: the run says so in its log instead of trusting it silently
+    assert "fingerprint:none" in r.stdout and f"warning: {data / 'tokenizer_fingerprint.json'} is missing" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tokenizer against the shards' fingerprint (issue 15 item 2)
+
+def write_fingerprint(folder, sha, vocab=1024):
+    (folder / "tokenizer_fingerprint.json").write_text(json.dumps(
+        {"tokenizer_sha256": sha, "vocab_size": vocab, "tokenizer_file": "other_bpe.model"}))
+
+
+def test_tokenizer_fingerprint_names_both_files(tmp_path):
+    sha = hashlib.sha256(open(TOKENIZER, "rb").read()).hexdigest()  # independent of the code under test
+    assert tg.tokenizer_fingerprint(tmp_path, TOKENIZER, 1024) == (sha, False)
+    write_fingerprint(tmp_path, sha)
+    assert tg.tokenizer_fingerprint(tmp_path, TOKENIZER, 1024) == (sha, True)
+    for other_sha, vocab in (("ab" * 32, 1024), (sha, 2048)):
+        write_fingerprint(tmp_path, other_sha, vocab)
+        with pytest.raises(tg.DataError) as e:
+            tg.tokenizer_fingerprint(tmp_path, TOKENIZER, 1024)
+        msg = str(e.value)
+        assert f"TOKENIZER_PATH={TOKENIZER}" in msg and str(tmp_path / "tokenizer_fingerprint.json") in msg
+        assert "other_bpe.model" in msg and sha[:16] in msg
+    (tmp_path / "tokenizer_fingerprint.json").write_text("{not json")
+    with pytest.raises(tg.DataError, match="tokenizer_fingerprint.json: not a tokenizer fingerprint"):
+        tg.tokenizer_fingerprint(tmp_path, TOKENIZER, 1024)
+
+
+@pytest.mark.slow
+def test_run_refuses_shards_of_another_tokenizer(shards, tmp_path):
+    import shutil
+
+    from conftest import run_train
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    write_fingerprint(data, "cd" * 32)
+    r = run_train(data, tmp_path, ITERATIONS=2)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "is not the tokenizer that made the shards" in r.stderr and "tokenizer_fingerprint.json" in r.stderr
+    assert "step:" not in r.stdout
+    ok = run_train(shards, tmp_path, ITERATIONS=1, RUN_ID="ok")  # the fixture's folder: built with TOKENIZER
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    sha = hashlib.sha256(open(TOKENIZER, "rb").read()).hexdigest()
+    assert f"tokenizer path:{TOKENIZER} sha256:{sha} vocab:1024 fingerprint:match" in ok.stdout
+    assert "warning:" not in ok.stdout and "data_check shards:" in ok.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a model", b"\x0a\x05hello"])
+def test_a_file_that_is_not_a_tokenizer_names_itself(tmp_path, content):
+    bad = tmp_path / "tok.model"
+    bad.write_bytes(content)
+    with pytest.raises(tg.DataError, match=f"{bad}: not a SentencePiece model") as e:
+        tg.load_tokenizer(str(bad), 1024)
+    assert "TOKENIZER_PATH" in str(e.value)

@@ -124,6 +124,9 @@ def test_argument_errors(tmp_path):
         bs.build_shards(docs, "test", TOKENIZER, out, workers=1)
     with pytest.raises(SystemExit, match="nope.model"):
         bs.build_shards(docs, "train", str(tmp_path / "nope.model"), out, workers=1)
+    (tmp_path / "junk.model").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="junk.model: not a SentencePiece model"):
+        bs.build_shards(docs, "train", str(tmp_path / "junk.model"), out, workers=1)
 
 
 def test_read_shard_rejects_bad_files(tmp_path):
@@ -135,6 +138,142 @@ def test_read_shard_rejects_bad_files(tmp_path):
     for check in (bs.read_shard, ccf.check_shard):
         with pytest.raises(ValueError, match="fineweb_val_000000.bin"):
             check(str(p))
+
+
+# --- the tokenizer fingerprint and the all-or-nothing build (issue 15 items 2 and 7) ---------------------
+
+def sha256_of(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    """A second, different SentencePiece model (trained here on the test documents)."""
+    d = tmp_path_factory.mktemp("tok")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS * 20), model_prefix=str(d / "other"),
+                                   vocab_size=120, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    return str(d / "other.model")
+
+
+def test_build_writes_a_tokenizer_fingerprint_that_train_gpt_accepts(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_gpt as tg
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out = tmp_path / "out"
+    bs.build_shards(docs, "train", TOKENIZER, str(out), workers=1)
+    bs.build_shards(docs, "val", TOKENIZER, str(out), workers=1)
+    fp = json.loads((out / "tokenizer_fingerprint.json").read_text())
+    assert fp["tokenizer_sha256"] == sha256_of(TOKENIZER) and fp["vocab_size"] == 1024
+    assert fp["tokenizer_file"] == "fineweb_1024_bpe.model"
+    assert tg.tokenizer_fingerprint(out, TOKENIZER, 1024) == (sha256_of(TOKENIZER), True)
+
+
+def test_a_split_of_another_tokenizer_is_refused(tmp_path, other_tokenizer):
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out = tmp_path / "out"
+    bs.build_shards(docs, "train", TOKENIZER, str(out), workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for overwrite in (False, True):
+        with pytest.raises(SystemExit, match="train shards.*another tokenizer"):
+            bs.build_shards(docs, "val", other_tokenizer, str(out), workers=1, overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a split whose partner predates fingerprints gets none (its tokenizer is unknown), with a warning
+    old = tmp_path / "old"
+    bs.build_shards(docs, "train", TOKENIZER, str(old), workers=1)
+    (old / "tokenizer_fingerprint.json").unlink()
+    bs.build_shards(docs, "val", TOKENIZER, str(old), workers=1)
+    assert not (old / "tokenizer_fingerprint.json").exists()
+
+
+class Boom(Exception):
+    pass
+
+
+def failing_encoder(monkeypatch, after_batches):
+    """_encoded that yields `after_batches` batches (enough for several shards), then raises."""
+    real = bs._encoded
+
+    def encoded(*a, **k):
+        for i, item in enumerate(real(*a, **k)):
+            if i == after_batches:
+                raise Boom("tokenizer worker died")
+            yield item
+    monkeypatch.setattr(bs, "_encoded", encoded)
+
+
+def test_a_failed_build_leaves_no_shards_and_keeps_the_old_ones(tmp_path, monkeypatch):
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS * 4)
+    fresh, kept = tmp_path / "fresh", tmp_path / "kept"
+    bs.build_shards(docs, "train", TOKENIZER, str(kept), shard_tokens=50, workers=1, max_docs=3)
+    bs.build_shards(docs, "val", TOKENIZER, str(kept), workers=1, max_docs=2)
+    (kept / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    failing_encoder(monkeypatch, after_batches=10)
+    with pytest.raises(Boom):  # batch_docs=1: 10 documents, several 50-token shards written, then the crash
+        bs.build_shards(docs, "train", TOKENIZER, str(fresh), shard_tokens=50, workers=1, batch_docs=1)
+    assert not fresh.exists()
+    with pytest.raises(Boom):
+        bs.build_shards(docs, "train", TOKENIZER, str(kept), shard_tokens=50, workers=1, batch_docs=1, overwrite=True)
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before  # the old set, whole, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "kept"]  # no staging folder left
+
+
+def test_overwrite_swaps_in_the_complete_set(tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out = tmp_path / "out"
+    bs.build_shards(docs, "train", TOKENIZER, str(out), shard_tokens=50, workers=1)
+    bs.build_shards(docs, "val", TOKENIZER, str(out), workers=1)
+    val = (out / "fineweb_val_000000.bin").read_bytes()
+    paths = bs.build_shards(docs, "train", TOKENIZER, str(out), workers=1, overwrite=True, max_docs=2)
+    assert [Path(p) for p in paths] == [out / "fineweb_train_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                                                     "tokenizer_fingerprint.json"]
+    assert (out / "fineweb_val_000000.bin").read_bytes() == val  # the other split is carried over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]
+
+
+SLOW_BUILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import build_shards as bs
+real = bs._encode_batch
+def slow(texts):
+    time.sleep(0.05)
+    return real(texts)
+bs._encode_batch = slow
+bs.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("overwrite, workers", [(False, 1), (True, 1), (False, 2)])
+def test_sigterm_mid_build_leaves_no_partial_set(tmp_path, overwrite, workers):
+    import signal
+    import subprocess
+    import time
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS * 200)
+    out = tmp_path / "out"
+    if overwrite:
+        bs.build_shards(docs, "train", TOKENIZER, str(out), workers=1, max_docs=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if overwrite else None
+    cmd = [sys.executable, "-c", SLOW_BUILD, str(ROOT / "data"), "--docs", docs, "--split", "train", "--tokenizer",
+           TOKENIZER, "--out", str(out), "--workers", str(workers), "--shard-tokens", "100"] + ["--overwrite"] * overwrite
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    # wait until the build has written several shards (wherever it writes them), then stop it
+    while time.time() < deadline and len(list(tmp_path.rglob("fineweb_train_*.bin"))) < 4 + overwrite:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "stopped by signal" in err, err
+    if overwrite:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert not list(out.glob("fineweb_train_*.bin")) if out.exists() else True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"] + ["out"] * overwrite, err
 
 
 # --- cached_challenge_fineweb with a fake (local) download ----------------------------------------------
@@ -176,6 +315,9 @@ def test_fetch_with_fake_download(tmp_path, remote, capsys):
         assert (ds / n).read_bytes() == (remote / "datasets" / "fineweb10B_sp1024" / n).read_bytes()
     assert res["tokens"] == sum(bs.read_shard(p).size for p in res["shards"])
     assert "2 train shards" in capsys.readouterr().out
+    # the shards get the fingerprint of the tokenizer downloaded with them, which train_gpt.py then accepts
+    fp = json.loads((ds / "tokenizer_fingerprint.json").read_text())
+    assert (fp["tokenizer_sha256"], fp["vocab_size"]) == (sha256_of(TOKENIZER), 1024)
     # cached: nothing downloaded again; a truncated shard is fetched again
     calls.clear()
     ccf.fetch("sp1024", train_shards=2, dest=str(dest), download=make_fake(remote, calls))
@@ -195,6 +337,14 @@ def test_fetch_errors(tmp_path, remote, monkeypatch):
     bad.write_bytes(bad.read_bytes()[:-2])  # the "published" file itself is corrupt
     with pytest.raises(SystemExit, match="invalid shard.*fineweb_train_000001.bin"):
         ccf.fetch("sp1024", train_shards=2, dest=str(tmp_path / "b"), download=make_fake(remote, []))
+
+    # a folder whose fingerprint names another tokenizer holds shards of that one: refused, not re-stamped
+    good = tmp_path / "e"
+    ccf.fetch("sp1024", train_shards=1, dest=str(good), download=make_fake(remote, []))
+    fp_path = good / "datasets" / "fineweb10B_sp1024" / "tokenizer_fingerprint.json"
+    fp_path.write_text(json.dumps({"tokenizer_sha256": "ab" * 32, "vocab_size": 1024}))
+    with pytest.raises(SystemExit, match="tokenizer_fingerprint.json.*another tokenizer"):
+        ccf.fetch("sp1024", train_shards=1, dest=str(good), download=make_fake(remote, []))
 
     with pytest.raises(SystemExit, match="unknown variant"):
         ccf.fetch("sp4096", train_shards=1, dest=str(tmp_path / "c"), download=failing)

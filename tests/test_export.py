@@ -277,6 +277,7 @@ def payload_with(payload, **changes):
     """The payload with header fields replaced."""
     hlen = struct.unpack("<I", payload[5:9])[0]
     header = json.loads(payload[9 : 9 + hlen])
+    header.pop("sha256")  # an edited header: as written before the checksum, else that is what the loader reports
     header.update(changes)
     new = json.dumps(header, separators=(",", ":")).encode()
     return payload[:5] + struct.pack("<I", len(new)) + new + payload[9 + hlen :]
@@ -295,7 +296,8 @@ def test_unreadable_artifacts_are_artifact_errors_naming_the_file(tmp_path):
         (payload_with(good, scale_layout="fp16"), h8, "unknown scale layout 'fp16'"),
         (payload_with(good, tensors=renamed), h8, "tok_emb.weight is stored as 'int3'"),
         (good, tg.Hyperparameters({}), "tok_emb.weight is stored as 'int8', which this configuration does not read"),
-        (good[:-1], h8, "header describes"),
+        (good[:-1], h8, "does not match its sha256 checksum"),
+        (payload_with(good)[:-1], h8, "header describes"),
         (payload_with(good, trits=None), h8, "malformed artifact (TypeError"),
     ]
     for i, (payload, h, message) in enumerate(cases):
@@ -441,6 +443,218 @@ def test_rescoring_refuses_a_checkpoint_it_cannot_describe(saved, shards, tmp_pa
         r = run_train(shards, tmp_path, EVAL_FROM_CHECKPOINT=1, RUN_ID=f"case{i}", **{**knobs, **overrides})
         assert r.returncode == 2 and message in r.stderr, (overrides, r.stdout + r.stderr)
         assert not (tmp_path / "model.ptz").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corrupt files: a clear ArtifactError naming the file (issue 15 item 10)
+
+H16 = tg.Hyperparameters({"EXPORT_FLOAT": "fp16"})  # the formats a loader of these payloads is configured for
+
+
+def small_payload():
+    return tg.serialize_model(fp16_exact(model()), H16)
+
+
+def rebuild(payload, edit_header=None, data=None):
+    """The payload with its JSON header edited and/or its tensor bytes replaced (no checksum: an old artifact)."""
+    import json
+    import struct
+
+    n = len(tg.ARTIFACT_MAGIC) + 4
+    (hlen,) = struct.unpack("<I", payload[len(tg.ARTIFACT_MAGIC) : n])
+    header = json.loads(payload[n : n + hlen])
+    header.pop("sha256", None)
+    if edit_header:
+        edit_header(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return tg.ARTIFACT_MAGIC + struct.pack("<I", len(text)) + text + (payload[n + hlen :] if data is None else data)
+
+
+def corrupt(case, payload):
+    """(file bytes, message) for one way an artifact file can be broken."""
+    blob = brotli.compress(payload, quality=1)
+    body = payload[len(tg.ARTIFACT_MAGIC) + 4 :]
+    cases = {
+        "empty": (b"", "not a brotli stream"),
+        "truncated": (blob[: len(blob) // 2], "not a brotli stream"),
+        "not_brotli": (b"PK\x03\x04 a zip file" * 10, "not a brotli stream"),
+        "short_preamble": (brotli.compress(tg.ARTIFACT_MAGIC + b"\x01"), "shorter than its 9-byte preamble"),
+        "bad_magic": (brotli.compress(b"NOPE" + payload[4:]), "bad magic"),
+        "header_past_end": (brotli.compress(tg.ARTIFACT_MAGIC + (10**6).to_bytes(4, "little") + body), "past the end"),
+        "bad_json": (brotli.compress(rebuild(payload)[:9] + b"x" + rebuild(payload)[10:]), "unreadable header"),
+        "unknown_packing": (brotli.compress(rebuild(payload, lambda h: h.update(trit_packing="zstd"))),
+                            "unknown trit packing 'zstd'"),
+        "unknown_kind": (brotli.compress(rebuild(payload, lambda h: h["tensors"][0].update(kind="int3"))),
+                         "is stored as 'int3'"),
+        "short_payload": (brotli.compress(rebuild(payload)[:-100]), "its header describes"),
+        "trailing_bytes": (brotli.compress(rebuild(payload) + b"\0" * 8), "its header describes"),
+        "bad_shape": (brotli.compress(rebuild(payload, lambda h: h["tensors"][-1].update(shape=[3, 5]))),
+                      "malformed artifact"),
+        "checksum": (brotli.compress(payload[:-1] + bytes([payload[-1] ^ 1])), "checksum"),
+    }
+    return cases[case]
+
+
+CORRUPT = ["empty", "truncated", "not_brotli", "short_preamble", "bad_magic", "header_past_end", "bad_json",
+           "unknown_packing", "unknown_kind", "short_payload", "trailing_bytes", "bad_shape", "checksum"]
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_a_corrupt_artifact_is_an_artifact_error_naming_the_file(tmp_path, case):
+    data, message = corrupt(case, small_payload())
+    path = tmp_path / f"{case}.ptz"
+    path.write_bytes(data)
+    with pytest.raises(tg.ArtifactError, match=re.escape(message)) as e:
+        tg.load_artifact(str(path), H16)
+    assert str(path) in str(e.value)
+
+
+def test_every_bit_flip_is_caught_or_harmless(tmp_path):
+    """Brotli has no checksum: without one of its own, most flipped bits decode to other weights, silently."""
+    payload = small_payload()
+    blob = brotli.compress(payload, quality=5, lgwin=24)
+    want = tg.deserialize_state(payload, H16)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "flip.ptz"
+    caught = 0
+    for pos, bit in zip(rng.integers(0, len(blob), 150), rng.integers(0, 8, 150)):
+        flipped = bytearray(blob)
+        flipped[pos] ^= 1 << bit
+        path.write_bytes(bytes(flipped))
+        try:
+            got = tg.load_artifact(str(path), H16)
+        except tg.ArtifactError as e:
+            assert str(path) in str(e)
+            caught += 1
+            continue
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (pos, bit)
+    assert caught > 140  # a few flips land in brotli padding or metadata and change nothing
+
+
+def test_an_old_artifact_without_checksum_still_loads(tmp_path):
+    payload = small_payload()
+    old = rebuild(payload)  # what train_gpt.py wrote before the checksum
+    path = tmp_path / "old.ptz"
+    path.write_bytes(brotli.compress(old))
+    got, want = tg.load_artifact(str(path), H16), tg.deserialize_state(payload, H16)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so_plainly(tmp_path):
+    import functools
+
+    h = lambda p: tg.Hyperparameters({"EVAL_FROM_CHECKPOINT": "1", "CHECKPOINT_PATH": str(p)})  # noqa: E731
+    m = model()
+    cases = {
+        "junk.pt": (lambda p: p.write_bytes(b"not a torch file"), "written by CHECKPOINT_SAVE=1: not a torch file"),
+        "pickle.pt": (lambda p: torch.save({"f": functools.partial(print)}, p), "holds Python objects"),
+        "state_dict.pt": (lambda p: torch.save(m.state_dict(), p), "a torch file, but not a CHECKPOINT_SAVE=1 checkpoint"),
+        "artifact.ptz": (lambda p: p.write_bytes(brotli.compress(small_payload())), "not a torch file"),
+    }
+    for name, (make, message) in cases.items():
+        make(tmp_path / name)
+        with pytest.raises(tg.ArtifactError) as e:
+            tg.load_checkpoint(m, h(tmp_path / name), torch.device("cpu"), print)
+        assert message in str(e.value) and str(tmp_path / name) in str(e.value), str(e.value)
+        assert "weights_only" not in str(e.value)  # torch's advice to unpickle anything misleads here
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output paths checked at start; a failed artifact write keeps the weights (issue 15 item 5)
+
+def outputs(tmp_path, **env):
+    base = {"ARTIFACT_PATH": str(tmp_path / "a.ptz"), "LOG_DIR": str(tmp_path / "logs"),
+            "CHECKPOINT_PATH": str(tmp_path / "c.pt")}
+    return tg.Hyperparameters({**base, **{k: str(v) for k, v in env.items()}})
+
+
+def test_output_paths_are_checked_at_start(tmp_path):
+    import os
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    ro = tmp_path / "ro.ptz"
+    ro.write_text("a good old artifact")
+    ro.chmod(0o444)
+    cases = [
+        (dict(ARTIFACT_PATH=tmp_path / "adir"), "ARTIFACT_PATH=", "is a directory"),
+        (dict(ARTIFACT_PATH=tmp_path / "missing" / "a.ptz"), "ARTIFACT_PATH=", "does not exist"),
+        (dict(ARTIFACT_PATH="/proc/i15_not_writable.ptz"), "ARTIFACT_PATH=", "cannot create files in /proc"),
+        (dict(ARTIFACT_PATH=ro), "ARTIFACT_PATH=", "is read-only"),
+        (dict(CHECKPOINT_SAVE=1, CHECKPOINT_PATH=tmp_path / "missing" / "c.pt"), "CHECKPOINT_PATH=", "does not exist"),
+        (dict(CHECKPOINT_SAVE=1, CHECKPOINT_PATH=tmp_path / "adir"), "CHECKPOINT_PATH=", "is a directory"),
+        (dict(LOG_DIR=tmp_path / "afile" / "logs"), "LOG_DIR=", "cannot create"),
+        (dict(LOG_DIR="/proc/i15_logs"), "LOG_DIR=", "cannot create"),
+    ]
+    for env, knob, reason in cases:
+        with pytest.raises(tg.ConfigError) as e:
+            tg.check_outputs(outputs(tmp_path, **env))
+        assert str(e.value).startswith(knob) and reason in str(e.value), (env, str(e.value))
+    if os.geteuid() != 0:  # root writes into a read-only folder anyway
+        (tmp_path / "rodir").mkdir(mode=0o555)
+        with pytest.raises(tg.ConfigError, match="cannot create files in"):
+            tg.check_outputs(outputs(tmp_path, ARTIFACT_PATH=tmp_path / "rodir" / "a.ptz"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tg.check_outputs(outputs(tmp_path, CHECKPOINT_SAVE=1))  # fine: the checkpoint folder need not hold one yet
+    tg.check_outputs(outputs(tmp_path, CHECKPOINT_PATH=tmp_path / "missing" / "c.pt"))  # not saved: not checked
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) | {"logs"})  # no probe file left
+    assert not list((tmp_path / "logs").iterdir())
+
+
+@pytest.mark.slow
+def test_an_unwritable_artifact_path_stops_the_run_before_training(shards, tmp_path):
+    r = run_train(shards, tmp_path, ITERATIONS=2, ARTIFACT_PATH=tmp_path / "no_such_folder" / "m.ptz")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: ARTIFACT_PATH=" in r.stderr and "does not exist" in r.stderr
+    assert "step:" not in r.stdout and "Traceback" not in r.stderr
+
+
+def test_a_failed_artifact_write_keeps_the_weights_and_says_where(tmp_path, monkeypatch):
+    import errno
+
+    h = outputs(tmp_path, **{"VOCAB_SIZE": "128", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
+                             "NUM_KV_HEADS": "2", "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2",
+                             "BROTLI_QUALITY": "1", "RUN_ID": "full"})
+    (tmp_path / "logs").mkdir()
+    m = fp16_exact(model())
+    real_write = tg.write_atomic
+    full = {str(tmp_path / "a.ptz"), str(tmp_path / "logs")}  # the artifact's disk, and the log dir's, are full
+
+    def write(path, data):
+        if str(path) in full or str(tmp_path / "logs") in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(tg, "write_atomic", write)
+    monkeypatch.setattr(tg.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(tg.ArtifactError) as e:
+        tg.export_artifact(m, h, log=lambda s: None)
+    msg = str(e.value)
+    blob, ckpt = tmp_path / "tmp" / "full.rescued.ternary.ptz", tmp_path / "tmp" / "full.rescued.float.pt"
+    assert f"ARTIFACT_PATH={tmp_path / 'a.ptz'}" in msg and "No space left" in msg
+    assert str(blob) in msg and str(ckpt) in msg and not (tmp_path / "a.ptz").exists()
+    fresh = model()
+    fresh.load_state_dict(tg.load_artifact(str(blob), h))  # the artifact itself, whole
+    idx = torch.randint(0, 128, (1, 8))
+    assert torch.equal(fresh.logits(idx)[0], m.logits(idx)[0])
+    again = model()  # and the float weights, as EVAL_FROM_CHECKPOINT reads them
+    h2 = tg.Hyperparameters({**{k: str(v) for k, v in h.by_env_name().items()}, "EVAL_FROM_CHECKPOINT": "1",
+                             "CHECKPOINT_PATH": str(ckpt)})
+    tg.load_checkpoint(again, h2, torch.device("cpu"), lambda s: None)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), m.state_dict().values()))
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tg.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        tg.write_atomic(str(tmp_path / "a.ptz"), b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("saved", [1.0], indirect=True, ids=["calib_after"])

@@ -208,6 +208,7 @@ def test_torch_artifact_formats_load_into_mlx(formats, tmp_path):
     payload = tg.serialize_model(m, h, "rans")
     hlen = struct.unpack("<I", payload[5:9])[0]
     header = json.loads(payload[9 : 9 + hlen])
+    header.pop("sha256")  # an edited header: as written before the checksum, else that is what the loader reports
     header["tensors"] = [dict(t, kind="int3") if t["name"] == "tok_emb.weight" else t for t in header["tensors"]]
     new = json.dumps(header, separators=(",", ":")).encode()
     (tmp_path / "odd.ptz").write_bytes(brotli.compress(payload[:5] + struct.pack("<I", len(new)) + new + payload[9 + hlen :]))
@@ -382,3 +383,57 @@ def test_mac_launcher_prints_what_it_runs(shards, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"running: {sys.executable} train_gpt_mlx.py" in r.stdout and "MAX_VAL_TOKENS=4096" in r.stdout
     assert "final_roundtrip" in r.stdout
+
+
+def test_the_same_start_checks_as_train_gpt(tmp_path):
+    """Issue 15: the port checks every shard's token range, refuses empty shards without spinning, and checks the
+    tokenizer against the shards' fingerprint, with train_gpt.py's messages."""
+    from test_data import write_fingerprint, write_shard
+
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.zeros(0))
+    toks = np.arange(300) % 1000
+    toks[299] = 1500
+    write_shard(tmp_path / "fineweb_train_000001.bin", toks)
+    files = tg.shard_files(str(tmp_path / "fineweb_train_*.bin"))
+    for mod in (tg, tm):
+        with pytest.raises(mod.DataError, match="fineweb_train_000000.bin: 0 tokens"):
+            mod.check_shards(files, 1024)
+        with pytest.raises(mod.DataError, match="no tokens"):
+            mod.TokenStream(files[:1], 1024, 0).take(3)
+        assert mod.shard_token_error(files[1], 1024).endswith("token id 1500 at position 299 >= VOCAB_SIZE=1024")
+        write_fingerprint(tmp_path, "ef" * 32)
+        with pytest.raises(mod.DataError, match="is not the tokenizer that made the shards"):
+            mod.tokenizer_fingerprint(tmp_path, TOKENIZER, 1024)
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "bad_json", "unknown_packing", "unknown_kind", "short_payload",
+                                  "bad_shape", "checksum"])
+def test_a_corrupt_artifact_is_the_same_clear_error_here(tmp_path, case):
+    from test_export import corrupt, small_payload
+
+    data, message = corrupt(case, small_payload())
+    path = tmp_path / f"{case}.ptz"
+    path.write_bytes(data)
+    with pytest.raises(tm.ArtifactError, match=re.escape(message)) as e:
+        tm.load_artifact(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_output_paths_are_checked_at_start_here_too(tmp_path):
+    env = {"LOG_DIR": str(tmp_path / "logs")}
+    (tmp_path / "adir").mkdir()
+    for path, reason in ((tmp_path / "adir", "is a directory"), (tmp_path / "no" / "a.ptz", "does not exist")):
+        with pytest.raises(tm.ConfigError, match=f"ARTIFACT_PATH=.*{reason}"):
+            tm.check_outputs(tm.Hyperparameters({**env, "ARTIFACT_PATH": str(path)}))
+    with pytest.raises(tm.ConfigError, match="LOG_DIR=/proc/x: cannot create"):
+        tm.check_outputs(tm.Hyperparameters({"LOG_DIR": "/proc/x", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}))
+
+
+@pytest.mark.parametrize("env", [{"GROUP_SIZE": "48"}, {"MLP_MULT": "2.25"}, {"MLP_MULT": "2.7"}, {"BOS_ID": "1024"}])
+def test_the_same_shape_errors_as_train_gpt(env):
+    full = {**SHAPE, **env}
+    with pytest.raises(tg.ConfigError) as ours:
+        tg.Hyperparameters(full)
+    with pytest.raises(tm.ConfigError) as theirs:
+        tm.Hyperparameters(full)
+    assert str(ours.value) == str(theirs.value)

@@ -1,5 +1,6 @@
 """Model: shapes, attention against a slow reference, RoPE, causality, U-Net skips, losses."""
 import math
+import re
 
 import pytest
 import torch
@@ -457,3 +458,69 @@ def test_moe_routing_weights_balance_loss_and_single_expert_equals_mlp():
     torch.testing.assert_close(one(x)[0], dense(x))
     with pytest.raises(tg.ConfigError, match="MOE_TOP_K"):
         tg.Hyperparameters({**BASE, "MOE_ENABLED": "1", "MOE_TOP_K": "5"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hyperparameters catches every shape the model would reject (issue 15 item 9)
+
+SHAPE_GRID = {  # knob -> values, good and bad ones mixed (a repeated value is a likelier one)
+    "MODEL_DIM": ["64", "64", "96", "48"], "NUM_HEADS": ["2", "4", "4", "3"], "NUM_KV_HEADS": ["1", "2"],
+    "GROUP_SIZE": ["16", "32", "32", "48"], "MLP_MULT": ["2", "2", "1.5", "2.25", "3"], "EMBED_DIM": ["0", "24", "32"],
+    "NUM_LAYERS": ["3", "4", "4", "1"], "ROPE_DIMS": ["0", "8"],
+    "CAPSULES_ENABLED": ["0", "1"], "CAPSULE_COUNT": ["2", "4", "3"], "CAPSULE_DIM": ["8", "16"],
+    "CAPSULE_LAYER": ["0", "2"], "CAPSULE_CHUNK": ["4"],
+    "ENGRAM_ENABLED": ["0", "1"], "ENGRAM_DIM": ["4", "8", "16"], "ENGRAM_ORDERS": ["2", "2,3", "1,2,3"],
+    "ENGRAM_HEADS": ["1", "2"], "ENGRAM_BUCKETS": ["16"], "ENGRAM_LAYER": ["0", "2"],
+    "MOE_ENABLED": ["0", "1"], "MOE_EXPERTS": ["2", "3"], "MOE_TOP_K": ["1", "2"],
+    "SKC_ENABLED": ["0", "1"], "SKC_CHUNK": ["4"], "FEEDBACK_ENABLED": ["0", "1"], "PARALLEL_RESIDUAL": ["0", "1"],
+    "SHARED_BLOCKS": ["0", "1"], "SHARED_BLOCK_COUNT": ["2"], "DEPTH_RECUR": ["0", "0", "1"], "RECUR_START": ["0", "1"],
+    "RECUR_END": ["2", "3"], "VOCAB_SIZE": ["64"], "HYBRID_INT": ["0", "1"], "HYBRID_FAMILIES": ["q,k,v,proj", "up,down"],
+    "SCALE_FORMAT": ["fp16", "log8"], "FP_PHASE": ["0", "1"], "EMBED_QAT": ["0", "0", "1"], "EXPORT_EMBED": ["int8", "fp16"],
+}
+
+
+def test_every_shape_the_model_rejects_is_rejected_by_hyperparameters_first():
+    """Random configurations from SHAPE_GRID: whatever Hyperparameters accepts, the model builds and runs forward
+    and backward (so a sweep's up-front check finds every shape error); and the grid does contain shape errors."""
+    import random
+
+    rng = random.Random(0)
+    idx = torch.randint(0, 64, (1, 12))
+    rejected, built = 0, 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a hundred tiny models: thread start-up would cost more than the work
+    try:
+        for _ in range(700):
+            env = {k: rng.choice(v) for k, v in SHAPE_GRID.items()}
+            try:
+                h = tg.Hyperparameters(env)
+            except tg.ConfigError:
+                rejected += 1
+                continue
+            try:
+                m = tg.GPT(h)
+                m(idx, idx).backward()
+            except Exception as e:  # noqa: BLE001: any failure here is a shape Hyperparameters let through
+                pytest.fail(f"Hyperparameters accepted {env} but the model fails: {type(e).__name__}: {e}")
+            built += 1
+    finally:
+        torch.set_num_threads(threads)
+    assert rejected > 100 and built > 80, (rejected, built)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MODEL_DIM": "64", "NUM_HEADS": "4", "GROUP_SIZE": "48"}, "GROUP_SIZE=48 does not divide MODEL_DIM=64"),
+    ({"MODEL_DIM": "64", "NUM_HEADS": "4", "MLP_MULT": "2.25", "GROUP_SIZE": "32"},
+     "GROUP_SIZE=32 does not divide the MLP hidden width MLP_MULT x MODEL_DIM=144"),
+    ({"MODEL_DIM": "64", "NUM_HEADS": "4", "MLP_MULT": "2.7", "GROUP_SIZE": "32"},
+     "MLP_MULT=2.7 x MODEL_DIM=64 = 172.8 is not a whole number of hidden units"),
+    ({"MODEL_DIM": "64", "NUM_HEADS": "4", "GROUP_SIZE": "32", "CAPSULES_ENABLED": "1", "CAPSULE_COUNT": "1",
+      "CAPSULE_DIM": "16"}, "GROUP_SIZE=32 does not divide the capsule state width CAPSULE_COUNT x CAPSULE_DIM=16"),
+    ({"MODEL_DIM": "64", "NUM_HEADS": "4", "GROUP_SIZE": "32", "ENGRAM_ENABLED": "1", "ENGRAM_DIM": "4",
+      "ENGRAM_ORDERS": "2,3", "ENGRAM_HEADS": "1"},
+     "GROUP_SIZE=32 does not divide the EngramHash width len(ENGRAM_ORDERS) x ENGRAM_HEADS x ENGRAM_DIM=8"),
+    ({"VOCAB_SIZE": "64", "BOS_ID": "64"}, "BOS_ID=64 must be < VOCAB_SIZE=64"),
+])
+def test_shape_errors_name_the_knobs(env, message):
+    with pytest.raises(tg.ConfigError, match=re.escape(message)):
+        tg.Hyperparameters(env)

@@ -196,10 +196,10 @@ def test_muon_momentum_warmup_and_ema():
 
 
 def test_feature_parameters_land_in_the_right_optimizer():
-    from test_model import ALL_ON
+    from test_model import ALL_ON, BASE
 
     m = model(**ALL_ON)
-    adam, muon = tg.build_optimizers(m, tg.Hyperparameters(ALL_ON))
+    adam, muon = tg.build_optimizers(m, tg.Hyperparameters({**BASE, **ALL_ON}))
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     assert muon_ids == {id(mod.weight) for mod in m.modules() if isinstance(mod, tg.TernaryLinear)} | {
         id(m.embed_in.weight), id(m.embed_out.weight)}
@@ -267,6 +267,87 @@ def test_train_step_clamps_capsule_dynamics_and_switches_depth_recurrence(monkey
     assert seen == [False, False, True, True]  # recurrence from half of the 10 steps on
     tg.train_step(m, m, OneBatchLoader(idx, idx), opts, h, sched, 0, 0.0, {"recur": True})
     assert seen[-1] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every parameter routed to its optimizer by an explicit rule (issue 15, "also")
+
+FLAG_CONFIGS = {  # each feature flag with the small knobs test_model uses for it
+    "SKC": {"SKC_ENABLED": "1", "SKC_CHUNK": "4", "SKC_PATTERN": "AS"},
+    "PARALLEL": {"PARALLEL_RESIDUAL": "1"},
+    "SHARED": {"SHARED_BLOCKS": "1", "SHARED_BLOCK_COUNT": "2"},
+    "RECUR": {"DEPTH_RECUR": "1", "RECUR_START": "1", "RECUR_END": "3"},
+    "CAPSULES": {"CAPSULES_ENABLED": "1", "CAPSULE_COUNT": "2", "CAPSULE_DIM": "16", "CAPSULE_CHUNK": "4",
+                 "CAPSULE_LAYER": "1"},
+    "FEEDBACK": {"FEEDBACK_ENABLED": "1", "FEEDBACK_PASSES": "3"},
+    "ENGRAM": {"ENGRAM_ENABLED": "1", "ENGRAM_DIM": "8", "ENGRAM_BUCKETS": "64", "ENGRAM_LAYER": "1"},
+    "MOE": {"MOE_ENABLED": "1", "MOE_EXPERTS": "2"},
+    "XSA": {"XSA_ENABLED": "1"}, "VALUE_RESIDUAL": {"VALUE_RESIDUAL": "1"}, "SMEAR": {"SMEAR_GATE": "1"},
+    "LAYER_SCALE": {"LAYER_SCALE": "1"},
+    "HYBRID": {"HYBRID_INT": "1", "HYBRID_FAMILIES": "q,up"}, "LOG8": {"SCALE_FORMAT": "log8"},
+    "FP_PHASE": {"FP_PHASE": "1"}, "EMBED_QAT": {"EMBED_QAT": "1", "EXPORT_EMBED": "int8"},
+}
+OFF = {"XSA_ENABLED": "0", "VALUE_RESIDUAL": "0", "SMEAR_GATE": "0"}  # the defaults that are on
+
+
+def flag_grid(n=48, seed=0):
+    """All flags off, all on, each alone, SKC-only layers, and n random combinations."""
+    import random
+
+    names = list(FLAG_CONFIGS)
+    rng = random.Random(seed)
+    combos = [(), tuple(names)] + [(f,) for f in names] + [tuple(rng.sample(names, rng.randint(2, 8))) for _ in range(n)]
+    configs = []
+    for combo in combos:
+        env = dict(OFF)
+        for f in combo:
+            env.update(FLAG_CONFIGS[f])
+        configs.append(env)
+    configs.append({**FLAG_CONFIGS["SKC"], "SKC_PATTERN": "S"})  # no attention layer at all
+    return configs
+
+
+def test_every_parameter_is_routed_by_exactly_one_rule_for_every_flag_combination():
+    from test_model import BASE
+
+    used = set()
+    for env in flag_grid():
+        h = tg.Hyperparameters({**BASE, **env})
+        torch.manual_seed(0)
+        m = tg.GPT(h)
+        adam, muon = tg.build_optimizers(m, h)
+        groups = {"matrices": muon.param_groups[0]["params"], "tables": adam.param_groups[0]["params"],
+                  "scalars": adam.param_groups[1]["params"]}
+        routed = [id(p) for g in groups.values() for p in g]
+        assert sorted(routed) == sorted(id(p) for p in m.parameters()), env  # each exactly once, none left out
+        ternary = {id(mod.weight) for mod in m.modules() if isinstance(mod, tg.TernaryLinear)}
+        linear = {id(mod.weight) for mod in m.modules() if type(mod) is torch.nn.Linear}
+        tables = {id(mod.weight) for mod in m.modules() if isinstance(mod, torch.nn.Embedding)}
+        assert {id(p) for p in groups["matrices"]} == ternary | linear, env
+        assert {id(p) for p in groups["tables"]} == tables, env
+        names = dict(m.named_parameters())
+        used |= {pat for pat, _ in tg.optimizer_rules(h) if any(tg.fnmatch.fnmatchcase(n, pat) for n in names)}
+    assert used == {pat for env in flag_grid() for pat, _ in tg.optimizer_rules(tg.Hyperparameters({**BASE, **env}))}
+
+
+def test_a_parameter_no_rule_names_is_an_error():
+    from test_model import BASE
+
+    h = tg.Hyperparameters(BASE)
+    m = tg.GPT(h)
+    m.blocks[1].mlp.new_gain = torch.nn.Parameter(torch.ones(64))  # a feature that forgot its optimizer rule
+    with pytest.raises(RuntimeError, match=r"blocks\.1\.mlp\.new_gain.*no rule of optimizer_rules"):
+        tg.build_optimizers(m, h)
+
+
+def test_a_parameter_two_rules_name_is_an_error(monkeypatch):
+    from test_model import BASE
+
+    h = tg.Hyperparameters(BASE)
+    rules = tg.optimizer_rules(h)
+    monkeypatch.setattr(tg, "optimizer_rules", lambda h: rules + [("skip_*", "matrices")])
+    with pytest.raises(RuntimeError, match=r"skip_weights.*2 rules"):
+        tg.build_optimizers(tg.GPT(h), h)
 
 
 def test_compiled_newton_schulz_covers_every_shape(monkeypatch):

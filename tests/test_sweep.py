@@ -199,6 +199,107 @@ def test_eval_ladder_manifest_runs_end_to_end(shards, tmp_path):
     assert artifacts["calibration"] == artifacts["ttt"] == artifacts["eval_engram"]  # TTT/EvalEngram: eval only
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# resume against the manifest, signals, the folder lock, the log's error line (issue 15 item 8). A fake trainer
+# stands in for train_gpt.py: it writes train_gpt.py's config line and events, fast.
+
+FAKE = r'''
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from train_gpt import Hyperparameters
+h = Hyperparameters()
+mode = h.run_id.split("-")[-1]  # the row's name says how this fake run ends
+log = open(os.path.join(h.log_dir, h.run_id + ".txt"), "a", buffering=1)
+log.write(f"run_id:{h.run_id} world_size:1 device:cpu torch:x compile:False\n")
+log.write("config " + " ".join(f"{k}={v}" for k, v in h.by_env_name().items()) + "\n")
+if mode == "sleep":
+    def stop(signum, frame):
+        time.sleep(1.0)  # the sweep must wait for this, not leave it running
+        open(os.environ["FAKE_MARKER"], "w").write(f"stopped by {signum}")
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
+    open(os.environ["FAKE_MARKER"] + ".started", "w").write("x")
+    time.sleep(120)
+if mode in ("nan", "nan_rc0"):
+    log.write("step:3/3 train_loss:nan\nerror: non-finite loss nan at step 3; no artifact written\n")
+    print("some unrelated last line on stderr", file=sys.stderr)
+    sys.exit(0 if mode == "nan_rc0" else 2)
+log.write("train_done steps:3 train_seconds:0.1 tok/s:1 peak_mem_mib:0\n")
+log.write("final_roundtrip val_loss:3.0000 val_bpb:1.5000 gap_bpb:+0.0000 eval_seconds:0.1 stride:64\n")
+'''
+
+
+def fake_manifest(tmp_path, runs, **base):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE)
+    return write_manifest(tmp_path / "m.json", runs, base={"MAX_WALLCLOCK_SECONDS": 0, **base},
+                          command=[sys.executable, str(script), str(ROOT)])
+
+
+def test_resume_reruns_a_row_whose_config_changed(tmp_path):
+    out = tmp_path / "out"
+    runs = [{"name": "a"}, {"name": "b", "env": {"MATRIX_LR": 0.05}}]
+    r = sweep(fake_manifest(tmp_path, runs), "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    old_b = (out / "logs" / "b.txt").read_text()
+    a_mtime = (out / "logs" / "a.txt").stat().st_mtime_ns
+    runs[1]["env"]["MATRIX_LR"] = 0.03  # the row was edited after it ran: its score no longer describes it
+    r = sweep(fake_manifest(tmp_path, runs), "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "skip a" in r.stdout and "start a" not in r.stdout
+    assert "rerun b: its log's config differs from the manifest: MATRIX_LR log 0.05, manifest 0.03" in r.stdout
+    assert read_run_log(out / "logs" / "b.txt")["config"]["MATRIX_LR"] == "0.03"
+    assert (out / "logs" / "b.txt.prev").read_text() == old_b  # the old log moved aside, whole
+    assert (out / "logs" / "a.txt").stat().st_mtime_ns == a_mtime
+    r = sweep(fake_manifest(tmp_path, runs), "--out", out)  # and now both match: nothing runs
+    assert r.stdout.count(" skip ") == 2 and " start " not in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["nan", "nan_rc0"])
+def test_a_failed_run_is_reported_with_its_logs_error_line(tmp_path, mode):
+    out = tmp_path / "out"
+    r = sweep(fake_manifest(tmp_path, [{"name": f"diverged-{mode}"}]), "--out", out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    (row,) = read_csv(out)
+    assert row["status"] == "failed"
+    assert row["error"] == f"rc:{0 if mode == 'nan_rc0' else 2} error: non-finite loss nan at step 3; no artifact written"
+    assert "error: non-finite loss nan" in r.stdout
+
+
+def wait_for(path, timeout=60):
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_reaches_the_training_child_and_the_folder_is_locked(tmp_path, sig, monkeypatch):
+    import signal
+
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    monkeypatch.setenv("FAKE_MARKER", str(marker))  # runs start with the caller's environment
+    manifest = fake_manifest(tmp_path, [{"name": "long-sleep"}])
+    first = subprocess.Popen([sys.executable, SWEEP, str(manifest), "--out", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(tmp_path / "marker.started")
+        second = sweep(manifest, "--out", out)  # an immediate resume must not run a second copy
+        assert second.returncode == 2 and "is in use by another sweep" in second.stderr, second.stdout + second.stderr
+        assert " start " not in second.stdout
+        first.send_signal(getattr(signal, sig))
+        stdout, stderr = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert marker.read_text() == f"stopped by {signal.SIGTERM.value}"  # forwarded, and waited for (1 s)
+    assert first.returncode == 128 + getattr(signal, sig).value, stdout + stderr
+    assert f"sweep: stopped by {sig}" in stderr
+    (row,) = read_csv(out)
+    assert row["status"] == "failed" and "stopped by" in row["error"]
+
+
 # ---- scripts/runlog.py -----------------------------------------------------------------------------------------
 
 ONE_RUN = """run_id:a world_size:1 device:cuda:0 torch:2.11 compile:True
