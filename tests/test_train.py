@@ -303,7 +303,7 @@ def test_ema_averages_the_warmdown_and_exports_what_it_scores(shards, monkeypatc
             want = 0.6 * want + 0.4 * w
         np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-5, atol=1e-7, err_msg=name)
     fresh = tg.GPT(h)
-    fresh.load_state_dict(tg.deserialize_state(tg.serialize_model(base, h)))
+    fresh.load_state_dict(tg.deserialize_state(tg.serialize_model(base, h), h))
     ref = copy.deepcopy(base)
     with torch.no_grad():
         for name, p in ref.named_parameters():
