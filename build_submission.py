@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from runlog import LogError, read_run_log  # noqa: E402
 
 CAP_BYTES = 16_000_000
+EVAL_BUDGET_S = 600.0  # the challenge's evaluation time on 8 GPUs
 # Knobs a log may legitimately differ on from the configuration: per-run paths, the seed, torchrun's variables.
 PER_RUN_KNOBS = {"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_PATH", "DATA_PATH", "TOKENIZER_PATH", "WORLD_SIZE", "RANK",
                  "LOCAL_RANK"}
@@ -474,7 +475,7 @@ def requirements(text):
     return sorted(PIP_NAMES[m] for m in mods if m in PIP_NAMES)
 
 
-def read_runs(logs, config):
+def read_runs(logs, config, eval_budget):
     runs = []
     for path in logs:
         try:
@@ -487,6 +488,10 @@ def read_runs(logs, config):
         if run["steps"] is None:
             raise BuildError(f"{path}: no training in the log (no train_done line); a record needs the run that "
                              "trained the model, not one that re-scored a checkpoint (EVAL_FROM_CHECKPOINT)")
+        if run["challenge_eval_s"] is None or run["challenge_eval_s"] > eval_budget:
+            raise BuildError(f"{path}: the final evaluation extrapolates to {run['challenge_eval_s']} s on the "
+                             f"challenge's 8 GPUs (final_roundtrip challenge_eval_seconds), over --eval-budget "
+                             f"{eval_budget:g} s")
         run["path"] = Path(path)
         config.check_log(run, path)
         runs.append(run)
@@ -644,6 +649,8 @@ def parse_args(argv):
     p.add_argument("--date", default=datetime.date.today().isoformat(), help="YYYY-MM-DD (default: today)")
     p.add_argument("--records-dir", default=str(ROOT / "records"))
     p.add_argument("--cap", type=int, default=CAP_BYTES)
+    p.add_argument("--eval-budget", type=float, default=EVAL_BUDGET_S,
+                   help="seconds the final evaluation may take on the challenge's 8 GPUs (default: the challenge's)")
     args = p.parse_args(argv)
     if not args.extract_only:
         missing = [f for f in ("name", "github_id") if not getattr(args, f)] + ([] if args.log else ["log"])
@@ -682,7 +689,7 @@ def build(args):
         os.replace(tmp, args.extract_only)
         print(f"wrote {args.extract_only}")
         return
-    runs = read_runs(args.log, config)
+    runs = read_runs(args.log, config, args.eval_budget)
     check_code(runs, text, code)
     total = check_cap(len(code.encode()), runs, args.cap)
     out, sub = write_record(args, code, runs, config, info)
