@@ -44,13 +44,18 @@ def main():
         r["q5_total_bytes"] = str(int(r["q5_model_bytes"]) + int(r["code_bytes"]))
     keys = ["run", "flags", "commit", "final_val_bpb", "delta_bpb", "pre_export_val_bpb", "q5_total_bytes", "steps",
             "tok_s", "peak_mem_mib", "compile_s", "params"]
-    with open(HERE / "results.csv", "w", newline="") as f:
+    write_table(rows, keys, "results")
+
+
+def write_table(rows, keys, stem):
+    """<stem>.csv and <stem>.md (printed too) of the rows' `keys` columns."""
+    with open(HERE / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    (HERE / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -90,14 +95,7 @@ def h200_table():
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
         r["delta_vs_c1_train"] = f"{float(r['final_val_bpb']) - base:+.4f}" if r["final_val_bpb"] else ""
-    with open(HERE / "recipe_h200.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, H200_KEYS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["| " + " | ".join(H200_KEYS) + " |", "|" + "---|" * len(H200_KEYS)]
-    lines += ["| " + " | ".join(r[k] for k in H200_KEYS) + " |" for r in rows]
-    (HERE / "recipe_h200.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(rows, H200_KEYS, "recipe_h200")
     return rows
 
 
