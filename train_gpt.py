@@ -399,12 +399,21 @@ def read_shard_header(path):
     return ntok
 
 
+def token_range_error(path, tokens, vocab_size):
+    """The first token id >= vocab_size in `tokens` (an array or a memory map) as a message naming the file, or
+    None; one vectorised max on the common path."""
+    if not len(tokens) or int(tokens.max()) < vocab_size:
+        return None
+    bad = int(np.argmax(tokens >= vocab_size))
+    return f"{path}: token id {int(tokens[bad])} at position {bad} >= VOCAB_SIZE={vocab_size}"
+
+
 def load_shard(path, vocab_size):
     ntok = read_shard_header(path)
     tokens = np.fromfile(path, dtype="<u2", count=ntok, offset=HEADER_BYTES)
-    if ntok and int(tokens.max()) >= vocab_size:
-        bad = int(np.argmax(tokens >= vocab_size))
-        raise DataError(f"{path}: token id {int(tokens[bad])} at position {bad} >= VOCAB_SIZE={vocab_size}")
+    error = token_range_error(path, tokens, vocab_size)
+    if error:
+        raise DataError(error)
     return tokens
 
 
@@ -424,10 +433,7 @@ def shard_token_error(path, vocab_size):
     if ntok == 0:
         return f"{path}: 0 tokens; an empty shard is a failed build (the loader would find nothing in it)"
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
-    if int(tokens.max()) < vocab_size:
-        return None
-    bad = int(np.argmax(tokens >= vocab_size))
-    return f"{path}: token id {int(tokens[bad])} at position {bad} >= VOCAB_SIZE={vocab_size}"
+    return token_range_error(path, tokens, vocab_size)
 
 
 def check_shards(files, vocab_size):
