@@ -1673,11 +1673,6 @@ def target_bytes(inputs, targets, luts):
     return base[targets] + (space[targets] & ~boundary[inputs])
 
 
-def window_count(n_targets, seq_len, stride):
-    """Windows of seq_len targets starting every `stride` tokens until the split's last target is covered."""
-    return 1 + -(-max(0, n_targets - seq_len) // stride)
-
-
 def document_bounds(tokens, bos_id):
     """(first, last) target positions of each document, as arrays: a document starts at a BOS (or at the split's
     start) and owns the targets after it up to and including the next BOS, which its last token predicts. The
@@ -1688,6 +1683,11 @@ def document_bounds(tokens, bos_id):
     return starts + 1, np.append(starts[1:], len(tokens) - 1)
 
 
+def whole_split(tokens):
+    """The (first, last) target positions of the split taken as one document: windows read across every BOS."""
+    return np.array([1]), np.array([len(tokens) - 1])
+
+
 def window_table(first, last, seq_len, stride):
     """(start, first scored offset, length) arrays of every window, document after document: within a document
     of targets first..last a window starts every `stride` tokens from the token before `first`, reads at most
@@ -1695,7 +1695,7 @@ def window_table(first, last, seq_len, stride):
     only its last `stride`, the targets the previous window did not reach, each with at least seq_len - stride
     tokens of context (or all of the document before it). stride == seq_len: disjoint windows."""
     begin, n = first - 1, last - first + 1
-    counts = 1 + -(-np.maximum(0, n - seq_len) // stride)
+    counts = 1 + -(-np.maximum(0, n - seq_len) // stride)  # until the document's last target is covered
     doc = np.repeat(np.arange(len(n)), counts)
     k = np.arange(len(doc)) - np.repeat(np.cumsum(counts) - counts, counts)
     offset = np.where(k == 0, 0, seq_len - stride)
@@ -1728,8 +1728,7 @@ def eval_batches(tokens, seq_len, batch_seqs, rank, world, stride=0, docs=None):
     (mask 1) in exactly one row of one batch of one rank; the rest is padding or context (causal, so tokens
     after a target cannot change its score)."""
     stride = stride or seq_len
-    first, last = docs if docs is not None else (np.array([1]), np.array([len(tokens) - 1]))
-    start, offset, length = window_table(first, last, seq_len, stride)
+    start, offset, length = window_table(*(docs or whole_split(tokens)), seq_len, stride)
     lo, hi = rank_share(len(start), rank, world)
     batch_seqs = max(1, min(batch_seqs, -(-len(start) // world)))  # same shape on every rank, no wasted rows
     for b in range(lo, hi, batch_seqs):
@@ -1741,15 +1740,14 @@ def eval_stream_batches(tokens, seq_len, batch_seqs, rank, world):
     """Like eval_batches (same rank shares, every target once, padding masked), but row r of consecutive
     batches walks through one contiguous run of this rank's sequences, so state left by a window (the capsule
     bank's) flows into the next window of the same text."""
-    n_targets = len(tokens) - 1
-    lo, hi = rank_share(window_count(n_targets, seq_len, seq_len), rank, world)
+    spans = list(zip(*window_table(*whole_split(tokens), seq_len, seq_len)))
+    lo, hi = rank_share(len(spans), rank, world)
     rows = max(1, min(batch_seqs, hi - lo))
     per_row = -(-(hi - lo) // rows)
     for b in range(per_row):
         windows = [lo + r * per_row + b for r in range(rows)]
         ends = [min(hi, lo + (r + 1) * per_row) for r in range(rows)]
-        yield window_batch(tokens, [(w * seq_len, 0, min(seq_len, n_targets - w * seq_len)) if w < end else None
-                                    for w, end in zip(windows, ends)], seq_len, rows)
+        yield window_batch(tokens, [spans[w] if w < end else None for w, end in zip(windows, ends)], seq_len, rows)
 
 
 @torch.no_grad()
