@@ -689,10 +689,13 @@ class TernaryLinear(nn.Module):
         """(trits, scale) of the current weight: what the forward uses and what the artifact stores."""
         return ternary_quantize(self.weight.detach(), self.group_size)
 
+    def dequantized(self):
+        """The stored weight as floats: what quantize() gives back, multiplied out."""
+        return dequantize_ternary(*self.quantize(), self.group_size)
+
     def quantized_weight(self):
         w = self.weight
-        wq = dequantize_ternary(*self.quantize(), self.group_size)
-        return w + (wq - w).detach()
+        return w + (self.dequantized() - w).detach()
 
     def forward(self, x):
         return F.linear(x, self.quantized_weight().to(x.dtype))
@@ -729,7 +732,7 @@ class Log8TernaryLinear(TernaryLinear):
         # exactly the quantized value (w - w.detach() is 0) with w's gradient: log8 scales use the whole fp32
         # mantissa, so w + (wq - w) would round away from wq, and a reloaded model would score differently
         w = self.weight
-        return dequantize_ternary(*self.quantize(), self.group_size) + (w - w.detach())
+        return self.dequantized() + (w - w.detach())
 
 
 def enable_log8_scales(model):
@@ -752,10 +755,13 @@ class IntQATLinear(TernaryLinear):
     def quantize(self):
         return int_rows_quantize(self.weight.detach(), self.bits)
 
+    def dequantized(self):
+        q, scale = self.quantize()
+        return q * scale
+
     def quantized_weight(self):
         w = self.weight
-        q, scale = self.quantize()
-        return q * scale + (w - w.detach())  # exactly the stored value, with w's gradient
+        return self.dequantized() + (w - w.detach())  # exactly the stored value, with w's gradient
 
 
 def enable_int_linear(model, h):
@@ -776,32 +782,43 @@ def enable_calibration(model):
             m.register_buffer("calib", torch.tensor([0.5, 1.0], device=m.weight.device), persistent=False)
 
 
-class FPPhaseTernaryLinear(TernaryLinear):
-    """FP_PHASE: a TernaryLinear whose buffer quant_mix q blends the latent weight w with its ternary wq. The
-    forward uses w + q (wq - w): q = 0 is the unquantized latent weight, q = 1 exactly TernaryLinear (same float
-    ops), and the gradient reaches w straight through at any q. q is a tensor filled in place, so the compiled
-    graph is one for every q: the switch costs no recompile. The buffer is not saved: artifacts are ternary."""
+class FPPhaseLinear:
+    """FP_PHASE: mixed into a layer's own quantizer class (fp_phase_class), whose buffer quant_mix q blends the
+    latent weight w with the layer's quantized weight wq, ternary or int (HYBRID_INT) alike. The forward uses
+    w + q (wq - w): q = 0 is the unquantized latent weight, q = 1 exactly the plain TernaryLinear (same float ops),
+    and the gradient reaches w straight through at any q. q is a tensor filled in place, so the compiled graph is
+    one for every q: the switch costs no recompile. The buffer is not saved: artifacts hold quantized weights."""
 
     def quantized_weight(self):
         w = self.weight
-        wq = dequantize_ternary(*self.quantize(), self.group_size)
-        return w + (self.quant_mix * (wq - w)).detach()
+        return w + (self.quant_mix * (self.dequantized() - w)).detach()
 
 
-class FPPhaseCalibratedTernaryLinear(FPPhaseTernaryLinear, CalibratedTernaryLinear):
-    """FP_PHASE with TERNARY_CALIB: the blend around the calibrated quantizer."""
+FP_PHASE_CLASSES = {}  # quantizer class -> its FP-phase class, made once, so that every layer of a kind shares it
+
+
+def fp_phase_class(cls):
+    if cls not in FP_PHASE_CLASSES:
+        FP_PHASE_CLASSES[cls] = type(f"FPPhase{cls.__name__}", (FPPhaseLinear, cls), {"plain": cls})
+    return FP_PHASE_CLASSES[cls]
 
 
 class QuantMix:
-    """FP_PHASE: makes every TernaryLinear of a model an FPPhase one (q = 1 until set) and sets their q. The
-    buffers are filled only when q changes, so the steps in between launch nothing and never synchronize."""
+    """FP_PHASE: gives every TernaryLinear of a model (whatever its quantizer) the FP-phase blend, q = 1 until set,
+    and sets their q. The buffers are filled only when q changes, so the steps in between launch nothing and never
+    synchronize. finish() puts the quantizer classes back, so that what is exported and scored after training is
+    exactly the quantized model."""
 
     def __init__(self, model):
         self.layers, self.value = [m for m in model.modules() if isinstance(m, TernaryLinear)], 1.0
         for m in self.layers:
-            calibrated = isinstance(m, CalibratedTernaryLinear)
-            m.__class__ = FPPhaseCalibratedTernaryLinear if calibrated else FPPhaseTernaryLinear
+            m.__class__ = fp_phase_class(type(m))
             m.register_buffer("quant_mix", torch.ones((), device=m.weight.device), persistent=False)
+
+    def finish(self):
+        self.set(1.0)
+        for m in self.layers:
+            m.__class__ = m.plain
 
     def set(self, value):
         if value != self.value:
@@ -3082,7 +3099,7 @@ def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
         compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log)
     calibrated = train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
     if h.fp_phase:
-        base.quant_mix.set(1.0)  # a run that stopped inside the ramp still exports (and scores) ternary weights
+        base.quant_mix.finish()  # a run that stopped inside the ramp still exports (and scores) quantized weights
     if h.ema_enabled:
         ema.copy_to_model()
         log(f"ema_applied steps:{ema.steps} decay:{h.ema_decay} domain:{h.ema_domain}")

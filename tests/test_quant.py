@@ -1,4 +1,6 @@
 """Ternary quantizer against a numpy reference, its STE gradient, and construction-time shape checks."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -149,7 +151,7 @@ def test_fp_phase_blend_is_the_latent_weight_then_exactly_ternary(calib):
     if calib:
         plain.register_buffer("calib", layer.calib.clone(), persistent=False)
     mix = tg.QuantMix(holder)
-    assert isinstance(layer, tg.FPPhaseTernaryLinear) and isinstance(layer, tg.CalibratedTernaryLinear) == calib
+    assert isinstance(layer, tg.FPPhaseLinear) and isinstance(layer, tg.CalibratedTernaryLinear) == calib
     assert "quant_mix" not in layer.state_dict()  # never exported
     w = layer.weight.detach().clone()
     wq = tg.dequantize_ternary(*plain.quantize(), 32)
@@ -165,6 +167,32 @@ def test_fp_phase_blend_is_the_latent_weight_then_exactly_ternary(calib):
             torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.weight.grad, upstream.T @ x, rtol=1e-5, atol=1e-5)
     assert (x @ w.T - plain(x)).abs().max() > 0.1  # the two phases really compute different things
+
+
+@pytest.mark.parametrize("kind", ["int", "log8"])
+def test_fp_phase_keeps_each_layers_own_quantizer(kind):
+    """FP_PHASE with HYBRID_INT or SCALE_FORMAT=log8: the blend goes towards the layer's own quantized weight (int
+    rows, log8 scales), never the plain ternary one, and finish() gives back the layer's own class, which then
+    computes bit for bit what a layer that never had an FP phase computes."""
+    torch.manual_seed(3)
+    holder = torch.nn.Sequential(tg.TernaryLinear(64, 16, 32))
+    if kind == "int":
+        tg.enable_int_linear(holder, tg.Hyperparameters({"HYBRID_INT": "1", "HYBRID_FAMILIES": "q", "HYBRID_BITS": "4"}))
+        holder[0].__class__, holder[0].bits = tg.IntQATLinear, 4  # enable_int_linear only swaps blocks' matrices
+    else:
+        tg.enable_log8_scales(holder)
+    layer, plain_cls = holder[0], type(holder[0])
+    plain = copy.deepcopy(layer)
+    own = plain.dequantized()
+    assert (own - tg.dequantize_ternary(*tg.ternary_quantize(layer.weight.detach(), 32), 32)).abs().max() > 1e-3
+    mix = tg.QuantMix(holder)
+    x = torch.randn(5, 64)
+    mix.set(0.0)
+    torch.testing.assert_close(layer(x), x @ layer.weight.detach().T, rtol=1e-5, atol=1e-6)
+    mix.set(1.0)
+    torch.testing.assert_close(layer(x).detach(), x @ own.T, rtol=1e-5, atol=1e-5)
+    mix.finish()
+    assert type(layer) is plain_cls and torch.equal(layer(x), plain(x))
 
 
 def test_quant_mix_fills_only_on_change():
