@@ -1,0 +1,344 @@
+"""Where one training step's GPU time goes: the step exactly as train_gpt.py runs it, under torch.profiler, on one GPU.
+
+    DATA_PATH=... VOCAB_SIZE=8192 TRAIN_BATCH_TOKENS=262144 GRAD_ACCUM_STEPS=2 FP_PHASE=1 MLP_MULT=4 \\
+        python3 scripts/profile_step.py --out prof/          # every knob from the env, as the trainer reads it
+    options: --warmup N (compile + autotune steps, default 8), --steps N (profiled, default 5), --timed N (timed
+    without the profiler, default 20), --top N (rows of the op table, default 40), --quant-mix Q (FP_PHASE's blend,
+    default 1: the ternary phase most of a run trains in), --trace (also write a chrome trace), --allow-cpu (run on
+    the CPU, uncompiled, with 1/1/2 steps: for tests)
+
+Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz like `fit`, runs the warmup steps
+through train_gpt.train_step, then writes to --out: profile_table.txt (the profiler's op table sorted by device
+time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
+memcpy, nccl, other; per-region totals forward+backward / optimizer; the GPU idle gap within the step, i.e. launch
+overhead). On the CPU there are no kernels, so the CPU ops (self time) are bucketed instead, through the same code.
+Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, record_function
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_gpt as tg  # noqa: E402
+
+STEP, OPT = "profile_step/step", "profile_step/optimizer"  # record_function regions this script adds
+REGIONS = {"fwd_bwd": "forward+backward (incl. batch copy, grad clip)", "optimizer": "optimizer step"}
+
+# GPU kernels: (bucket, name fragments), first match wins. Inductor's triton kernels first (their names carry the
+# fused ops' names, e.g. triton_poi_fused__to_copy_mul_0), then attention before matmul (flash kernels carry
+# cutlass / sm90 in their names). Names are lower-cased.
+KERNEL_BUCKETS = [
+    ("matmul", ("triton_tem",)),  # inductor's matmul templates
+    ("reductions/norm", ("triton_red", "triton_per")),
+    ("triton fused elementwise", ("triton_",)),
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "sm90", "nvjet", "cublas", "xmma")),
+    ("reductions/norm", ("reduce", "norm", "softmax", "cross_entropy", "nll_loss")),
+    ("elementwise (eager)", ("elementwise", "foreach")),
+]
+# CPU ops (the no-CUDA fallback), by their aten name without "aten::" and a trailing "_".
+ATEN_MEMCPY = {"copy", "_to_copy", "to", "fill", "zero", "clone", "contiguous", "empty", "zeros", "empty_like",
+               "zeros_like", "ones_like", "full", "empty_strided", "new_zeros", "new_empty", "new_empty_strided"}
+ATEN_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "dot", "einsum"}
+ATEN_REDUCE = ("sum", "mean", "norm", "softmax", "amax", "max", "min", "nll_loss", "cross_entropy", "std", "var")
+ATEN_ELEMENTWISE = {"add", "mul", "sub", "div", "where", "sign", "abs", "clamp", "clamp_min", "clamp_max", "round",
+                    "lerp", "pow", "sqrt", "rsqrt", "exp", "tanh", "sigmoid", "relu", "gelu", "neg", "silu", "rsub",
+                    "reciprocal", "addcmul", "addcdiv", "square", "cos", "sin", "eq", "ne", "gt", "lt", "ge", "le",
+                    "maximum", "minimum", "threshold_backward", "gelu_backward", "silu_backward", "sigmoid_backward",
+                    "tanh_backward", "cat", "embedding", "embedding_dense_backward", "index", "gather", "scatter",
+                    "index_add", "masked_fill", "floor", "ceil", "log", "erf"}
+OPTIMIZER_BUCKET = "optimizer (Muon Newton-Schulz, Adam)"  # every kernel launched inside an optimizer step
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--warmup", type=int, default=None, help="compile/autotune steps (default 8; CPU 1)")
+    p.add_argument("--steps", type=int, default=None, help="profiled steps (default 5; CPU 1)")
+    p.add_argument("--timed", type=int, default=None, help="steps timed without the profiler (default 20; CPU 2)")
+    p.add_argument("--top", type=int, default=40, help="rows of the profiler's op table")
+    p.add_argument("--quant-mix", type=float, default=1.0, help="FP_PHASE blend q (1: ternary, 0: unquantized)")
+    p.add_argument("--out", default=".", help="folder for profile_table.txt, profile_breakdown.md, the trace")
+    p.add_argument("--trace", action="store_true", help="also export a chrome trace (profile_trace.json)")
+    p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no CUDA (tests)")
+    a = p.parse_args(argv)
+    for k in ("warmup", "steps", "timed", "top"):
+        if getattr(a, k) is not None and getattr(a, k) < (0 if k == "warmup" else 1):
+            p.error(f"--{k} must be >= {0 if k == 'warmup' else 1}")
+    if not 0.0 <= a.quant_mix <= 1.0:
+        p.error("--quant-mix must be in [0, 1]")
+    return a
+
+
+def progress(msg):
+    print(f"profile_step {msg}", flush=True)
+
+
+class FixedMixSchedule(tg.TrainingSchedule):
+    """The trainer's schedule with FP_PHASE's blend held at --quant-mix: train_step sets q from the schedule every
+    step, and at step 0 the real schedule says 0 (before QAT_START_FRAC)."""
+
+    def __init__(self, h, q):
+        super().__init__(h)
+        self.q = q
+
+    def quant_mix(self, step, elapsed):
+        return self.q
+
+
+def with_region(fn, name):
+    """fn wrapped in a profiler region: kernels launched inside it are attributed to that region."""
+    def wrapped(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def build(h, device, q):
+    """Model, compiled model and optimizers as `fit` builds them (single process: no DDP)."""
+    torch.manual_seed(h.seed)
+    base = tg.GPT(h).to(device)
+    if h.fp_phase:
+        base.quant_mix = tg.QuantMix(base)  # before compile, which must see the blending layers
+        base.quant_mix.set(q)
+    use_compile = device.type == "cuda" and h.compile != "0"
+    model = torch.compile(base, dynamic=False) if use_compile else base
+    optimizers = tg.build_optimizers(base, h)
+    for opt in optimizers:
+        if use_compile and isinstance(opt, tg.Muon):
+            opt.compile_newton_schulz()
+        opt.step = with_region(opt.step, OPT)  # an instance attribute: train_gpt.py is untouched
+    return base, model, optimizers, use_compile
+
+
+def run_steps(n, ctx, first, region=False):
+    """n train_gpt.train_step calls, each followed by a synchronize (as train() does). Returns the next step index."""
+    base, model, optimizers, h, loader, schedule, device = ctx
+    for s in range(first, first + n):
+        with record_function(STEP) if region else contextlib.nullcontext():
+            tg.train_step(model, base, loader, optimizers, h, schedule, s, 0.0)
+            tg.sync(device)
+    return first + n
+
+
+def ancestors(evt):
+    while evt is not None:
+        yield evt
+        evt = evt.cpu_parent
+
+
+def region_of(evt):
+    return "optimizer" if any(e.name == OPT for e in ancestors(evt)) else "fwd_bwd"
+
+
+def bucket(name, region):
+    if region == "optimizer":
+        return OPTIMIZER_BUCKET
+    low = name.lower()
+    if low.startswith("aten::"):
+        op = low[len("aten::"):].rstrip("_") or low
+        if op in ATEN_MEMCPY:
+            return "memcpy/memset"
+        if "attention" in op:
+            return "attention"
+        if op in ATEN_MATMUL:
+            return "matmul"
+        if any(f in op for f in ATEN_REDUCE):
+            return "reductions/norm"
+        return "elementwise (eager)" if op in ATEN_ELEMENTWISE else "other"
+    for b, frags in KERNEL_BUCKETS:
+        if any(f in low for f in frags):
+            return b
+    return "other"
+
+
+def is_annotation(e):
+    return getattr(e, "is_user_annotation", False) or e.name in (STEP, OPT) or e.name.startswith("Optimizer.")
+
+
+def device_items(events):
+    """(name, start_us, end_us, time_us, region) of every GPU kernel, memcpy and memset. The region comes from the
+    CPU op that launched it (linked correlation id); where torch lacks that link, from the GPU-side span of the
+    optimizer annotation."""
+    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    opt_spans = [e.time_range for e in gpu if e.name == OPT]
+    items = []
+    for e in gpu:
+        if is_annotation(e):
+            continue
+        t0, t1 = e.time_range.start, e.time_range.end
+        parent = cpu.get(getattr(e, "linked_correlation_id", 0) or -1)
+        if parent is not None:
+            region = region_of(parent)
+        else:
+            region = "optimizer" if any(s.start <= t0 < s.end for s in opt_spans) else "fwd_bwd"
+        items.append((e.name, t0, t1, t1 - t0, region))
+    return items
+
+
+def cpu_items(events):
+    """The CPU fallback: every op inside a step region with its self time (no double counting of nested ops)."""
+    items = []
+    for e in events:
+        if e.device_type != DeviceType.CPU or is_annotation(e) or not any(a.name == STEP for a in ancestors(e)):
+            continue
+        items.append((e.name, e.time_range.start, e.time_range.end, e.self_cpu_time_total, region_of(e)))
+    return items
+
+
+def union_us(spans):
+    total, end = 0.0, float("-inf")
+    for t0, t1 in sorted(spans):
+        if t1 > end:
+            total += t1 - max(t0, end)
+            end = t1
+    return total
+
+
+def breakdown(prof, steps, on_gpu):
+    """{bucket: us}, {region: us}, busy us within the steps, wall us of the steps, top 'other' [(name, us)]."""
+    events = prof.events()
+    items = device_items(events) if on_gpu else cpu_items(events)
+    windows = [e.time_range for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
+    if not items or len(windows) != steps:
+        raise RuntimeError(f"profiler gave {len(items)} {'kernels' if on_gpu else 'ops'} and {len(windows)} step "
+                           f"regions for {steps} steps; nothing to break down")
+    buckets, regions, others = defaultdict(float), defaultdict(float), defaultdict(float)
+    for name, _, _, us, region in items:
+        b = bucket(name, region)
+        buckets[b] += us
+        regions[region] += us
+        if b == "other":
+            others[name] += us
+    # busy = union of kernel time clipped to each step's wall window (the window ends at the synchronize)
+    busy = sum(union_us([(max(t0, w.start), min(t1, w.end)) for _, t0, t1, _, _ in items if t0 < w.end and t1 > w.start])
+               for w in windows)
+    wall = sum(w.end - w.start for w in windows)
+    top_other = sorted(others.items(), key=lambda kv: -kv[1])[:10]
+    return buckets, regions, busy, wall, top_other
+
+
+def breakdown_markdown(res, steps, on_gpu, timing, h):
+    buckets, regions, busy, wall, top_other = res
+    total = sum(buckets.values())
+    what = "GPU kernel time" if on_gpu else "CPU op self time (no CUDA: CPU ops bucketed)"
+    ms = lambda us: us / steps / 1000  # noqa: E731
+    lines = [f"# Training step profile ({steps} profiled steps, {what})", "",
+             f"config: TRAIN_BATCH_TOKENS={h.train_batch_tokens} GRAD_ACCUM_STEPS={h.grad_accum_steps} "
+             f"TRAIN_SEQ_LEN={h.train_seq_len} NUM_LAYERS={h.num_layers} MODEL_DIM={h.model_dim} "
+             f"MLP_MULT={h.mlp_mult} VOCAB_SIZE={h.vocab_size} FP_PHASE={int(h.fp_phase)}", "",
+             f"timed (no profiler): {timing}", "",
+             "| bucket | ms/step | share |", "|---|---:|---:|"]
+    for b, us in sorted(buckets.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {b} | {ms(us):.3f} | {100 * us / total:.1f}% |")
+    lines.append(f"| **total** | {ms(total):.3f} | 100.0% |")
+    lines += ["", "| region | ms/step | share |", "|---|---:|---:|"]
+    for r, label in REGIONS.items():
+        lines.append(f"| {label} | {ms(regions[r]):.3f} | {100 * regions[r] / total:.1f}% |")
+    lines += [f"| step wall time (profiled, incl. synchronize) | {ms(wall):.3f} | |",
+              f"| busy (union of {'kernels' if on_gpu else 'ops'} within the step) | {ms(busy):.3f} | |",
+              f"| gap (idle within the step: launch overhead, syncs) | {ms(wall - busy):.3f} | "
+              f"{100 * (wall - busy) / wall:.1f}% of wall |"]
+    if top_other:
+        lines += ["", "top 'other' names:", "", "| name | ms/step | share |", "|---|---:|---:|"]
+        lines += [f"| `{n[:120]}` | {ms(us):.3f} | {100 * us / total:.1f}% |" for n, us in top_other]
+    return "\n".join(lines) + "\n"
+
+
+def op_table(prof, on_gpu, top):
+    averages = prof.key_averages()
+    for key in (("self_device_time_total", "self_cuda_time_total") if on_gpu else ("self_cpu_time_total",)):
+        try:
+            return averages.table(sort_by=key, row_limit=top)
+        except (AttributeError, KeyError, ValueError):
+            continue  # older torch names the device column cuda
+    return averages.table(row_limit=top)
+
+
+def setup(h, allow_cpu):
+    """The device as the trainer picks it, single process. None: no CUDA and no --allow-cpu."""
+    if h.world_size != 1:
+        raise tg.ConfigError(f"WORLD_SIZE={h.world_size}: profile_step.py runs one process on one GPU; unset "
+                             "WORLD_SIZE and give TRAIN_BATCH_TOKENS as one GPU's share")
+    tg.check_batch_shape(h, 1)
+    _, _, device = tg.setup_distributed(h)  # TF32 settings as in training
+    if device.type != "cuda" and not allow_cpu:
+        return None
+    return device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    h = tg.Hyperparameters()
+    device = setup(h, args.allow_cpu)
+    if device is None:
+        print(f"error: no CUDA device (torch.cuda.is_available()={torch.cuda.is_available()}, DEVICE={h.device}); "
+              "profile_step.py profiles the GPU step. Pass --allow-cpu to run on the CPU anyway", file=sys.stderr)
+        return 2
+    on_gpu = device.type == "cuda"
+    warmup, steps, timed = [v if v is not None else (d if on_gpu else c)
+                            for v, d, c in ((args.warmup, 8, 1), (args.steps, 5, 1), (args.timed, 20, 2))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
+    t0 = time.perf_counter()
+    base, model, optimizers, use_compile = build(h, device, args.quant_mix)
+    total_params, ternary = tg.count_params(base)
+    progress(f"phase:build device:{device} compile:{use_compile} params:{total_params} ternary:{ternary} "
+             f"attention:{base.attn_backend} fp_phase:{int(h.fp_phase)} quant_mix:{args.quant_mix if h.fp_phase else '-'}")
+    loader = tg.DistributedTokenLoader(train_pattern, h, 0, 1, device)  # missing shards: the trainer's DataError
+    try:
+        ctx = (base, model, optimizers, h, loader, FixedMixSchedule(h, args.quant_mix), device)
+        progress(f"phase:warmup steps:{warmup} (compile and autotune on CUDA: about a minute)")
+        step = run_steps(warmup, ctx, 0)
+        progress(f"phase:warmup_done seconds:{time.perf_counter() - t0:.1f}")
+
+        # timed without the profiler, as train() times it: synchronize, then wall clock over whole steps
+        tg.sync(device)
+        t1 = time.perf_counter()
+        step = run_steps(timed, ctx, step)
+        seconds = (time.perf_counter() - t1) / timed
+        tok_s = h.train_batch_tokens / seconds
+        flops_per_token = 6 * total_params + 12 * h.num_layers * h.model_dim * h.train_seq_len
+        timing = (f"steps:{timed} step_ms:{1000 * seconds:.2f} tok/s:{tok_s:.0f} "
+                  f"mfu:{tg.h100_mfu(tok_s, flops_per_token, 1):.3f}")
+        progress(f"phase:timed {timing}")
+
+        progress(f"phase:profile steps:{steps}")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
+            run_steps(steps, ctx, step, region=True)
+    finally:
+        loader.close()
+
+    progress("phase:analyse")
+    table = op_table(prof, on_gpu, args.top)
+    print(table, flush=True)
+    (out / "profile_table.txt").write_text(table + "\n")
+    md = breakdown_markdown(breakdown(prof, steps, on_gpu), steps, on_gpu, timing, h)
+    print(md, flush=True)
+    (out / "profile_breakdown.md").write_text(md)
+    if args.trace:
+        prof.export_chrome_trace(str(out / "profile_trace.json"))
+    progress(f"phase:done out:{out} seconds:{time.perf_counter() - t0:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (tg.ConfigError, tg.DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

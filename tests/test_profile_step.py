@@ -1,0 +1,57 @@
+"""scripts/profile_step.py on the CPU (--allow-cpu): the same breakdown code path as on a GPU, with CPU ops bucketed."""
+import re
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import profile_step  # noqa: E402
+
+
+@pytest.fixture
+def tiny_env(shards, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**TINY, "DATA_PATH": str(shards), "FP_PHASE": "1"}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_cpu_profile_writes_table_and_breakdown(tiny_env, tmp_path, capsys):
+    torch.set_num_threads(1)
+    rc = profile_step.main(["--allow-cpu", "--warmup", "1", "--steps", "1", "--timed", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "phase:warmup" in out and "phase:timed" in out and "mfu:" in out
+    table = (tmp_path / "profile_table.txt").read_text()
+    assert "aten::" in table and len(table.splitlines()) > 5
+    md = (tmp_path / "profile_breakdown.md").read_text()
+    bucket_rows = md.split("| bucket |", 1)[1].split("| **total**", 1)[0]
+    shares = [float(v) for v in re.findall(r"\| ([0-9.]+)% \|", bucket_rows)]
+    assert shares and abs(sum(shares) - 100) < 0.5
+    assert "matmul" in bucket_rows and profile_step.OPTIMIZER_BUCKET in bucket_rows
+    assert "| gap (idle within the step" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_without_cuda_it_refuses_unless_allowed(tiny_env, tmp_path, capsys):
+    assert profile_step.main(["--out", str(tmp_path)]) == 2
+    assert "--allow-cpu" in capsys.readouterr().err
+
+
+def test_missing_shards_is_the_trainers_data_error(tiny_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "none"))
+    with pytest.raises(profile_step.tg.DataError, match="no shard matches"):
+        profile_step.main(["--allow-cpu", "--out", str(tmp_path)])
+
+
+def test_kernel_names_bucket():
+    assert profile_step.bucket("void flash::flash_fwd_kernel<cutlass::bfloat16_t, Sm90>", "fwd_bwd") == "attention"
+    assert profile_step.bucket("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "fwd_bwd") == "matmul"
+    assert profile_step.bucket("triton_poi_fused__to_copy_mul_0", "fwd_bwd") == "triton fused elementwise"
+    assert profile_step.bucket("triton_red_fused_mean_pow_1", "fwd_bwd") == "reductions/norm"
+    assert profile_step.bucket("Memcpy HtoD (Pinned -> Device)", "fwd_bwd") == "memcpy/memset"
+    assert profile_step.bucket("some_unknown_kernel", "fwd_bwd") == "other"
+    assert profile_step.bucket("sm90_xmma_gemm_bf16", "optimizer") == profile_step.OPTIMIZER_BUCKET
