@@ -171,7 +171,9 @@ def device_items(events):
     """(name, start_us, end_us, time_us, region) of every GPU kernel, memcpy and memset. The region comes from the
     CPU op that launched it (linked correlation id); where torch lacks that link, from the GPU-side span of the
     optimizer annotation."""
-    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    # the launching ops: CPU events without a link of their own (runtime calls such as cudaLaunchKernel carry one,
+    # and their ids are CUPTI's, which may collide with the ops' ids)
+    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
     gpu = [e for e in events if e.device_type == DeviceType.CUDA]
     opt_spans = [e.time_range for e in gpu if e.name == OPT]
     items = []
