@@ -167,25 +167,25 @@ def is_annotation(e):
     return getattr(e, "is_user_annotation", False) or e.name in (STEP, OPT) or e.name.startswith("Optimizer.")
 
 
+def is_optimizer_annotation(e):
+    return e.name == OPT or e.name.startswith("Optimizer.step")
+
+
 def device_items(events):
-    """(name, start_us, end_us, time_us, region) of every GPU kernel, memcpy and memset. The region comes from the
-    CPU op that launched it (linked correlation id); where torch lacks that link, from the GPU-side span of the
-    optimizer annotation."""
-    # the launching ops: CPU events without a link of their own (runtime calls such as cudaLaunchKernel carry one,
-    # and their ids are CUPTI's, which may collide with the ops' ids)
-    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
+    """(name, start_us, end_us, time_us, region) of every GPU kernel, memcpy and memset. A kernel belongs to the
+    optimizer when it starts inside the GPU-side span of an optimizer annotation (this script's region, or torch's
+    own Optimizer.step#...): one stream runs the step's kernels in launch order, so the span holds exactly the
+    optimizer's kernels, and the idle time between them shows as the span's excess over their sum. (Linking a
+    kernel to its launching op found none on the H200 of 2026-11-29: kernels launched from compiled code have no
+    op ancestry there.)"""
     gpu = [e for e in events if e.device_type == DeviceType.CUDA]
-    opt_spans = [e.time_range for e in gpu if e.name == OPT]
+    opt_spans = sorted((e.time_range.start, e.time_range.end) for e in gpu if is_optimizer_annotation(e))
     items = []
     for e in gpu:
         if is_annotation(e):
             continue
         t0, t1 = e.time_range.start, e.time_range.end
-        parent = cpu.get(getattr(e, "linked_correlation_id", 0) or -1)
-        if parent is not None:
-            region = region_of(parent)
-        else:
-            region = "optimizer" if any(s.start <= t0 < s.end for s in opt_spans) else "fwd_bwd"
+        region = "optimizer" if any(s0 <= t0 < s1 for s0, s1 in opt_spans) else "fwd_bwd"
         items.append((e.name, t0, t1, t1 - t0, region))
     return items
 
@@ -228,6 +228,9 @@ def breakdown(prof, steps, on_gpu):
     busy = sum(union_us([(max(t0, w.start), min(t1, w.end)) for _, t0, t1, _, _ in items if t0 < w.end and t1 > w.start])
                for w in windows)
     wall = sum(w.end - w.start for w in windows)
+    if on_gpu:  # the optimizer's GPU span, idle gaps included: launch-bound when well above its kernels' sum
+        regions["optimizer_span"] = union_us([(e.time_range.start, e.time_range.end) for e in events if
+                                              e.device_type == DeviceType.CUDA and is_optimizer_annotation(e)])
     top_other = sorted(others.items(), key=lambda kv: -kv[1])[:10]
     return buckets, regions, busy, wall, top_other
 
@@ -249,6 +252,8 @@ def breakdown_markdown(res, steps, on_gpu, timing, h):
     lines += ["", "| region | ms/step | share |", "|---|---:|---:|"]
     for r, label in REGIONS.items():
         lines.append(f"| {label} | {ms(regions[r]):.3f} | {100 * regions[r] / total:.1f}% |")
+    if "optimizer_span" in regions:
+        lines.append(f"| optimizer span on the GPU (first to last kernel, idle included) | {ms(regions['optimizer_span']):.3f} | |")
     lines += [f"| step wall time (profiled, incl. synchronize) | {ms(wall):.3f} | |",
               f"| busy (union of {'kernels' if on_gpu else 'ops'} within the step) | {ms(busy):.3f} | |",
               f"| gap (idle within the step: launch overhead, syncs) | {ms(wall - busy):.3f} | "

@@ -55,3 +55,21 @@ def test_kernel_names_bucket():
     assert profile_step.bucket("Memcpy HtoD (Pinned -> Device)", "fwd_bwd") == "memcpy/memset"
     assert profile_step.bucket("some_unknown_kernel", "fwd_bwd") == "other"
     assert profile_step.bucket("sm90_xmma_gemm_bf16", "optimizer") == profile_step.OPTIMIZER_BUCKET
+
+
+def test_gpu_kernels_go_to_the_optimizer_by_its_gpu_span():
+    """device_items on fake GPU events: a kernel that starts inside an optimizer annotation's GPU span is the
+    optimizer's, any other is forward+backward; annotations themselves are not kernels; the span row counts the
+    idle time inside the optimizer."""
+    from types import SimpleNamespace as NS
+
+    def ev(name, t0, t1, annotation=False):
+        return NS(name=name, device_type=profile_step.DeviceType.CUDA, time_range=NS(start=t0, end=t1),
+                  is_user_annotation=annotation)
+
+    events = [ev("nvjet_fwd", 0, 10), ev("Optimizer.step#Muon.step", 12, 40, True), ev("nvjet_ns", 12, 15),
+              ev("triton_poi_fused_add_0", 30, 38), ev("nvjet_next", 41, 50)]  # torch's own annotation alone
+    items = profile_step.device_items(events)
+    assert [(n, r) for n, _, _, _, r in items] == [("nvjet_fwd", "fwd_bwd"), ("nvjet_ns", "optimizer"),
+                                                  ("triton_poi_fused_add_0", "optimizer"), ("nvjet_next", "fwd_bwd")]
+    assert [us for *_, us, _ in items] == [10, 3, 8, 9]
