@@ -77,7 +77,24 @@ H200_RUNS = [  # (run id, what it is, commit, checkpoint of)
     ("c2_lora_s1k_all", "re-scores: LoRA TTT on q,k,v,proj,up,down,head, lr 0.001, TTT_LORA_SPAN=1024", "281a7d2", "c2_train"),
     ("c3_train", "trains: FP_PHASE=1 QAT_START_FRAC=0.3 EXPORT_EMBED=int8 EXPORT_FLOAT=int8 MLP_MULT=4, EVAL_STRIDE=64",
      "281a7d2", ""),
+    # session 6 (h200_2026-11-29_s6/: run4.sh with call4/5/6.conf)
+    ("c4_train", "trains: as c3_train, SEED=42", "39a67b9", ""),
+    ("c4_chunked", "re-scores: chunked (EVAL_STRIDE=0)", "39a67b9", "c4_train"),
+    ("c4_temp", "re-scores: EVAL_STRIDE=64 TEMPERATURE_SEARCH=1 (T fitted on training tokens: 1.0000)", "39a67b9", "c4_train"),
+    ("c4_calib", "re-scores: EVAL_STRIDE=64 TERNARY_CALIB=1 (0 of 60 tensors changed)", "39a67b9", "c4_train"),
+    ("c4_engram", "re-scores: EVAL_ENGRAM=1 EVAL_ENGRAM_WEIGHT=0.1 (chunked stream)", "39a67b9", "c4_train"),
+    ("c4_lora", "re-scores: LoRA TTT, TTT_LORA_SPAN=2048 TTT_LORA_CHUNK=128, EVAL_DOC_ISOLATED=1", "39a67b9", "c4_train"),
+    ("c4_lora_e2", "re-scores: as c4_lora, TTT_EPOCHS=2", "39a67b9", "c4_train"),
+    ("c4_lora_r16", "re-scores: as c4_lora, TTT_LORA_RANK=16", "39a67b9", "c4_train"),
+    ("c4_lora_s4k", "re-scores: as c4_lora, TTT_LORA_SPAN=4096", "39a67b9", "c4_train"),
+    ("c5_train", "trains: FP_PHASE=1 QAT_START_FRAC=0.3 int8 floats, MLP_MULT=3, HYBRID_INT=1 HYBRID_FAMILIES=q,k "
+     "HYBRID_BITS=4", "39a67b9", ""),
+    ("t150m3_train", "trains 150 s: FP_PHASE=1 QAT_START_FRAC=0.3 int8 floats, MLP_MULT=3", "39a67b9", ""),
+    ("t150m4_train", "trains 150 s: FP_PHASE=1 QAT_START_FRAC=0.3 int8 floats, MLP_MULT=4", "39a67b9", ""),
 ]
+H200_S6 = HERE / "h200_2026-11-29_s6"
+LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
+          "c5_train": ", q,k int4"}
 H200_KEYS = ["run", "what", "commit", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
@@ -87,7 +104,7 @@ def h200_table():
     """recipe_h200.md / .csv: one row per log of h200_2026-11-29/, deltas against the default's sliding score."""
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
-        parsed = read_run_log(H200 / f"{run}.txt")
+        parsed = read_run_log(next(d / f"{run}.txt" for d in (H200, H200_S6) if (d / f"{run}.txt").exists()))
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
         row.update({k: "" if parsed.get(k) is None else f"{parsed[k]:.4f}" if "bpb" in k else str(parsed[k])
                     for k in H200_KEYS if k not in row})
@@ -107,12 +124,13 @@ def capacity_plot(rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r["stride"] == "64" and not r["run"].endswith("_iso")]
+    pts = [r for r in rows if r["stride"] == "64" and not r["run"].startswith("t150")
+           and (r["checkpoint_of"] == "" or r["run"].endswith("_int8"))]  # trained models, and c2 exported in int8
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in pts:
         x, y = int(r["total_bytes"]) / 1e6, float(r["final_val_bpb"])
         ax.scatter(x, y)
-        ax.annotate(f"{r['run']} ({int(r['params']) / 1e6:.1f}M params)", (x, y), fontsize=8,
+        ax.annotate(f"{r['run']} ({int(r['params']) / 1e6:.1f}M params{LABELS.get(r['run'], '')})", (x, y), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     ax.axvline(16.0, color="red", linestyle="--", label="cap 16,000,000 B")
     ax.set_xlabel("total artifact bytes (MB, brotli q5, unextracted code)")
