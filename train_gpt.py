@@ -224,8 +224,8 @@ class Hyperparameters:
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
-    export_float = Knob("EXPORT_FLOAT", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # float matrices
-    export_embed = Knob("EXPORT_EMBED", "fp16", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
+    export_float = Knob("EXPORT_FLOAT", "int8", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # float matrices
+    export_embed = Knob("EXPORT_EMBED", "int8", choices={"fp16", "fp8", "int8", "int6", "int5", "int4"})  # tok_emb
     embed_qat = Knob("EMBED_QAT", False)  # train through EXPORT_EMBED's int rounding of tok_emb (straight-through)
     scale_format = Knob("SCALE_FORMAT", "fp16", choices={"fp16", "log8"})  # ternary group scales, in training too
     # hybrid precision: the HYBRID_FAMILIES matrices of the blocks train (QAT) and export as per-row int, not ternary

@@ -18,6 +18,8 @@ TINY = dict(
     MLP_MULT="2", EMBED_DIM="32", GROUP_SIZE="32", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
     MAX_WALLCLOCK_SECONDS="0", COMPILE_WARMUP_STEPS="0", COMPILE="0", WARMUP_STEPS="2", TRAIN_LOG_EVERY="1",
     MAX_VAL_TOKENS="4096", VAL_BATCH_TOKENS="1024", BROTLI_QUALITY="1", DEVICE="cpu", SEED="7",
+    # lossless float export, so that the tests of exact round trips hold; the int formats (the default) have their own
+    EXPORT_EMBED="fp16", EXPORT_FLOAT="fp16",
 )
 
 

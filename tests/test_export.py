@@ -15,6 +15,8 @@ import train_gpt as tg
 from conftest import event_bpb, log_values, run_train
 from test_model import model
 
+F16 = {"EXPORT_EMBED": "fp16", "EXPORT_FLOAT": "fp16"}  # lossless floats (the default is int8): exact round trips
+
 
 def slow_base3(trits):
     out = []
@@ -217,7 +219,7 @@ def fp16_exact(m):
 @pytest.mark.parametrize("packing", ["base3", "2bit", "rans"])
 def test_roundtrip_is_exact(packing):
     m = fp16_exact(model()).eval()
-    h = tg.Hyperparameters({"EXPORT_FLOAT": "fp16"})
+    h = tg.Hyperparameters(F16)
     state = tg.deserialize_state(tg.serialize_model(m, h, packing), h)
     fresh = model().eval()
     fresh.load_state_dict(state)
@@ -239,7 +241,7 @@ def test_float_formats_per_family(embed, other):
     come back exactly as the numpy quantizer gives them, fp8 within its precision, and the model reloaded from the
     payload re-exports to the same bytes."""
     m = model().eval()
-    h = tg.Hyperparameters({"EXPORT_EMBED": embed, "EXPORT_FLOAT": other})
+    h = tg.Hyperparameters({**F16, "EXPORT_EMBED": embed, "EXPORT_FLOAT": other})
     payload = tg.serialize_model(m, h, "rans")
     state = tg.deserialize_state(payload, h)
     header = json.loads(payload[9 : 9 + struct.unpack("<I", payload[5:9])[0]])
@@ -285,7 +287,7 @@ def payload_with(payload, **changes):
 
 def test_unreadable_artifacts_are_artifact_errors_naming_the_file(tmp_path):
     m = model()
-    h8 = tg.Hyperparameters({"EXPORT_EMBED": "int8"})
+    h8 = tg.Hyperparameters({**F16, "EXPORT_EMBED": "int8"})
     good = tg.serialize_model(m, h8, "base3")
     tensors = json.loads(good[9 : 9 + struct.unpack("<I", good[5:9])[0]])["tensors"]
     renamed = [dict(t, kind="int3") if t["name"] == "tok_emb.weight" else t for t in tensors]
@@ -295,7 +297,7 @@ def test_unreadable_artifacts_are_artifact_errors_naming_the_file(tmp_path):
         (payload_with(good, trit_packing="huffman"), h8, "unknown trit packing 'huffman'"),
         (payload_with(good, scale_layout="fp16"), h8, "unknown scale layout 'fp16'"),
         (payload_with(good, tensors=renamed), h8, "tok_emb.weight is stored as 'int3'"),
-        (good, tg.Hyperparameters({}), "tok_emb.weight is stored as 'int8', which this configuration does not read"),
+        (good, tg.Hyperparameters(F16), "tok_emb.weight is stored as 'int8', which this configuration does not read"),
         (good[:-1], h8, "does not match its sha256 checksum"),
         (payload_with(good)[:-1], h8, "header describes"),
         (payload_with(good, trits=None), h8, "malformed artifact (TypeError"),
@@ -313,7 +315,7 @@ def test_unreadable_artifacts_are_artifact_errors_naming_the_file(tmp_path):
 
 def test_compress_keeps_the_smallest_packing_and_reloads(tmp_path):
     m = fp16_exact(model())
-    h = tg.Hyperparameters({"BROTLI_QUALITY": "5"})
+    h = tg.Hyperparameters({**F16, "BROTLI_QUALITY": "5"})
     lines = []
     packing, blob = tg.compress_model(m, h, log=lines.append)
     for other in tg.TRIT_PACKERS:
@@ -448,7 +450,7 @@ def test_rescoring_refuses_a_checkpoint_it_cannot_describe(saved, shards, tmp_pa
 # ---------------------------------------------------------------------------------------------------------------
 # corrupt files: a clear ArtifactError naming the file (issue 15 item 10)
 
-H16 = tg.Hyperparameters({"EXPORT_FLOAT": "fp16"})  # the formats a loader of these payloads is configured for
+H16 = tg.Hyperparameters(F16)  # the formats a loader of these payloads is configured for
 
 
 def small_payload():
@@ -543,7 +545,7 @@ def test_an_old_artifact_without_checksum_still_loads(tmp_path):
 def test_a_file_that_is_not_a_checkpoint_says_so_plainly(tmp_path):
     import functools
 
-    h = lambda p: tg.Hyperparameters({"EVAL_FROM_CHECKPOINT": "1", "CHECKPOINT_PATH": str(p)})  # noqa: E731
+    h = lambda p: tg.Hyperparameters({**F16, "EVAL_FROM_CHECKPOINT": "1", "CHECKPOINT_PATH": str(p)})  # noqa: E731
     m = model()
     cases = {
         "junk.pt": (lambda p: p.write_bytes(b"not a torch file"), "written by CHECKPOINT_SAVE=1: not a torch file"),
@@ -614,7 +616,7 @@ def test_a_failed_artifact_write_keeps_the_weights_and_says_where(tmp_path, monk
 
     h = outputs(tmp_path, **{"VOCAB_SIZE": "128", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
                              "NUM_KV_HEADS": "2", "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2",
-                             "BROTLI_QUALITY": "1", "RUN_ID": "full"})
+                             "BROTLI_QUALITY": "1", "RUN_ID": "full", **F16})
     (tmp_path / "logs").mkdir()
     m = fp16_exact(model())
     real_write = tg.write_atomic
@@ -676,7 +678,7 @@ def test_embed_qat_trains_the_exported_embedding():
     """With EMBED_QAT the forward sees tok_emb as EXPORT_EMBED stores it: the reloaded artifact gives bit-identical
     logits, and the gradient reaching the float embedding is the one of a plain model holding the rounded embedding
     (straight-through)."""
-    h = tg.Hyperparameters({"EMBED_QAT": "1", "EXPORT_EMBED": "int6"})
+    h = tg.Hyperparameters({**F16, "EMBED_QAT": "1", "EXPORT_EMBED": "int6"})
     m = fp16_exact(model(EMBED_QAT="1", EXPORT_EMBED="int6")).eval()  # the other floats are stored in fp16
     state = tg.deserialize_state(tg.serialize_model(m, h, "base3"), h)
     fresh = model(EMBED_QAT="1", EXPORT_EMBED="int6").eval()
@@ -694,7 +696,7 @@ def test_embed_qat_trains_the_exported_embedding():
     assert m.tok_emb.weight.grad.abs().sum() > 0
     torch.testing.assert_close(m.tok_emb.weight.grad, plain.tok_emb.weight.grad, rtol=1e-6, atol=1e-9)
     with pytest.raises(tg.ConfigError, match="EMBED_QAT=1 trains through an int format"):
-        tg.Hyperparameters({"EMBED_QAT": "1", "EXPORT_EMBED": "fp8"})
+        tg.Hyperparameters({**F16, "EMBED_QAT": "1", "EXPORT_EMBED": "fp8"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -731,7 +733,7 @@ def test_log8_scales_are_the_numpy_reference():
 @pytest.mark.parametrize("packing", ["base3", "rans"])
 def test_log8_roundtrip_is_exact_and_smaller(packing):
     cfg = {"SCALE_FORMAT": "log8", "EXPORT_EMBED": "int8", "EMBED_QAT": "1"}
-    h = tg.Hyperparameters(cfg)
+    h = tg.Hyperparameters({**F16, **cfg})
     m = fp16_exact(model(**cfg)).eval()
     payload = tg.serialize_model(m, h, packing)
     fresh = model(**cfg).eval()
@@ -743,25 +745,25 @@ def test_log8_roundtrip_is_exact_and_smaller(packing):
     assert torch.equal(m.logits(idx)[0], fresh.logits(idx)[0])
     assert tg.serialize_model(fresh, h, packing) == payload
     header, body = tg.read_header(payload)
-    fp16 = tg.serialize_model(m, tg.Hyperparameters({"EXPORT_EMBED": "int8", "EMBED_QAT": "1"}), packing)
+    fp16 = tg.serialize_model(m, tg.Hyperparameters({**F16, "EXPORT_EMBED": "int8", "EMBED_QAT": "1"}), packing)
     fp16_scales = tg.read_header(fp16)[0]["scales"][1]
     ternary = [t for t in header["tensors"] if t["kind"] == "ternary"]
     rows, groups = sum(t["shape"][0] for t in ternary), sum(math.prod(t["shape"]) // t["group_size"] for t in ternary)
     assert header["scale_layout"] == "log8" and header["scales"][1] == 2 * rows + groups  # fp16 bases, byte codes
     assert fp16_scales == 2 * groups
     with pytest.raises(tg.ArtifactError, match="scales are stored as 'log8', which this configuration does not read"):
-        tg.deserialize_state(payload, tg.Hyperparameters({"EXPORT_EMBED": "int8"}))
+        tg.deserialize_state(payload, tg.Hyperparameters({**F16, "EXPORT_EMBED": "int8"}))
     m.train()
     m(idx, torch.randint(0, 128, (2, 16))).backward()
     assert all(mod.weight.grad.abs().sum() > 0 for mod in tg.ternary_modules(m).values())  # straight-through
     with pytest.raises(tg.ConfigError, match="SCALE_FORMAT=log8 with TERNARY_CALIB=1"):
-        tg.Hyperparameters({"SCALE_FORMAT": "log8", "TERNARY_CALIB": "1"})
+        tg.Hyperparameters({**F16, "SCALE_FORMAT": "log8", "TERNARY_CALIB": "1"})
 
 
 def test_a_checkpoint_from_before_a_knob_existed_loads_with_its_default(tmp_path):
     """A checkpoint saved before SCALE_FORMAT / EMBED_QAT existed was trained with their defaults: it loads, so it can
     be re-scored in the new export formats; one saved with another value is still refused."""
-    h = tg.Hyperparameters({"CHECKPOINT_PATH": str(tmp_path / "c.pt"), "EXPORT_EMBED": "int8"})
+    h = tg.Hyperparameters({**F16, "CHECKPOINT_PATH": str(tmp_path / "c.pt"), "EXPORT_EMBED": "int8"})
     m = model()
     config = {k: v for k, v in h.by_env_name().items() if k not in ("SCALE_FORMAT", "EMBED_QAT")}
     torch.save({"state": m.state_dict(), "calib": {}, "config": config}, tmp_path / "c.pt")
@@ -782,7 +784,7 @@ def test_hybrid_matrices_train_and_export_in_their_int_format(families, bits, ex
     """The HYBRID_FAMILIES matrices of the blocks (not EngramHash's proj) run on the numpy quantizer's int matrix,
     store it, reload exactly and get a straight-through gradient; a loader configured otherwise refuses them."""
     cfg = {"HYBRID_INT": "1", "HYBRID_FAMILIES": families, "HYBRID_BITS": bits, **extra}
-    h = tg.Hyperparameters(cfg)
+    h = tg.Hyperparameters({**F16, **cfg})
     m = fp16_exact(model(**cfg)).eval()
     chosen = {n for n, mod in m.named_modules() if isinstance(mod, tg.IntQATLinear)}
     assert chosen and {n.split(".")[-1] for n in chosen} == set(families.split(","))
@@ -803,8 +805,8 @@ def test_hybrid_matrices_train_and_export_in_their_int_format(families, bits, ex
     assert torch.equal(m.logits(idx)[0], fresh.logits(idx)[0])
     assert tg.serialize_model(fresh, h, "rans") == payload
     with pytest.raises(tg.ArtifactError, match="is an int block matrix, which this configuration does not train"):
-        tg.deserialize_state(payload, tg.Hyperparameters({}))
-    plain = tg.serialize_model(fp16_exact(model()), tg.Hyperparameters({}), "rans")
+        tg.deserialize_state(payload, tg.Hyperparameters(F16))
+    plain = tg.serialize_model(fp16_exact(model()), tg.Hyperparameters(F16), "rans")
     with pytest.raises(tg.ArtifactError, match="is a ternary block matrix"):
         tg.deserialize_state(plain, h)
     m.train()

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import train_gpt as tg
 
 BASE = {"VOCAB_SIZE": "128", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-        "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2"}
+        "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2",
+        "EXPORT_EMBED": "fp16", "EXPORT_FLOAT": "fp16"}  # lossless float export: the exact round-trip tests need it
 
 
 def model(base=BASE, **overrides):
