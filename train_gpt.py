@@ -208,6 +208,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps = Knob("MUON_MOMENTUM_WARMUP_STEPS", 300, check=NONNEG)
     muon_backend_steps = Knob("MUON_BACKEND_STEPS", 5, check=POS)
     muon_row_norm = Knob("MUON_ROW_NORM", False)
+    muon_batched = Knob("MUON_BATCHED", False)  # same-shape matrices orthogonalized together (fewer launches)
     muon_wd = Knob("MUON_WD", 0.0, check=NONNEG)
     adam_beta1 = Knob("ADAM_BETA1", 0.9, check=UNIT_OPEN)
     adam_beta2 = Knob("ADAM_BETA2", 0.95, check=UNIT_OPEN)
@@ -1387,17 +1388,18 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(g, steps, dtype=torch.bfloat16):
-    """Approximate U V^T of g = U S V^T with a quintic Newton-Schulz iteration (Muon's orthogonalization)."""
+    """Approximate U V^T of g = U S V^T with a quintic Newton-Schulz iteration (Muon's orthogonalization). g is a
+    matrix, or a stack of same-shape matrices (MUON_BATCHED), each orthogonalized on its own."""
     a, b, c = NS_COEFFS
     x = g.to(dtype)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -1446,6 +1448,12 @@ class Muon(torch.optim.Optimizer):
         dist.all_reduce(flat)
         return [c.view_as(p) for c, p in zip(chunks, params)]
 
+    def updates(self, params, group, ns_dtype):
+        """Every matrix's update, in params' order."""
+        if self.world > 1:
+            return self.sharded_updates(params, group, ns_dtype)
+        return (self.update(p, group, ns_dtype) for p in params)  # lazily: one update alive at a time
+
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -1454,11 +1462,7 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if self.world > 1:
-                updates = self.sharded_updates(params, group, ns_dtype)
-            else:
-                updates = (self.update(p, group, ns_dtype) for p in params)  # lazily: one update alive at a time
-            for p, update in zip(params, updates):
+            for p, update in zip(params, self.updates(params, group, ns_dtype)):
                 if group["weight_decay"]:
                     decay = lr * group["weight_decay"]
                     if getattr(p, "sparse_decay", False):
@@ -1476,8 +1480,51 @@ class RowNormMuon(Muon):
 
     @staticmethod
     def scale(update, p):
-        row_rms = update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7
+        row_rms = update.float().pow(2).mean(dim=-1, keepdim=True).sqrt() + 1e-7
         return update / (row_rms * p.size(1) ** 0.5).to(update.dtype)
+
+
+class BatchedMuon:
+    """MUON_BATCHED, mixed into Muon or RowNormMuon (batched_muon_class): the matrices of one shape are
+    orthogonalized together, one batched product per Newton-Schulz iteration, and their momentum advances in
+    foreach ops, so a step launches a few kernels per shape instead of about ten per matrix. (The H200 profile of
+    2026-11-29 saw the optimizer span 71 ms of the GPU timeline for about 2 ms of arithmetic.) With several ranks,
+    rank r takes matrices r, r + world, ... of each shape, and one all-reduce hands every rank every update."""
+
+    def updates(self, params, group, ns_dtype):
+        shapes = {}
+        for i, p in enumerate(params):
+            shapes.setdefault(tuple(p.shape), []).append(i)
+        sizes = [p.numel() for p in params]
+        flat = torch.zeros(sum(sizes), dtype=ns_dtype, device=params[0].device) if self.world > 1 else None
+        out = list(flat.split(sizes)) if self.world > 1 else [None] * len(params)
+        for idx in shapes.values():
+            mine = idx[self.rank :: self.world]
+            if not mine:
+                continue
+            stacked = self.batched_update([params[i] for i in mine], group, ns_dtype)
+            for i, u in zip(mine, stacked.unbind(0)):
+                if self.world > 1:
+                    out[i].copy_(u.flatten())  # the others' places stay zero, so the sum is exact
+                else:
+                    out[i] = u
+        if self.world > 1:
+            dist.all_reduce(flat)
+            return [c.view_as(p) for c, p in zip(out, params)]
+        return out
+
+    def batched_update(self, ps, group, ns_dtype):
+        """The orthogonalized Nesterov updates of the same-shape matrices ps, stacked (advances their momentum)."""
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+        grads = [p.grad for p in ps]
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
+        return self.scale(self.orthogonalize(nesterov, group["backend_steps"], ns_dtype), ps[0])
+
+
+def batched_muon_class(cls):
+    return type(f"Batched{cls.__name__}", (BatchedMuon, cls), {})
 
 
 def optimizer_rules(h):
@@ -1540,6 +1587,8 @@ def build_optimizers(model, h):
     muon_class = Muon
     if h.muon_row_norm:
         muon_class = RowNormMuon
+    if h.muon_batched:
+        muon_class = batched_muon_class(muon_class)
     muon = muon_class(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd)
     for g in muon.param_groups:
         g["base_lr"] = h.matrix_lr

@@ -174,6 +174,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "LAYER_SCALE": ({}, "LAYER_SCALE_INIT"),
     "EMA_ENABLED": ({}, "class EMA"),
     "MUON_ROW_NORM": ({}, "class RowNormMuon"),
+    "MUON_BATCHED": ({}, "class BatchedMuon"),
     "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
     "TTT_ENABLED": ({}, "def ttt_adapt"),
     "EVAL_DOC_ISOLATED": ({}, "def document_bounds"),

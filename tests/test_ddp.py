@@ -128,13 +128,13 @@ def test_two_ranks_leave_the_fp_phase_at_the_same_step(shards, tmp_path):
 MUON_SHAPES = [(48, 32), (32, 64), (64, 64), (96, 32), (32, 32)]  # odd count: the ranks' shares differ in size
 
 
-def muon_run(muon_class, steps=3):
-    """Muon over MUON_SHAPES from fixed weights and gradients (the same on every rank, as DDP leaves them); the
+def muon_run(muon_class, steps=3, shapes=MUON_SHAPES):
+    """Muon over `shapes` from fixed weights and gradients (the same on every rank, as DDP leaves them); the
     last matrix never gets a gradient. Returns (parameters, optimizer)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in MUON_SHAPES]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
     opt = muon_class(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
     for _ in range(steps):
         for p in params[:-1]:
@@ -144,6 +144,7 @@ def muon_run(muon_class, steps=3):
 
 
 MUON_CLASSES = ("Muon", "RowNormMuon")
+BATCHED_SHAPES = [(48, 32), (32, 64), (48, 32), (48, 32), (32, 64), (32, 32)]  # 3 and 2 of a shape, then a lone one
 
 
 def sharded_muon_worker(rank, world, store, out):
@@ -158,6 +159,9 @@ def sharded_muon_worker(rank, world, store, out):
         params, opt = muon_run(getattr(tg, name))
         owned = sorted(i for i, p in enumerate(params) if "momentum_buffer" in opt.state[p])
         torch.save({"world": opt.world, "owned": owned, "params": [p.detach() for p in params]}, f"{out}{name}{rank}")
+    params, opt = muon_run(tg.batched_muon_class(tg.Muon), shapes=BATCHED_SHAPES)
+    owned = sorted(i for i, p in enumerate(params) if "momentum_buffer" in opt.state[p])
+    torch.save({"owned": owned, "params": [p.detach() for p in params]}, f"{out}batched{rank}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -165,7 +169,8 @@ def sharded_muon_worker(rank, world, store, out):
 @pytest.mark.ddp
 def test_sharded_muon_equals_unsharded(tmp_path):
     """2 gloo ranks: each orthogonalizes every other matrix and keeps only those momentum buffers, and after
-    3 steps both hold exactly the parameters one unsharded process computes (Muon and RowNormMuon)."""
+    3 steps both hold exactly the parameters one unsharded process computes (Muon and RowNormMuon; with
+    MUON_BATCHED, every other matrix of each shape, to rounding: a batch of a different size)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -182,3 +187,10 @@ def test_sharded_muon_equals_unsharded(tmp_path):
             for a, b in zip(g["params"], ref):
                 assert torch.equal(a, b), name
         assert not torch.equal(ref[0], muon_run(getattr(tg, name), steps=0)[0][0])  # the steps moved it
+    # MUON_BATCHED: each rank takes every other matrix of each shape, and all end with the one-process parameters
+    ref, _ = muon_run(tg.batched_muon_class(tg.Muon), shapes=BATCHED_SHAPES)
+    got = [torch.load(tmp_path / f"rankbatched{r}") for r in (0, 1)]
+    assert got[0]["owned"] == [0, 1, 3] and got[1]["owned"] == [2, 4]  # the lone gradient-less matrix 5: nobody's
+    for g in got:
+        for a, b in zip(g["params"], ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

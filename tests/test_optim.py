@@ -43,6 +43,51 @@ def test_muon_step_matches_manual_update():
     torch.testing.assert_close(p.detach(), expected)
 
 
+def test_batched_newton_schulz_is_each_matrix_on_its_own():
+    """A stack of same-shape matrices (wide and tall) comes out as each matrix orthogonalized alone."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((4, 24, 40), (3, 56, 16)):
+        g = torch.randn(*shape, generator=gen) * torch.logspace(0, 2, shape[0])[:, None, None]  # norms differ
+        alone = torch.stack([tg.newton_schulz(m, 5, torch.float32) for m in g])
+        torch.testing.assert_close(tg.newton_schulz(g, 5, torch.float32), alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_norm", [False, True])
+def test_muon_batched_steps_like_muon(row_norm):
+    """MUON_BATCHED: the same parameters and momentum as the per-matrix optimizer after three steps, with shapes
+    that repeat (batched), occur once, and a matrix without a gradient (skipped)."""
+    shapes = [(24, 40), (40, 24), (24, 40), (16, 16), (24, 40), (40, 24), (8, 16)]
+    h = tg.Hyperparameters({"MUON_BATCHED": "1", "MUON_ROW_NORM": str(int(row_norm))})
+    plain_cls = tg.RowNormMuon if row_norm else tg.Muon
+    runs = []
+    for cls in (plain_cls, tg.batched_muon_class(plain_cls)):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+        opt = cls(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
+        for _ in range(3):
+            for p in params[:-1]:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((params, opt))
+    (ref, ref_opt), (got, got_opt) = runs
+    assert type(got_opt).__name__ == f"Batched{plain_cls.__name__}" and h.muon_batched
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[:-1], ref[:-1]):
+        torch.testing.assert_close(got_opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
+    assert "momentum_buffer" not in got_opt.state[got[-1]]
+    assert not torch.equal(got[0], torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))  # moved
+
+
+def test_build_optimizers_batches_muon_when_asked():
+    from test_model import BASE
+
+    for flags, name in (({}, "Muon"), ({"MUON_BATCHED": "1"}, "BatchedMuon"),
+                        ({"MUON_BATCHED": "1", "MUON_ROW_NORM": "1"}, "BatchedRowNormMuon")):
+        h = tg.Hyperparameters({**BASE, **flags})
+        assert type(tg.build_optimizers(tg.GPT(h), h)[1]).__name__ == name
+
+
 @pytest.mark.parametrize("shape", [(16, 64), (96, 32)])
 def test_muon_row_norm_equalises_rows_at_the_default_update_rms(shape):
     grad = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, 2, shape[0])[:, None]
