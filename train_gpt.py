@@ -1437,16 +1437,22 @@ class Muon(torch.optim.Optimizer):
         update = self.orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"], ns_dtype)
         return self.scale(update, p)
 
-    def sharded_updates(self, params, group, ns_dtype):
-        """Rank r computes the updates of matrices r, r + world, ...; the others' places in one flat buffer stay
-        zero, so a sum all-reduce gives every rank every update exactly (x + 0 = x)."""
+    @staticmethod
+    def share(params, owned, ns_dtype):
+        """Every matrix's update on every rank, from the (index, update) pairs this rank computed: the others'
+        places in one flat buffer stay zero, so a sum all-reduce gives every rank every update exactly (x + 0 = x)."""
         sizes = [p.numel() for p in params]
         flat = torch.zeros(sum(sizes), dtype=ns_dtype, device=params[0].device)
         chunks = flat.split(sizes)
-        for i in range(self.rank, len(params), self.world):
-            chunks[i].copy_(self.update(params[i], group, ns_dtype).flatten())
+        for i, update in owned:
+            chunks[i].copy_(update.flatten())
         dist.all_reduce(flat)
         return [c.view_as(p) for c, p in zip(chunks, params)]
+
+    def sharded_updates(self, params, group, ns_dtype):
+        """Rank r computes the updates of matrices r, r + world, ... (and keeps only their momentum)."""
+        mine = range(self.rank, len(params), self.world)
+        return self.share(params, ((i, self.update(params[i], group, ns_dtype)) for i in mine), ns_dtype)
 
     def updates(self, params, group, ns_dtype):
         """Every matrix's update, in params' order."""
@@ -1495,23 +1501,14 @@ class BatchedMuon:
         shapes = {}
         for i, p in enumerate(params):
             shapes.setdefault(tuple(p.shape), []).append(i)
-        sizes = [p.numel() for p in params]
-        flat = torch.zeros(sum(sizes), dtype=ns_dtype, device=params[0].device) if self.world > 1 else None
-        out = list(flat.split(sizes)) if self.world > 1 else [None] * len(params)
+        owned = []  # (index, update) of the matrices this rank orthogonalizes
         for idx in shapes.values():
             mine = idx[self.rank :: self.world]
-            if not mine:
-                continue
-            stacked = self.batched_update([params[i] for i in mine], group, ns_dtype)
-            for i, u in zip(mine, stacked.unbind(0)):
-                if self.world > 1:
-                    out[i].copy_(u.flatten())  # the others' places stay zero, so the sum is exact
-                else:
-                    out[i] = u
+            if mine:
+                owned += zip(mine, self.batched_update([params[i] for i in mine], group, ns_dtype).unbind(0))
         if self.world > 1:
-            dist.all_reduce(flat)
-            return [c.view_as(p) for c, p in zip(out, params)]
-        return out
+            return self.share(params, owned, ns_dtype)
+        return [u for _, u in sorted(owned, key=lambda iu: iu[0])]
 
     def batched_update(self, ps, group, ns_dtype):
         """The orthogonalized Nesterov updates of the same-shape matrices ps, stacked (advances their momentum)."""
