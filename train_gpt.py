@@ -3008,8 +3008,13 @@ def trit_zero_frac(model):
     return float(zeros) / max(1, sum(m.weight.numel() for m in layers))
 
 
-def h100_mfu(tokens_per_s, flops_per_token, world):
-    return tokens_per_s * flops_per_token / (989e12 * world)
+def flops_per_token(base, h):
+    """Training FLOPs per token as the MFU line counts them: 6 per parameter, plus attention's 12 L d T."""
+    return 6 * count_params(base)[0] + 12 * h.num_layers * h.model_dim * h.train_seq_len
+
+
+def h100_mfu(tokens_per_s, flops, world):
+    return tokens_per_s * flops / (989e12 * world)
 
 
 def compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log):
@@ -3035,7 +3040,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     """The timed loop: stops at ITERATIONS or when the slowest rank's clock passes MAX_WALLCLOCK_SECONDS.
     Returns whether it calibrated the ternary quantizer on the way (CALIB_AT_FRAC < 1)."""
     val_tokens, luts = val
-    flops_per_token = 6 * count_params(base)[0] + 12 * h.num_layers * h.model_dim * h.train_seq_len
+    flops = flops_per_token(base, h)
     loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
     step, train_seconds, stop = 0, 0.0, False
     calibrated, schedule = False, TrainingSchedule(h)
@@ -3070,7 +3075,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
                 left = min(left, h.max_wallclock_seconds - train_seconds)
             log(
                 f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} lr_mult:{schedule.lr(step, train_seconds):.3f} "
-                f"tok/s:{tok_s:.0f} step_ms:{1000 * train_seconds / step:.1f} mfu:{h100_mfu(tok_s, flops_per_token, world):.3f} "
+                f"tok/s:{tok_s:.0f} step_ms:{1000 * train_seconds / step:.1f} mfu:{h100_mfu(tok_s, flops, world):.3f} "
                 f"elapsed:{train_seconds:.1f}s remaining:{max(left, 0):.1f}s"
             )
             # Checked only where the loss is read anyway (log steps, the first 5 and the last): a check every step
@@ -3125,9 +3130,9 @@ def export_and_score(base, h, val, rank, world, device, log):
     return True
 
 
-def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
-    """Compiles and wraps the model, trains it, and leaves the weights to export in `base` (the EMA's, when on).
-    Returns whether training calibrated the ternary quantizer on the way."""
+def training_model(base, h, world, device, use_compile):
+    """(model the steps run, optimizers) for `base`: the FP-phase blend, compile, DDP and compiled Newton-Schulz,
+    as training uses them (scripts/profile_step.py builds the step it profiles with this too)."""
     if h.fp_phase:
         base.quant_mix = QuantMix(base)  # before compile and DDP, which must see the blending layers
     model = torch.compile(base, dynamic=False) if use_compile else base
@@ -3138,6 +3143,13 @@ def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
         for opt in optimizers:
             if isinstance(opt, Muon):
                 opt.compile_newton_schulz()
+    return model, optimizers
+
+
+def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
+    """Compiles and wraps the model, trains it, and leaves the weights to export in `base` (the EMA's, when on).
+    Returns whether training calibrated the ternary quantizer on the way."""
+    model, optimizers = training_model(base, h, world, device, use_compile)
     ema = None
     if h.ema_enabled:
         ema = EMA(base, h)

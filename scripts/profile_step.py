@@ -109,15 +109,11 @@ def build(h, device, q):
     """Model, compiled model and optimizers as `fit` builds them (single process: no DDP)."""
     torch.manual_seed(h.seed)
     base = tg.GPT(h).to(device)
-    if h.fp_phase:
-        base.quant_mix = tg.QuantMix(base)  # before compile, which must see the blending layers
-        base.quant_mix.set(q)
     use_compile = device.type == "cuda" and h.compile != "0"
-    model = torch.compile(base, dynamic=False) if use_compile else base
-    optimizers = tg.build_optimizers(base, h)
+    model, optimizers = tg.training_model(base, h, 1, device, use_compile)
+    if h.fp_phase:
+        base.quant_mix.set(q)
     for opt in optimizers:
-        if use_compile and isinstance(opt, tg.Muon):
-            opt.compile_newton_schulz()
         opt.step = with_region(opt.step, OPT)  # an instance attribute: train_gpt.py is untouched
     return base, model, optimizers, use_compile
 
@@ -318,9 +314,8 @@ def main(argv=None):
         step = run_steps(timed, ctx, step)
         seconds = (time.perf_counter() - t1) / timed
         tok_s = h.train_batch_tokens / seconds
-        flops_per_token = 6 * total_params + 12 * h.num_layers * h.model_dim * h.train_seq_len
         timing = (f"steps:{timed} step_ms:{1000 * seconds:.2f} tok/s:{tok_s:.0f} "
-                  f"mfu:{tg.h100_mfu(tok_s, flops_per_token, 1):.3f}")
+                  f"mfu:{tg.h100_mfu(tok_s, tg.flops_per_token(base, h), 1):.3f}")
         progress(f"phase:timed {timing}")
 
         progress(f"phase:profile steps:{steps}")
