@@ -27,17 +27,23 @@ FIELDS = ["final_val_bpb", "pre_export_val_bpb", "q5_model_bytes", "code_bytes",
           "compile_s", "params"]
 
 
+def find_log(run, dirs):
+    """The first <run>.txt among dirs, or None."""
+    return next((d / f"{run}.txt" for d in dirs if (d / f"{run}.txt").exists()), None)
+
+
+def cells(parsed, keys):
+    """The parsed log's values of keys as table cells: bpb to 4 places, absent ones empty."""
+    return {k: "" if parsed.get(k) is None else f"{parsed[k]:.4f}" if "bpb" in k else str(parsed[k]) for k in keys}
+
+
 def main():
     rows = []
     for run, flags, commit in RUNS:
-        found = [d / f"{run}.txt" for d in LOG_DIRS if (d / f"{run}.txt").exists()]
-        if not found:
+        path = find_log(run, LOG_DIRS)
+        if path is None:
             continue
-        path = found[0]
-        parsed = read_run_log(path)
-        row = {"run": run, "flags": flags, "commit": commit}
-        row.update({k: "" if parsed[k] is None else f"{parsed[k]:.4f}" if "bpb" in k else str(parsed[k]) for k in FIELDS})
-        rows.append(row)
+        rows.append({"run": run, "flags": flags, "commit": commit, **cells(read_run_log(path), FIELDS)})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
         r["delta_bpb"] = f"{float(r['final_val_bpb']) - base:+.4f}"
@@ -104,11 +110,9 @@ def h200_table():
     """recipe_h200.md / .csv: one row per log of h200_2026-11-29/, deltas against the default's sliding score."""
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
-        parsed = read_run_log(next(d / f"{run}.txt" for d in (H200, H200_S6) if (d / f"{run}.txt").exists()))
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        row.update({k: "" if parsed.get(k) is None else f"{parsed[k]:.4f}" if "bpb" in k else str(parsed[k])
-                    for k in H200_KEYS if k not in row})
-        rows.append(row)
+        parsed = read_run_log(find_log(run, (H200, H200_S6)))
+        rows.append({**row, **cells(parsed, [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
         r["delta_vs_c1_train"] = f"{float(r['final_val_bpb']) - base:+.4f}" if r["final_val_bpb"] else ""
