@@ -177,8 +177,7 @@ def test_fp_phase_keeps_each_layers_own_quantizer(kind):
     torch.manual_seed(3)
     holder = torch.nn.Sequential(tg.TernaryLinear(64, 16, 32))
     if kind == "int":
-        tg.enable_int_linear(holder, tg.Hyperparameters({"HYBRID_INT": "1", "HYBRID_FAMILIES": "q", "HYBRID_BITS": "4"}))
-        holder[0].__class__, holder[0].bits = tg.IntQATLinear, 4  # enable_int_linear only swaps blocks' matrices
+        holder[0].__class__, holder[0].bits = tg.IntQATLinear, 4  # as enable_int_linear makes a block's matrix
     else:
         tg.enable_log8_scales(holder)
     layer, plain_cls = holder[0], type(holder[0])
