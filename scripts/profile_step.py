@@ -239,7 +239,8 @@ def breakdown_markdown(res, steps, on_gpu, timing, h):
     lines = [f"# Training step profile ({steps} profiled steps, {what})", "",
              f"config: TRAIN_BATCH_TOKENS={h.train_batch_tokens} GRAD_ACCUM_STEPS={h.grad_accum_steps} "
              f"TRAIN_SEQ_LEN={h.train_seq_len} NUM_LAYERS={h.num_layers} MODEL_DIM={h.model_dim} "
-             f"MLP_MULT={h.mlp_mult} VOCAB_SIZE={h.vocab_size} FP_PHASE={int(h.fp_phase)}", "",
+             f"MLP_MULT={h.mlp_mult} VOCAB_SIZE={h.vocab_size} FP_PHASE={int(h.fp_phase)} "
+             f"MUON_BATCHED={int(h.muon_batched)}", "",
              f"timed (no profiler): {timing}", "",
              "| bucket | ms/step | share |", "|---|---:|---:|"]
     for b, us in sorted(buckets.items(), key=lambda kv: -kv[1]):

@@ -99,8 +99,28 @@ H200_RUNS = [  # (run id, what it is, commit, checkpoint of)
     ("t150m4_train", "trains 150 s: FP_PHASE=1 QAT_START_FRAC=0.3 int8 floats, MLP_MULT=4", "39a67b9", ""),
 ]
 H200_S6 = HERE / "h200_2026-11-29_s6"
+# session 7 (h200_2026-11-29_s7/: run5.sh with call7..call10.conf) on nvidia-h200-x2: two runs side by side, one
+# GPU each; every row adds to c3's configuration (FP_PHASE=1 QAT_START_FRAC=0.3 int8 floats MLP_MULT=4)
+C3 = "as c3_train"
+H200_RUNS += [
+    ("s2k_train", f"trains: {C3}, TRAIN_SEQ_LEN=2048", "9ac6cb3", ""),
+    ("s2k_lora", "re-scores: LoRA TTT, TTT_LORA_SPAN=4096 TTT_LORA_CHUNK=128, EVAL_DOC_ISOLATED=1", "9ac6cb3", "s2k_train"),
+    ("q6_train", f"trains: {C3}, QAT_START_FRAC=0.6", "9ac6cb3", ""),
+    ("q6_fp8", "re-scores: EVAL_STRIDE=64 EXPORT_FLOAT=fp8", "9ac6cb3", "q6_train"),
+    ("ema_train", f"trains: {C3}, EMA_ENABLED=1 EMA_DECAY=0.99 (from the warmdown's start, latent)", "9ac6cb3", ""),
+    ("lr45_train", f"trains: {C3}, MATRIX_LR=0.045", "9ac6cb3", ""),
+    ("lr45_lora", "re-scores: LoRA TTT, TTT_LORA_SPAN=4096 TTT_LORA_CHUNK=128, EVAL_DOC_ISOLATED=1", "9ac6cb3", "lr45_train"),
+    ("mb_train", f"trains: {C3}, MUON_BATCHED=1", "9ac6cb3", ""),
+    ("b131_train", f"trains: {C3}, MUON_BATCHED=1 TRAIN_BATCH_TOKENS=131072 GRAD_ACCUM_STEPS=1", "9ac6cb3", ""),
+    ("b131s42_train", "trains: as b131_train, SEED=42", "9ac6cb3", ""),
+    ("b65_train", f"trains: {C3}, MUON_BATCHED=1 TRAIN_BATCH_TOKENS=65536 GRAD_ACCUM_STEPS=1", "9ac6cb3", ""),
+]
+H200_S7 = HERE / "h200_2026-11-29_s7"
+RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train"}  # not in the plot:
+# same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
-          "c5_train": ", q,k int4"}
+          "c5_train": ", q,k int4",
+          "b131_train": ", MLP 4, batch 131K", "b65_train": ", MLP 4, batch 65K"}
 H200_KEYS = ["run", "what", "commit", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
@@ -111,7 +131,7 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        parsed = read_run_log(find_log(run, (H200, H200_S6)))
+        parsed = read_run_log(find_log(run, (H200, H200_S6, H200_S7)))
         rows.append({**row, **cells(parsed, [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
@@ -128,7 +148,7 @@ def capacity_plot(rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r["stride"] == "64" and not r["run"].startswith("t150")
+    pts = [r for r in rows if r["stride"] == "64" and not r["run"].startswith("t150") and r["run"] not in RECIPE_ONLY
            and (r["checkpoint_of"] == "" or r["run"].endswith("_int8"))]  # trained models, and c2 exported in int8
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in pts:
