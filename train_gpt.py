@@ -208,7 +208,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps = Knob("MUON_MOMENTUM_WARMUP_STEPS", 300, check=NONNEG)
     muon_backend_steps = Knob("MUON_BACKEND_STEPS", 5, check=POS)
     muon_row_norm = Knob("MUON_ROW_NORM", False)
-    muon_batched = Knob("MUON_BATCHED", False)  # same-shape matrices orthogonalized together (fewer launches)
+    muon_batched = Knob("MUON_BATCHED", True)  # same-shape matrices orthogonalized together: 8% faster step (s7)
     muon_wd = Knob("MUON_WD", 0.0, check=NONNEG)
     adam_beta1 = Knob("ADAM_BETA1", 0.9, check=UNIT_OPEN)
     adam_beta2 = Knob("ADAM_BETA2", 0.95, check=UNIT_OPEN)

@@ -79,11 +79,12 @@ def test_muon_batched_steps_like_muon(row_norm):
     assert not torch.equal(got[0], torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))  # moved
 
 
-def test_build_optimizers_batches_muon_when_asked():
+def test_build_optimizers_batches_muon_by_default():
     from test_model import BASE
 
-    for flags, name in (({}, "Muon"), ({"MUON_BATCHED": "1"}, "BatchedMuon"),
-                        ({"MUON_BATCHED": "1", "MUON_ROW_NORM": "1"}, "BatchedRowNormMuon")):
+    for flags, name in (({}, "BatchedMuon"), ({"MUON_BATCHED": "0"}, "Muon"),
+                        ({"MUON_BATCHED": "0", "MUON_ROW_NORM": "1"}, "RowNormMuon"),
+                        ({"MUON_ROW_NORM": "1"}, "BatchedRowNormMuon")):
         h = tg.Hyperparameters({**BASE, **flags})
         assert type(tg.build_optimizers(tg.GPT(h), h)[1]).__name__ == name
 
