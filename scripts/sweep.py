@@ -1,6 +1,7 @@
-"""Runs an environment-variable sweep of train_gpt.py from a manifest, one run after another, and tabulates it.
+"""Runs an environment-variable sweep of train_gpt.py from a manifest, one run after another (or one per GPU lane,
+side by side), and tabulates it.
 
-    python3 scripts/sweep.py MANIFEST [--out DIR] [--dry-run]
+    python3 scripts/sweep.py MANIFEST [--out DIR] [--gpus LANES] [--dry-run]
 
 MANIFEST is TOML or JSON (by suffix): `command` (optional; default: this Python on train_gpt.py, or e.g.
 "torchrun --standalone --nproc_per_node=2 train_gpt.py"), a `base` table of env vars for every run, and a list
@@ -19,6 +20,11 @@ One sweep at a time per DIR (a lock on DIR/.sweep.lock, held by the training chi
 the training child (a SIGTERM), waits for it, writes the tables and exits 128 + the signal.
 Exit code: 0 if every run finished, 1 if any failed, 2 for a bad manifest (nothing is run or written then) or a
 DIR in use.
+
+--gpus runs the rows side by side on GPU lanes: `0,1,2,3` is four lanes of one GPU each, `0+1,2+3` two lanes of two
+(for a torchrun command with --nproc_per_node=2). Each lane takes the next row in manifest order when its last
+run ends, with CUDA_VISIBLE_DEVICES set to its GPUs; a signal stops every lane's child. On an 8-GPU box an
+ablation of eight proxy runs then takes the time of one.
 """
 import argparse
 import csv
@@ -118,6 +124,37 @@ def plan_runs(manifest, out):
     return command, base, plan
 
 
+def parse_lanes(spec):
+    """--gpus: lanes separated by commas, the GPUs of one lane joined by '+', as CUDA_VISIBLE_DEVICES values
+    ('0+1,2+3' -> ['0,1', '2,3']); SweepError for a malformed list or a GPU in two lanes."""
+    lanes = [lane.split("+") for lane in spec.split(",")]
+    if not all(g.isdigit() for lane in lanes for g in lane):
+        raise SweepError(f"--gpus {spec!r}: lanes are GPU indices separated by ',', the GPUs of one lane joined "
+                         "by '+' (e.g. 0,1,2,3 or 0+1,2+3)")
+    gpus = [g for lane in lanes for g in lane]
+    if len(set(gpus)) != len(gpus):
+        raise SweepError(f"--gpus {spec!r}: a GPU is in two lanes; runs side by side would share it")
+    return [",".join(lane) for lane in lanes]
+
+
+def check_lanes(lanes, plan, base, command):
+    """With --gpus the lanes own CUDA_VISIBLE_DEVICES, and each lane's GPUs must match the command's processes."""
+    errors = [f"{where}: CUDA_VISIBLE_DEVICES is set by --gpus, not by the manifest"
+              for where, env in [("base", base)] + [(f"run {r['name']!r}", r["overrides"]) for r in plan]
+              if "CUDA_VISIBLE_DEVICES" in env]
+    world = command_world(command)
+    errors += [f"--gpus lane {lane!r} has {lane.count(',') + 1} GPUs, but the command starts {world} process(es) "
+               f"(torchrun --nproc_per_node)" for lane in lanes if lane.count(",") + 1 != world]
+    if errors:
+        raise SweepError("\n".join(errors))
+
+
+def command_world(command):
+    """torchrun's process count in the command, else 1."""
+    nproc = re.search(r"--nproc[_-]per[_-]node[= ](\d+)", " ".join(command))
+    return int(nproc.group(1)) if nproc else 1
+
+
 def check_env(plan, base, command):
     """Every key must be a knob, and every run's merged env a config that train_gpt.py accepts: a typo or a bad
     shape should stop the sweep now, not after hours of earlier runs."""
@@ -125,9 +162,7 @@ def check_env(plan, base, command):
     from train_gpt import ConfigError, Hyperparameters, check_batch_shape
 
     known = set(Hyperparameters({}).env_names().values()) | EXTRA_ENV
-    # torchrun's process count changes the batch split that check_batch_shape checks
-    nproc = re.search(r"--nproc[_-]per[_-]node[= ](\d+)", " ".join(command))
-    world = int(nproc.group(1)) if nproc else 1
+    world = command_world(command)  # torchrun's process count changes the batch split that check_batch_shape checks
     base_errors = [f"base: {k} is set by {RESERVED[k]}, not by the manifest" for k in base if k in RESERVED]
     base_errors += [f"base: unknown key {k} (not a train_gpt.py knob)" for k in base if k not in known]
     errors = list(base_errors)
@@ -219,13 +254,14 @@ def lock_folder(out):
 
 
 class Stopper:
-    """SIGTERM and SIGINT: the running training child gets a SIGTERM and is waited for (killed after GRACE s, or at
-    a second signal); then the sweep writes its tables and stops. Without this a SIGTERM orphaned the child."""
+    """SIGTERM and SIGINT: every running training child gets a SIGTERM and is waited for (killed after GRACE s, or
+    at a second signal); then the sweep writes its tables and stops. Without this a SIGTERM orphaned the child.
+    Lanes start their children from threads, so `track` also stops a child that starts after the signal."""
 
     GRACE = 60.0
 
     def __init__(self):
-        self.proc, self.signum, self.timer = None, None, None
+        self.procs, self.signum, self.timer, self.lock = set(), None, None, threading.Lock()
 
     def __enter__(self):
         self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -237,29 +273,48 @@ class Stopper:
         if self.timer:
             self.timer.cancel()
 
+    def track(self, proc):
+        with self.lock:
+            self.procs.add(proc)
+            if self.signum is not None:
+                proc.send_signal(signal.SIGTERM)
+
+    def untrack(self, proc):
+        with self.lock:
+            self.procs.discard(proc)
+
+    def kill_all(self):
+        with self.lock:
+            for proc in self.procs:
+                proc.kill()
+
     def handle(self, signum, frame):
         again, self.signum = self.signum is not None, self.signum or signum
-        if self.proc is None or self.proc.poll() is not None:
-            return
+        with self.lock:
+            live = [p for p in self.procs if p.poll() is None]
         if again:
-            self.proc.kill()
+            self.kill_all()
             return
-        self.proc.send_signal(signal.SIGTERM)
-        self.timer = threading.Timer(self.GRACE, self.proc.kill)
-        self.timer.daemon = True
-        self.timer.start()
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        if live:
+            self.timer = threading.Timer(self.GRACE, self.kill_all)
+            self.timer.daemon = True
+            self.timer.start()
 
 
-def execute(command, run, out, stopper, lock_fd):
-    """Runs one config; stdout and stderr both land in logs/<name>.stdout. Returns (exit code, the last `error:`
-    line of train_gpt.py on stderr, else the last stderr line): torchrun ends its stderr with a banner of its own."""
+def execute(command, run, out, stopper, lock_fd, lane=None):
+    """Runs one config (on the lane's GPUs, if any); stdout and stderr both land in logs/<name>.stdout. Returns
+    (exit code, the last `error:` line of train_gpt.py on stderr, else the last stderr line): torchrun ends its
+    stderr with a banner of its own."""
     logs = out / "logs"
     for path in (logs / f"{run['name']}.txt", logs / f"{run['name']}.stdout"):
         move_aside(path)  # a stale log would mix two runs
+    env = {**os.environ, **run["env"], **({"CUDA_VISIBLE_DEVICES": lane} if lane is not None else {})}
     with open(logs / f"{run['name']}.stdout", "a") as f:
-        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **run["env"]}, stdout=f,
-                                stderr=subprocess.PIPE, text=True, errors="replace", pass_fds=(lock_fd,))
-        stopper.proc = proc
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.PIPE, text=True,
+                                errors="replace", pass_fds=(lock_fd,))
+        stopper.track(proc)
         last, error = "", ""
         for line in proc.stderr:  # stderr is read here only to remember the message for the table
             f.write(line)
@@ -267,7 +322,7 @@ def execute(command, run, out, stopper, lock_fd):
             last = line.strip() if re.search(r"\w", line) else last
             error = line.strip() if line.startswith("error: ") else error
         rc = proc.wait()
-        stopper.proc = None
+        stopper.untrack(proc)
         return rc, error or last
 
 
@@ -287,44 +342,65 @@ def clock(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run_sweep(command, plan, out, header, lock_fd):
+def run_sweep(command, plan, out, header, lock_fd, lanes=(None,)):
+    """Runs the plan's unfinished rows, one lane (GPU set) per thread, each lane taking the next row in manifest
+    order; `lanes` (None,) is one run at a time on whatever the environment gives."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "artifacts").mkdir(exist_ok=True)
     logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
-    results, why = {}, {}
-    for r in plan:
-        status, why[r["name"]] = resume_status(r, logs[r["name"]])
-        results[r["name"]] = {"status": status}
-    todo = sum(res["status"] == "pending" for res in results.values())
-    t0, durations, total = time.time(), [], len(plan)
-    with Stopper() as stopper:
-        for i, run in enumerate(plan, 1):
-            name, res, log = run["name"], results[run["name"]], logs[run["name"]]
-            if res["status"] == "done":
-                print(f"sweep [{i}/{total}] skip {name}: already finished val_bpb:{read_run_log(log)['final_val_bpb']}",
-                      flush=True)
-                continue
-            if why[name]:
-                print(f"sweep [{i}/{total}] rerun {name}: {why[name]}", flush=True)
-            # ETA: the mean duration of this invocation's runs so far, times the runs still to go
-            left = todo - len(durations)
-            eta = clock(left * sum(durations) / len(durations)) if durations else "?"
-            print(f"sweep [{i}/{total}] start {name} elapsed:{clock(time.time() - t0)} eta:{eta}", flush=True)
+    results, total, queue = {}, len(plan), []
+    for i, run in enumerate(plan, 1):
+        status, why = resume_status(run, logs[run["name"]])
+        results[run["name"]] = {"status": status}
+        if status == "done":
+            print(f"sweep [{i}/{total}] skip {run['name']}: already finished "
+                  f"val_bpb:{read_run_log(logs[run['name']])['final_val_bpb']}", flush=True)
+            continue
+        if why:
+            print(f"sweep [{i}/{total}] rerun {run['name']}: {why}", flush=True)
+        queue.append((i, run))
+    progress = Progress(len(queue), len(lanes))
+    lock, crashed = threading.Lock(), []
+
+    def lane_loop(lane):
+        on = f" gpu:{lane}" if lane is not None else ""
+        while True:
+            with lock:
+                if not queue or stopper.signum is not None or crashed:
+                    return
+                i, run = queue.pop(0)
+                print(f"sweep [{i}/{total}] start {run['name']}{on} {progress.line()}", flush=True)
             t_run = time.time()
-            rc, last = execute(command, run, out, stopper, lock_fd)
-            durations.append(time.time() - t_run)
-            res["status"], error = outcome(rc, last, log, stopper)
-            if error:
-                res["error"] = error
-            bpb = read_run_log(log)["final_val_bpb"] if log.exists() else None
-            print(f"sweep [{i}/{total}] {res['status']} {name} in {clock(durations[-1])} val_bpb:{bpb} "
-                  f"elapsed:{clock(time.time() - t0)} eta:{clock((left - 1) * sum(durations) / len(durations))}"
-                  + (f" error:{res['error']}" if "error" in res else ""), flush=True)
-            write_tables(table_rows(plan, results, logs), out, header)  # a killed sweep keeps what finished
-            if stopper.signum is not None:
-                name = signal.Signals(stopper.signum).name
-                print(f"sweep: stopped by {name}; tables in {out}/results.md", file=sys.stderr, flush=True)
-                return 128 + stopper.signum
+            try:
+                rc, last = execute(command, run, out, stopper, lock_fd, lane)
+            except BaseException as e:  # an OSError here must end the sweep loudly, not a silent thread
+                crashed.append(e)  # the other lanes finish their runs and start no more
+                return
+            with lock:
+                progress.done(time.time() - t_run)
+                res, log = results[run["name"]], logs[run["name"]]
+                res["status"], error = outcome(rc, last, log, stopper)
+                if error:
+                    res["error"] = error
+                bpb = read_run_log(log)["final_val_bpb"] if log.exists() else None
+                print(f"sweep [{i}/{total}] {res['status']} {run['name']}{on} in {clock(time.time() - t_run)} "
+                      f"val_bpb:{bpb} {progress.line()}" + (f" error:{res['error']}" if "error" in res else ""),
+                      flush=True)
+                write_tables(table_rows(plan, results, logs), out, header)  # a killed sweep keeps what finished
+
+    with Stopper() as stopper:
+        threads = [threading.Thread(target=lane_loop, args=(lane,), daemon=True) for lane in lanes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # short waits: the main thread must stay free to run the signal handler
+        if crashed:
+            raise crashed[0]
+        if stopper.signum is not None:
+            name = signal.Signals(stopper.signum).name
+            print(f"sweep: stopped by {name}; tables in {out}/results.md", file=sys.stderr, flush=True)
+            return 128 + stopper.signum
     rows = table_rows(plan, results, logs)
     write_tables(rows, out, header)
     plot(rows, out / "sweep.png")
@@ -332,6 +408,23 @@ def run_sweep(command, plan, out, header, lock_fd):
     print(f"sweep done: {total - len(failed)}/{total} finished" + (f", failed: {' '.join(failed)}" if failed else "")
           + f"; tables in {out}/results.md, plot {out}/sweep.png")
     return 1 if failed else 0
+
+
+class Progress:
+    """Elapsed time and ETA of this invocation: the mean duration of its finished runs, times the runs still to
+    go, over the lanes that share them."""
+
+    def __init__(self, todo, lanes):
+        self.t0, self.todo, self.lanes, self.durations = time.time(), todo, lanes, []
+
+    def done(self, seconds):
+        self.durations.append(seconds)
+
+    def line(self):
+        left = self.todo - len(self.durations)
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        eta = clock(left * mean / self.lanes) if mean is not None else "?"
+        return f"elapsed:{clock(time.time() - self.t0)} eta:{eta}"
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
@@ -427,15 +520,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("manifest")
     ap.add_argument("--out", help="output folder (default: logs/sweep_<manifest stem> in the repo)")
+    ap.add_argument("--gpus", help="GPU lanes, runs side by side: 0,1,2,3 (one GPU each) or 0+1,2+3 (two each)")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the runs without running them")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve() if args.out else ROOT / "logs" / f"sweep_{Path(args.manifest).stem}"
     try:
+        lanes = parse_lanes(args.gpus) if args.gpus else [None]
         command, base, plan = plan_runs(load_manifest(args.manifest), out)
+        if args.gpus:
+            check_lanes(lanes, plan, base, command)
     except SweepError as e:
-        print(f"sweep: invalid manifest {args.manifest}:\n{e}", file=sys.stderr)
+        print(f"sweep: invalid manifest {args.manifest} or --gpus:\n{e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        if args.gpus:
+            print(f"sweep: {len(lanes)} lanes side by side (CUDA_VISIBLE_DEVICES={' | '.join(lanes)}), each taking "
+                  "the next run in this order")
         for i, run in enumerate(plan, 1):
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run["env"].items())
             done = resume_status(run, out / "logs" / f"{run['name']}.txt")[0] == "done"
@@ -450,7 +550,7 @@ def main(argv=None):
     except SweepError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
-    return run_sweep(command, plan, out, header, lock_fd)
+    return run_sweep(command, plan, out, header, lock_fd, lanes)
 
 
 if __name__ == "__main__":

@@ -212,13 +212,25 @@ mode = h.run_id.split("-")[-1]  # the row's name says how this fake run ends
 log = open(os.path.join(h.log_dir, h.run_id + ".txt"), "a", buffering=1)
 log.write(f"run_id:{h.run_id} world_size:1 device:cpu torch:x compile:False\n")
 log.write("config " + " ".join(f"{k}={v}" for k, v in h.by_env_name().items()) + "\n")
+if os.environ.get("FAKE_LANES"):  # which GPUs the sweep gave this run
+    open(os.path.join(os.environ["FAKE_LANES"], h.run_id), "w").write(os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
+if mode == "meet":  # waits for FAKE_MEET_N runs named *-meet: only runs side by side get past this
+    meet = os.environ["FAKE_MEET"]
+    open(os.path.join(meet, h.run_id), "w").write("x")
+    deadline = time.time() + 20
+    while len(os.listdir(meet)) < int(os.environ["FAKE_MEET_N"]):
+        if time.time() > deadline:
+            log.write("error: no other run started beside this one\n")
+            sys.exit(3)
+        time.sleep(0.05)
 if mode == "sleep":
+    marker = os.environ["FAKE_MARKER"] + "." + h.run_id.split("-")[0]  # one marker per run
     def stop(signum, frame):
         time.sleep(1.0)  # the sweep must wait for this, not leave it running
-        open(os.environ["FAKE_MARKER"], "w").write(f"stopped by {signum}")
+        open(marker, "w").write(f"stopped by {signum}")
         sys.exit(143)
     signal.signal(signal.SIGTERM, stop)
-    open(os.environ["FAKE_MARKER"] + ".started", "w").write("x")
+    open(marker + ".started", "w").write("x")
     time.sleep(120)
 if mode in ("nan", "nan_rc0"):
     log.write("step:3/3 train_loss:nan\nerror: non-finite loss nan at step 3; no artifact written\n")
@@ -279,13 +291,13 @@ def wait_for(path, timeout=60):
 def test_a_signal_reaches_the_training_child_and_the_folder_is_locked(tmp_path, sig, monkeypatch):
     import signal
 
-    out, marker = tmp_path / "out", tmp_path / "marker"
-    monkeypatch.setenv("FAKE_MARKER", str(marker))  # runs start with the caller's environment
+    out, marker = tmp_path / "out", tmp_path / "marker.long"
+    monkeypatch.setenv("FAKE_MARKER", str(tmp_path / "marker"))  # runs start with the caller's environment
     manifest = fake_manifest(tmp_path, [{"name": "long-sleep"}])
     first = subprocess.Popen([sys.executable, SWEEP, str(manifest), "--out", str(out)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(tmp_path / "marker.started")
+        wait_for(tmp_path / "marker.long.started")
         second = sweep(manifest, "--out", out)  # an immediate resume must not run a second copy
         assert second.returncode == 2 and "is in use by another sweep" in second.stderr, second.stdout + second.stderr
         assert " start " not in second.stdout
@@ -298,6 +310,75 @@ def test_a_signal_reaches_the_training_child_and_the_folder_is_locked(tmp_path, 
     assert f"sweep: stopped by {sig}" in stderr
     (row,) = read_csv(out)
     assert row["status"] == "failed" and "stopped by" in row["error"]
+
+
+# ---- --gpus: lanes side by side ---------------------------------------------------------------------------------
+
+def test_gpu_lanes_run_side_by_side_on_their_own_gpus(tmp_path, monkeypatch):
+    """Two lanes: the two *-meet runs can only finish if they run at the same time, on different GPUs; the last
+    two rows follow on whichever lane is free, and the tables keep manifest order."""
+    out, lanes, meet = tmp_path / "out", tmp_path / "lanes", tmp_path / "meet"
+    lanes.mkdir()
+    meet.mkdir()
+    monkeypatch.setenv("FAKE_LANES", str(lanes))
+    monkeypatch.setenv("FAKE_MEET", str(meet))
+    monkeypatch.setenv("FAKE_MEET_N", "2")
+    names = ["a-meet", "b-meet", "c", "d"]
+    r = sweep(fake_manifest(tmp_path, [{"name": n} for n in names]), "--out", out, "--gpus", "0,1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    gpu = {n: (lanes / n).read_text() for n in names}
+    assert {gpu["a-meet"], gpu["b-meet"]} == {"0", "1"} and {gpu["c"], gpu["d"]} <= {"0", "1"}
+    assert [row["name"] for row in read_csv(out)] == names and all(row["status"] == "done" for row in read_csv(out))
+    assert re.search(r"start a-meet gpu:[01] ", r.stdout) and "sweep done: 4/4 finished" in r.stdout
+
+
+def test_a_lane_of_two_gpus_gets_both(tmp_path, monkeypatch):
+    out, lanes = tmp_path / "out", tmp_path / "lanes"
+    lanes.mkdir()
+    monkeypatch.setenv("FAKE_LANES", str(lanes))
+    manifest = fake_manifest(tmp_path, [{"name": "a"}, {"name": "b"}])
+    cmd = json.loads(manifest.read_text())
+    cmd["command"].append("--nproc_per_node=2")  # as a torchrun command would say; the fake ignores it
+    manifest.write_text(json.dumps(cmd))
+    r = sweep(manifest, "--out", out, "--gpus", "0+1,2+3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {(lanes / n).read_text() for n in "ab"} <= {"0,1", "2,3"}
+
+
+@pytest.mark.parametrize("gpus, runs, expect", [
+    ("0,x", [{"name": "a"}], "lanes are GPU indices"),
+    ("0,1+0", [{"name": "a"}], "a GPU is in two lanes"),
+    ("0+1", [{"name": "a"}], "lane '0,1' has 2 GPUs, but the command starts 1 process"),
+    ("0,1", [{"name": "a", "env": {"CUDA_VISIBLE_DEVICES": "3"}}], "run 'a': CUDA_VISIBLE_DEVICES is set by --gpus"),
+])
+def test_bad_gpu_lanes_are_refused_before_anything_runs(tmp_path, gpus, runs, expect):
+    out = tmp_path / "out"
+    r = sweep(fake_manifest(tmp_path, runs), "--out", out, "--gpus", gpus)
+    assert r.returncode == 2 and expect in r.stderr, r.stdout + r.stderr
+    assert not out.exists()
+
+
+def test_a_signal_stops_every_lane(tmp_path, monkeypatch):
+    import signal
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("FAKE_MARKER", str(tmp_path / "marker"))
+    manifest = fake_manifest(tmp_path, [{"name": "x-sleep"}, {"name": "y-sleep"}, {"name": "z"}])
+    first = subprocess.Popen([sys.executable, SWEEP, str(manifest), "--out", str(out), "--gpus", "0,1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(tmp_path / "marker.x.started")
+        wait_for(tmp_path / "marker.y.started")
+        first.send_signal(signal.SIGTERM)
+        stdout, stderr = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    for run in "xy":
+        assert (tmp_path / f"marker.{run}").read_text() == f"stopped by {signal.SIGTERM.value}"
+    assert first.returncode == 128 + signal.SIGTERM.value, stdout + stderr
+    rows = {row["name"]: row for row in read_csv(out)}
+    assert rows["x-sleep"]["status"] == rows["y-sleep"]["status"] == "failed"
+    assert rows["z"]["status"] == "pending" and " start z" not in stdout  # no new run after the signal
 
 
 # ---- scripts/runlog.py -----------------------------------------------------------------------------------------
