@@ -21,6 +21,10 @@ the training child (a SIGTERM), waits for it, writes the tables and exits 128 + 
 Exit code: 0 if every run finished, 1 if any failed, 2 for a bad manifest (nothing is run or written then) or a
 DIR in use.
 
+Rows that share a float checkpoint (CHECKPOINT_PATH) keep their manifest order: a row that re-scores it
+(EVAL_FROM_CHECKPOINT) waits for the earlier rows that write it (CHECKPOINT_SAVE), is failed unrun if one of them
+failed, and reruns on resume when one of them reruns.
+
 --gpus runs the rows side by side on GPU lanes: `0,1,2,3` is four lanes of one GPU each, `0+1,2+3` two lanes of two
 (for a torchrun command with --nproc_per_node=2). Each lane takes the next row in manifest order when its last
 run ends, with CUDA_VISIBLE_DEVICES set to its GPUs; a signal stops every lane's child. On an 8-GPU box an
@@ -121,7 +125,26 @@ def plan_runs(manifest, out):
                "RUN_ID": name, "LOG_DIR": str(out / "logs")}
         plan.append({"name": name, "overrides": overrides, "env": env})
     check_env(plan, base, command)
+    checkpoint_order(plan)
     return command, base, plan
+
+
+def checkpoint_order(plan):
+    """Sets each run's "after": the earlier rows it must wait for because they share its float checkpoint
+    (CHECKPOINT_PATH): a row that reads it (EVAL_FROM_CHECKPOINT) waits for the earlier rows that write it
+    (CHECKPOINT_SAVE), and a row that writes it also for the earlier ones that read it. One after another that is
+    manifest order anyway; side by side (--gpus) it keeps a re-scoring row from reading a checkpoint not yet
+    written, or one that a later training run is rewriting."""
+    from train_gpt import Hyperparameters
+
+    touched = []  # (name, checkpoint path, writes) of the rows so far
+    for run in plan:
+        h = Hyperparameters({**os.environ, **run["env"]})
+        path = (ROOT / h.checkpoint_path).resolve()
+        reads, writes = h.eval_from_checkpoint, h.checkpoint_save
+        run["after"] = [name for name, p, w in touched if p == path and (w or writes)] if reads or writes else []
+        if reads or writes:
+            touched.append((run["name"], path, writes))
 
 
 def parse_lanes(spec):
@@ -343,14 +366,109 @@ def clock(seconds):
 
 
 def run_sweep(command, plan, out, header, lock_fd, lanes=(None,)):
-    """Runs the plan's unfinished rows, one lane (GPU set) per thread, each lane taking the next row in manifest
-    order; `lanes` (None,) is one run at a time on whatever the environment gives."""
+    """Runs the plan's unfinished rows, one lane (GPU set) per thread; `lanes` (None,) is one run at a time on
+    whatever the environment gives. Returns the exit code."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "artifacts").mkdir(exist_ok=True)
-    logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
-    results, total, queue = {}, len(plan), []
+    sweep = LaneRunner(command, plan, out, header, lock_fd, len(lanes))
+    with Stopper() as sweep.stopper:
+        threads = [threading.Thread(target=sweep.lane_loop, args=(lane,), daemon=True) for lane in lanes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # short waits: the main thread must stay free to run the signal handler
+        if sweep.crashed:
+            raise sweep.crashed[0]
+        if sweep.stopper.signum is not None:
+            name = signal.Signals(sweep.stopper.signum).name
+            print(f"sweep: stopped by {name}; tables in {out}/results.md", file=sys.stderr, flush=True)
+            return 128 + sweep.stopper.signum
+    rows = table_rows(plan, sweep.results, sweep.logs)
+    write_tables(rows, out, header)
+    plot(rows, out / "sweep.png")
+    failed = [r["name"] for r in rows if r["status"] == "failed"]
+    print(f"sweep done: {len(plan) - len(failed)}/{len(plan)} finished"
+          + (f", failed: {' '.join(failed)}" if failed else "") + f"; tables in {out}/results.md, plot {out}/sweep.png")
+    return 1 if failed else 0
+
+
+class LaneRunner:
+    """The shared state of a sweep's lanes: the queue, each row's status, the tables. A free lane takes the first
+    queued row whose checkpoint rows ("after") have ended; one whose checkpoint row failed is failed unrun."""
+
+    def __init__(self, command, plan, out, header, lock_fd, n_lanes):
+        self.command, self.plan, self.out, self.header, self.lock_fd = command, plan, out, header, lock_fd
+        self.logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
+        self.results, self.queue = resume_plan(plan, self.logs)
+        self.progress, self.cond = Progress(len(self.queue), n_lanes), threading.Condition()
+        self.crashed, self.stopper = [], None  # run_sweep sets the stopper
+
+    def lane_loop(self, lane):
+        while True:
+            with self.cond:
+                item = self.take(lane)
+            if item is None:
+                return
+            i, run = item
+            t_run = time.time()
+            try:
+                rc, last = execute(self.command, run, self.out, self.stopper, self.lock_fd, lane)
+            except BaseException as e:  # an OSError here must end the sweep loudly, not a silent thread
+                with self.cond:
+                    self.crashed.append(e)  # the other lanes finish their runs and start no more
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.progress.done(time.time() - t_run)
+                status, error = outcome(rc, last, self.logs[run["name"]], self.stopper)
+                self.finish(i, run, status, error, lane, time.time() - t_run)
+
+    def take(self, lane):
+        """The next (index, run) for this lane, with the condition held; None when the lane is done."""
+        while self.queue and self.stopper.signum is None and not self.crashed:
+            ready = [k for k, (_, run) in enumerate(self.queue)
+                     if all(self.results[d]["status"] in ("done", "failed") for d in run["after"])]
+            if not ready:
+                self.cond.wait(0.5)  # every queued row waits for a running one
+                continue
+            i, run = self.queue.pop(ready[0])
+            lost = [d for d in run["after"] if self.results[d]["status"] == "failed"]
+            if lost:
+                self.progress.todo -= 1
+                why = f"not run: {', '.join(lost)} failed, and it shares their checkpoint"
+                self.finish(i, run, "failed", why, lane)
+                continue
+            self.results[run["name"]]["status"] = "running"
+            print(f"sweep [{i}/{len(self.plan)}] start {run['name']}{on_lane(lane)} {self.progress.line()}", flush=True)
+            return i, run
+        return None
+
+    def finish(self, i, run, status, error, lane, seconds=0.0):
+        res, log = self.results[run["name"]], self.logs[run["name"]]
+        res["status"] = status
+        if error:
+            res["error"] = error
+        bpb = read_run_log(log)["final_val_bpb"] if log.exists() else None
+        print(f"sweep [{i}/{len(self.plan)}] {status} {run['name']}{on_lane(lane)} in {clock(seconds)} val_bpb:{bpb} "
+              f"{self.progress.line()}" + (f" error:{error}" if error else ""), flush=True)
+        write_tables(table_rows(self.plan, self.results, self.logs), self.out, self.header)  # a killed sweep keeps
+        self.cond.notify_all()  # what finished, and rows waiting for this one may start
+
+
+def on_lane(lane):
+    return f" gpu:{lane}" if lane is not None else ""
+
+
+def resume_plan(plan, logs):
+    """({name: {"status"}}, [(index, run) to run]): finished rows are skipped, unless a row whose checkpoint they
+    read or share runs again, since their scores would then describe the old checkpoint."""
+    results, queue, total = {}, [], len(plan)
     for i, run in enumerate(plan, 1):
         status, why = resume_status(run, logs[run["name"]])
+        again = [d for d in run["after"] if results[d]["status"] == "pending"]
+        if status == "done" and again:
+            status, why = "pending", f"{', '.join(again)}, whose checkpoint it shares, runs again"
         results[run["name"]] = {"status": status}
         if status == "done":
             print(f"sweep [{i}/{total}] skip {run['name']}: already finished "
@@ -359,55 +477,7 @@ def run_sweep(command, plan, out, header, lock_fd, lanes=(None,)):
         if why:
             print(f"sweep [{i}/{total}] rerun {run['name']}: {why}", flush=True)
         queue.append((i, run))
-    progress = Progress(len(queue), len(lanes))
-    lock, crashed = threading.Lock(), []
-
-    def lane_loop(lane):
-        on = f" gpu:{lane}" if lane is not None else ""
-        while True:
-            with lock:
-                if not queue or stopper.signum is not None or crashed:
-                    return
-                i, run = queue.pop(0)
-                print(f"sweep [{i}/{total}] start {run['name']}{on} {progress.line()}", flush=True)
-            t_run = time.time()
-            try:
-                rc, last = execute(command, run, out, stopper, lock_fd, lane)
-            except BaseException as e:  # an OSError here must end the sweep loudly, not a silent thread
-                crashed.append(e)  # the other lanes finish their runs and start no more
-                return
-            with lock:
-                progress.done(time.time() - t_run)
-                res, log = results[run["name"]], logs[run["name"]]
-                res["status"], error = outcome(rc, last, log, stopper)
-                if error:
-                    res["error"] = error
-                bpb = read_run_log(log)["final_val_bpb"] if log.exists() else None
-                print(f"sweep [{i}/{total}] {res['status']} {run['name']}{on} in {clock(time.time() - t_run)} "
-                      f"val_bpb:{bpb} {progress.line()}" + (f" error:{res['error']}" if "error" in res else ""),
-                      flush=True)
-                write_tables(table_rows(plan, results, logs), out, header)  # a killed sweep keeps what finished
-
-    with Stopper() as stopper:
-        threads = [threading.Thread(target=lane_loop, args=(lane,), daemon=True) for lane in lanes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)  # short waits: the main thread must stay free to run the signal handler
-        if crashed:
-            raise crashed[0]
-        if stopper.signum is not None:
-            name = signal.Signals(stopper.signum).name
-            print(f"sweep: stopped by {name}; tables in {out}/results.md", file=sys.stderr, flush=True)
-            return 128 + stopper.signum
-    rows = table_rows(plan, results, logs)
-    write_tables(rows, out, header)
-    plot(rows, out / "sweep.png")
-    failed = [r["name"] for r in rows if r["status"] == "failed"]
-    print(f"sweep done: {total - len(failed)}/{total} finished" + (f", failed: {' '.join(failed)}" if failed else "")
-          + f"; tables in {out}/results.md, plot {out}/sweep.png")
-    return 1 if failed else 0
+    return results, queue
 
 
 class Progress:
@@ -540,7 +610,8 @@ def main(argv=None):
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run["env"].items())
             done = resume_status(run, out / "logs" / f"{run['name']}.txt")[0] == "done"
             skip = " (finished: would skip)" if done else ""
-            print(f"sweep [{i}/{len(plan)}] {run['name']}{skip}: "
+            after = f" (waits for {', '.join(run['after'])}: same checkpoint)" if run["after"] else ""
+            print(f"sweep [{i}/{len(plan)}] {run['name']}{skip}{after}: "
                   f"cd {ROOT} && env {env} {shlex.join(command)}")
         return 0
     header = [f"# Sweep {args.manifest}", "", f"Command: `{shlex.join(command)}`", "",

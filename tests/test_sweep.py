@@ -232,10 +232,16 @@ if mode == "sleep":
     signal.signal(signal.SIGTERM, stop)
     open(marker + ".started", "w").write("x")
     time.sleep(120)
+if h.eval_from_checkpoint and not os.path.exists(h.checkpoint_path):
+    log.write(f"error: no checkpoint at {h.checkpoint_path}\n")
+    sys.exit(4)
 if mode in ("nan", "nan_rc0"):
     log.write("step:3/3 train_loss:nan\nerror: non-finite loss nan at step 3; no artifact written\n")
     print("some unrelated last line on stderr", file=sys.stderr)
     sys.exit(0 if mode == "nan_rc0" else 2)
+if h.checkpoint_save:  # slowly, so that a re-scoring row started beside it would find nothing
+    time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
+    open(h.checkpoint_path, "w").write(h.run_id)
 log.write("train_done steps:3 train_seconds:0.1 tok/s:1 peak_mem_mib:0\n")
 log.write("final_roundtrip val_loss:3.0000 val_bpb:1.5000 gap_bpb:+0.0000 eval_seconds:0.1 stride:64\n")
 '''
@@ -356,6 +362,41 @@ def test_bad_gpu_lanes_are_refused_before_anything_runs(tmp_path, gpus, runs, ex
     r = sweep(fake_manifest(tmp_path, runs), "--out", out, "--gpus", gpus)
     assert r.returncode == 2 and expect in r.stderr, r.stdout + r.stderr
     assert not out.exists()
+
+
+def test_rows_that_share_a_checkpoint_keep_their_order():
+    plan = [{"name": n, "env": env} for n, env in [
+        ("w1", {"CHECKPOINT_SAVE": "1"}), ("r1", {"EVAL_FROM_CHECKPOINT": "1"}), ("r2", {"EVAL_FROM_CHECKPOINT": "1"}),
+        ("free", {}), ("w2", {"CHECKPOINT_SAVE": "1"}), ("r3", {"EVAL_FROM_CHECKPOINT": "1"}),
+        ("elsewhere", {"EVAL_FROM_CHECKPOINT": "1", "CHECKPOINT_PATH": "other.pt"})]]
+    sw.checkpoint_order(plan)
+    after = {r["name"]: r["after"] for r in plan}
+    assert after == {"w1": [], "r1": ["w1"], "r2": ["w1"], "free": [], "w2": ["w1", "r1", "r2"], "r3": ["w1", "w2"],
+                     "elsewhere": []}
+
+
+def test_lanes_rescore_a_checkpoint_only_after_its_training_row(tmp_path, monkeypatch):
+    """Row 2 re-scores row 1's checkpoint: the second lane runs row 3 meanwhile, then row 2 once row 1 is done. A
+    failed training row fails its re-scoring rows unrun, and rerunning a training row reruns them."""
+    out, ckpt = tmp_path / "out", tmp_path / "float.pt"
+    monkeypatch.setenv("FAKE_TRAIN_SECONDS", "1.5")
+    runs = [{"name": "train", "env": {"CHECKPOINT_SAVE": 1}}, {"name": "rescore", "env": {"EVAL_FROM_CHECKPOINT": 1}},
+            {"name": "other"}]
+    r = sweep(fake_manifest(tmp_path, runs, CHECKPOINT_PATH=str(ckpt)), "--out", out, "--gpus", "0,1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    order = [line.split()[3] for line in r.stdout.splitlines() if " start " in line or " done " in line]
+    assert order.index("rescore") > order.index("train", order.index("train") + 1)  # started after train's "done"
+    runs[0]["env"]["MATRIX_LR"] = 0.05  # the training row changed: its checkpoint will, and so will the score
+    r = sweep(fake_manifest(tmp_path, runs, CHECKPOINT_PATH=str(ckpt)), "--out", out, "--gpus", "0,1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rerun rescore: train, whose checkpoint it shares, runs again" in r.stdout and "skip other" in r.stdout
+    ckpt.unlink()
+    runs[0]["name"] = "train-nan"
+    r = sweep(fake_manifest(tmp_path, runs[:2], CHECKPOINT_PATH=str(ckpt)), "--out", tmp_path / "out2", "--gpus", "0,1")
+    assert r.returncode == 1
+    rows = {row["name"]: row for row in read_csv(tmp_path / "out2")}
+    assert rows["rescore"]["status"] == "failed" and rows["rescore"]["error"].startswith("not run: train-nan failed")
+    assert " start rescore" not in r.stdout
 
 
 def test_a_signal_stops_every_lane(tmp_path, monkeypatch):
