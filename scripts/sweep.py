@@ -19,7 +19,8 @@ skipped; an unfinished or failed one, or one whose row changed, reruns (its old 
 One sweep at a time per DIR (a lock on DIR/.sweep.lock, held by the training child too). SIGTERM or SIGINT stops
 the training child (a SIGTERM), waits for it, writes the tables and exits 128 + the signal.
 Exit code: 0 if every run finished, 1 if any failed, 2 for a bad manifest (nothing is run or written then) or a
-DIR in use.
+DIR in use, 3 if --deadline SECONDS left runs unstarted (no run starts that long after the sweep's start: for
+machines whose commands have a time limit; the next invocation resumes).
 
 Rows that share a float checkpoint (CHECKPOINT_PATH) keep their manifest order: a row that re-scores it
 (EVAL_FROM_CHECKPOINT) waits for the earlier rows that write it (CHECKPOINT_SAVE), is failed unrun if one of them
@@ -365,12 +366,12 @@ def clock(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run_sweep(command, plan, out, header, lock_fd, lanes=(None,)):
+def run_sweep(command, plan, out, header, lock_fd, lanes=(None,), deadline=None):
     """Runs the plan's unfinished rows, one lane (GPU set) per thread; `lanes` (None,) is one run at a time on
-    whatever the environment gives. Returns the exit code."""
+    whatever the environment gives; no run starts `deadline` seconds after the start. Returns the exit code."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "artifacts").mkdir(exist_ok=True)
-    sweep = LaneRunner(command, plan, out, header, lock_fd, len(lanes))
+    sweep = LaneRunner(command, plan, out, header, lock_fd, len(lanes), deadline)
     with Stopper() as sweep.stopper:
         threads = [threading.Thread(target=sweep.lane_loop, args=(lane,), daemon=True) for lane in lanes]
         for t in threads:
@@ -388,17 +389,22 @@ def run_sweep(command, plan, out, header, lock_fd, lanes=(None,)):
     write_tables(rows, out, header)
     plot(rows, out / "sweep.png")
     failed = [r["name"] for r in rows if r["status"] == "failed"]
-    print(f"sweep done: {len(plan) - len(failed)}/{len(plan)} finished"
+    left = [r["name"] for r in rows if r["status"] == "pending"]
+    if left:
+        print(f"sweep paused at --deadline {deadline:g} s: {len(left)} runs not started ({' '.join(left)}); "
+              "rerun the same command to go on", flush=True)
+    print(f"sweep done: {len(plan) - len(failed) - len(left)}/{len(plan)} finished"
           + (f", failed: {' '.join(failed)}" if failed else "") + f"; tables in {out}/results.md, plot {out}/sweep.png")
-    return 1 if failed else 0
+    return 1 if failed else 3 if left else 0
 
 
 class LaneRunner:
     """The shared state of a sweep's lanes: the queue, each row's status, the tables. A free lane takes the first
     queued row whose checkpoint rows ("after") have ended; one whose checkpoint row failed is failed unrun."""
 
-    def __init__(self, command, plan, out, header, lock_fd, n_lanes):
+    def __init__(self, command, plan, out, header, lock_fd, n_lanes, deadline=None):
         self.command, self.plan, self.out, self.header, self.lock_fd = command, plan, out, header, lock_fd
+        self.deadline = deadline
         self.logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
         self.results, self.queue = resume_plan(plan, self.logs)
         self.progress, self.cond = Progress(len(self.queue), n_lanes), threading.Condition()
@@ -426,7 +432,7 @@ class LaneRunner:
 
     def take(self, lane):
         """The next (index, run) for this lane, with the condition held; None when the lane is done."""
-        while self.queue and self.stopper.signum is None and not self.crashed:
+        while self.queue and self.stopper.signum is None and not self.crashed and not self.past_deadline():
             ready = [k for k, (_, run) in enumerate(self.queue)
                      if all(self.results[d]["status"] in ("done", "failed") for d in run["after"])]
             if not ready:
@@ -443,6 +449,9 @@ class LaneRunner:
             print(f"sweep [{i}/{len(self.plan)}] start {run['name']}{on_lane(lane)} {self.progress.line()}", flush=True)
             return i, run
         return None
+
+    def past_deadline(self):
+        return self.deadline is not None and time.time() - self.progress.t0 >= self.deadline
 
     def finish(self, i, run, status, error, lane, seconds=0.0):
         res, log = self.results[run["name"]], self.logs[run["name"]]
@@ -591,6 +600,8 @@ def main(argv=None):
     ap.add_argument("manifest")
     ap.add_argument("--out", help="output folder (default: logs/sweep_<manifest stem> in the repo)")
     ap.add_argument("--gpus", help="GPU lanes, runs side by side: 0,1,2,3 (one GPU each) or 0+1,2+3 (two each)")
+    ap.add_argument("--deadline", type=float, help="start no run after this many seconds (a machine whose commands "
+                    "have a time limit: the rest waits for the next invocation, which resumes); exit code 3 then")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the runs without running them")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve() if args.out else ROOT / "logs" / f"sweep_{Path(args.manifest).stem}"
@@ -621,7 +632,7 @@ def main(argv=None):
     except SweepError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
-    return run_sweep(command, plan, out, header, lock_fd, lanes)
+    return run_sweep(command, plan, out, header, lock_fd, lanes, args.deadline)
 
 
 if __name__ == "__main__":

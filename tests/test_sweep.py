@@ -155,6 +155,14 @@ def test_dry_run_runs_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_batch_recipe_manifest_validates_on_two_lanes():
+    r = sweep(ROOT / "scripts" / "sweeps" / "batch_recipe.toml", "--dry-run", "--gpus", "0,1")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert len(rows) == 7 and all("TRAIN_BATCH_TOKENS=" in ln and "FP_PHASE=" in ln for ln in rows)
+    assert "b65s42_lora (waits for b65s42: same checkpoint)" in r.stdout
+
+
 def test_example_arch_ablation_manifest_validates():
     r = sweep(ROOT / "scripts" / "sweeps" / "arch_ablation.toml", "--dry-run")
     assert r.returncode == 0, r.stderr
@@ -397,6 +405,20 @@ def test_lanes_rescore_a_checkpoint_only_after_its_training_row(tmp_path, monkey
     rows = {row["name"]: row for row in read_csv(tmp_path / "out2")}
     assert rows["rescore"]["status"] == "failed" and rows["rescore"]["error"].startswith("not run: train-nan failed")
     assert " start rescore" not in r.stdout
+
+
+def test_deadline_starts_no_run_past_it_and_the_next_call_goes_on(tmp_path, monkeypatch):
+    """--deadline 0.5 with runs of about 1 s: the first runs to its end, the other two wait for the next call."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("FAKE_TRAIN_SECONDS", "1")
+    runs = [{"name": n, "env": {"CHECKPOINT_SAVE": 1, "CHECKPOINT_PATH": str(tmp_path / f"{n}.pt")}} for n in "abc"]
+    manifest = fake_manifest(tmp_path, runs)
+    r = sweep(manifest, "--out", out, "--deadline", "0.5")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert [row["status"] for row in read_csv(out)] == ["done", "pending", "pending"]
+    assert "sweep paused at --deadline 0.5 s: 2 runs not started (b c)" in r.stdout
+    r = sweep(manifest, "--out", out)
+    assert r.returncode == 0 and "skip a" in r.stdout and " start b" in r.stdout and " start c" in r.stdout
 
 
 def test_a_signal_stops_every_lane(tmp_path, monkeypatch):
