@@ -108,6 +108,7 @@ class Hyperparameters:
     warmdown_shape = Knob("WARMDOWN_SHAPE", "linear", choices={"linear", "cosine"})  # LR from 1 down to WARMDOWN_MIN_LR
     warmdown_min_lr = Knob("WARMDOWN_MIN_LR", 0.0, check=UNIT_OPEN)  # LR multiplier at the end of the warmdown
     compile_warmup_steps = Knob("COMPILE_WARMUP_STEPS", 10, check=NONNEG)
+    train_sync_every = Knob("TRAIN_SYNC_EVERY", 1, check=POS)  # steps between clock reads (each a GPU sync); see TrainClock
     train_log_every = Knob("TRAIN_LOG_EVERY", 25, check=POS)
     # evaluation
     val_loss_every = Knob("VAL_LOSS_EVERY", 0, check=NONNEG)
@@ -2967,6 +2968,40 @@ def max_across_ranks(value, device, world):
     return t.item()
 
 
+class TrainClock:
+    """The timed loop's clock: the slowest rank's seconds of training. Reading it costs a device sync (and, with
+    several ranks, an all-reduce), and the GPU idles while the host then launches the next step. TRAIN_SYNC_EVERY=k
+    reads it every k steps, on log steps, and on every step once the wall-clock budget could run out within k
+    steps, so the run still stops on the first step past its budget; in between the schedule sees the last reading.
+    Every rank reads at the same steps, so phases and the stop stay in step across ranks."""
+
+    def __init__(self, h, device, world):
+        self.h, self.device, self.world = h, device, world
+        self.seconds, self.read_step, self.t0 = 0.0, 0, 0.0
+
+    def start(self):
+        sync(self.device)
+        self.t0 = time.perf_counter()
+
+    def due(self, step):
+        h, k = self.h, self.h.train_sync_every
+        if k == 1 or step % k == 0 or step % h.train_log_every == 0 or step <= 5 or step >= h.iterations:
+            return True
+        if h.val_loss_every and step % h.val_loss_every == 0:
+            return True
+        ahead = (step - self.read_step + k) * self.seconds / self.read_step  # seconds of k more steps from now
+        return bool(h.max_wallclock_seconds) and self.seconds + ahead >= h.max_wallclock_seconds
+
+    def read(self, step):
+        sync(self.device)
+        self.seconds, self.read_step = max_across_ranks(time.perf_counter() - self.t0, self.device, self.world), step
+        return self.seconds
+
+    def pause(self, seconds):
+        """Time spent off the clock (evaluation during training) does not count."""
+        self.t0 += seconds
+
+
 def train_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced=None):
     """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (a device tensor). The
     schedule sets LR, momentum and phases; `forced` overrides graph phases' forward arguments (compile warmup)."""
@@ -3043,9 +3078,8 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
     flops = flops_per_token(base, h)
     loader = DistributedTokenLoader(train_pattern, h, rank, world, device)
     step, train_seconds, stop = 0, 0.0, False
-    calibrated, schedule = False, TrainingSchedule(h)
-    sync(device)
-    t_start = time.perf_counter()
+    calibrated, schedule, clock = False, TrainingSchedule(h), TrainClock(h, device, world)
+    clock.start()
     while not stop:
         if h.ternary_calib:
             if not calibrated and h.calib_at_frac < 1 and schedule.on("calib", step, train_seconds):
@@ -3062,8 +3096,8 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
         if h.ema_enabled:
             ema.update()
         step += 1
-        sync(device)
-        train_seconds = max_across_ranks(time.perf_counter() - t_start, device, world)
+        if clock.due(step):
+            train_seconds = clock.read(step)
         stop = step >= h.iterations or (h.max_wallclock_seconds and train_seconds >= h.max_wallclock_seconds)
         if step % h.train_log_every == 0 or stop or step <= 5:
             if world > 1:
@@ -3087,7 +3121,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
             t_val = time.perf_counter()
             vl, vb = evaluate(base, val_tokens, luts, h, rank, world, device)
             log(f"step:{step} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_seconds:{time.perf_counter() - t_val:.1f}")
-            t_start += time.perf_counter() - t_val  # evaluation does not eat the training budget
+            clock.pause(time.perf_counter() - t_val)  # evaluation does not eat the training budget
     loader.close()
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     log(f"train_done steps:{step} train_seconds:{train_seconds:.1f} tok/s:{step * h.train_batch_tokens / train_seconds:.0f} peak_mem_mib:{peak_mem:.0f}")

@@ -111,6 +111,7 @@ class Hyperparameters:
     warmdown_shape = Knob("WARMDOWN_SHAPE", "linear", choices={"linear", "cosine"})
     warmdown_min_lr = Knob("WARMDOWN_MIN_LR", 0.0, check=UNIT_OPEN)
     compile_warmup_steps = Knob("COMPILE_WARMUP_STEPS", 10, check=NONNEG)  # read, unused: MLX compiles lazily
+    train_sync_every = Knob("TRAIN_SYNC_EVERY", 1, check=POS)  # read, unused: the MLX loop times each step itself
     train_log_every = Knob("TRAIN_LOG_EVERY", 25, check=POS)
     # evaluation
     val_loss_every = Knob("VAL_LOSS_EVERY", 0, check=NONNEG)

@@ -107,15 +107,17 @@ tg.main()
 
 
 @pytest.mark.ddp
-def test_two_ranks_leave_the_fp_phase_at_the_same_step(shards, tmp_path):
+@pytest.mark.parametrize("sync_every", ["1", "4"])
+def test_two_ranks_leave_the_fp_phase_at_the_same_step(shards, tmp_path, sync_every):
     """FP_PHASE on the wall clock: rank 1 starts its clock 0.5 s late, yet both ranks turn the quantizer on at
-    the same step (the one the log names), because the schedule reads the slowest rank's clock."""
+    the same step (the one the log names), because the schedule reads the slowest rank's clock; also when they
+    read it only every 4 steps (TRAIN_SYNC_EVERY), and both stop on the same step."""
     from conftest import ROOT
 
     probe = tmp_path / "probe.py"
     probe.write_text(PHASE_PROBE.format(root=str(ROOT)))
     r = run_train(shards, tmp_path, nproc=2, script=probe, FP_PHASE=1, QAT_START_FRAC=0.5, ITERATIONS=100000,
-                  MAX_WALLCLOCK_SECONDS=4, PROBE_OUT=tmp_path / "rank")
+                  MAX_WALLCLOCK_SECONDS=4, PROBE_OUT=tmp_path / "rank", TRAIN_SYNC_EVERY=sync_every)
     assert r.returncode == 0, r.stdout + r.stderr
     records = [(tmp_path / f"rank{k}").read_text().splitlines() for k in (0, 1)]
     assert records[0] == records[1]  # step, shared clock and quant_mix, line for line

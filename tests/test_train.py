@@ -326,3 +326,61 @@ def test_trit_zero_frac_is_logged_after_training(shards, monkeypatch, one_thread
     want = sum((t == 0).sum() for t in trits) / sum(t.size for t in trits)
     assert 0.2 < want < 0.5 and [line for line in logs if line.startswith("trit_zero_frac:")] == [
         f"trit_zero_frac:{want:.4f}"]
+
+
+class FakeTime:
+    """A perf_counter the test advances, and a count of device syncs."""
+
+    def __init__(self):
+        self.now, self.syncs = 0.0, 0
+
+    def perf_counter(self):
+        return self.now
+
+    def sync(self, device):
+        self.syncs += 1
+
+
+@pytest.mark.parametrize("every, reads", [
+    (1, list(range(1, 21))),
+    (4, [1, 2, 3, 4, 5, 8, 12, 16, 17, 18, 19, 20]),  # every 4th, then every step once 20 s may be 4 steps away
+])
+def test_train_clock_reads_every_k_steps_and_stops_on_the_same_step(monkeypatch, every, reads):
+    """Steps of 1 s against a 20 s budget, as train() drives the clock: with TRAIN_SYNC_EVERY=4 it syncs 12 times
+    instead of 20, and the run still ends on step 20, the first one past the budget."""
+    fake = FakeTime()
+    monkeypatch.setattr(tg.time, "perf_counter", fake.perf_counter)
+    monkeypatch.setattr(tg, "sync", fake.sync)
+    h = tg.Hyperparameters({"TRAIN_SYNC_EVERY": str(every), "MAX_WALLCLOCK_SECONDS": "20", "TRAIN_LOG_EVERY": "100"})
+    clock = tg.TrainClock(h, torch.device("cpu"), 1)
+    clock.start()
+    step, seconds, seen = 0, 0.0, []
+    while seconds < h.max_wallclock_seconds:
+        fake.now += 1.0
+        step += 1
+        if clock.due(step):
+            seconds = clock.read(step)
+            seen.append(step)
+        assert step < 100
+    assert step == 20 and seen == reads and fake.syncs == len(reads) + 1
+
+
+def test_train_sync_every_changes_no_step(shards, monkeypatch, one_thread):
+    """TRAIN_SYNC_EVERY=4 on a run its wall clock does not stop: the same parameters after every step, and 7 clock
+    reads (steps 1-5, 8, 12) in train() instead of 12."""
+    import numpy as np
+
+    counts, plain_step = {}, tg.train_step
+    for every in (1, 4):
+        fake = FakeTime()
+        monkeypatch.setattr(tg, "sync", fake.sync)
+        monkeypatch.setattr(tg, "train_step", plain_step)  # fit_in_process wraps it: once per run
+        _, _, logs, trajectory, _ = fit_in_process(shards, monkeypatch, ITERATIONS=12, TRAIN_SYNC_EVERY=every,
+                                                   TRAIN_LOG_EVERY=100, COMPILE_WARMUP_STEPS=0)
+        counts[every] = (fake.syncs, trajectory)
+    (s1, t1), (s4, t4) = counts[1], counts[4]
+    assert len(t1) == len(t4) == 12
+    for a, b in zip(t1, t4):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert s1 - s4 == 12 - 7

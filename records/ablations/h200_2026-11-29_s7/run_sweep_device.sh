@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Planned device call of the next session (not run yet): shards, then scripts/sweeps/batch_recipe.toml on two GPU
 # lanes (nvidia-h200-x2), resuming where the last call stopped; logs and tables come back in $OUT. Copy this file to
-# .bench/ and carry .bench and .whl as in session 7: `bash .bench/run_sweep_device.sh`, three calls in a row.
+# .bench/ and carry .bench and .whl as in session 7: `bash .bench/run_sweep_device.sh`, four calls in a row.
 # On one GPU: GPUS=0 (one row at a time; half as many rows a call).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
