@@ -121,7 +121,7 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
           "b131_train": ", MLP 4, batch 131K", "b65_train": ", MLP 4, batch 65K"}
-H200_KEYS = ["run", "what", "commit", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
+H200_KEYS = ["run", "what", "commit", "machine", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
 
@@ -131,8 +131,9 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        parsed = read_run_log(find_log(run, (H200, H200_S6, H200_S7)))
-        rows.append({**row, **cells(parsed, [k for k in H200_KEYS if k not in row])})
+        path = find_log(run, (H200, H200_S6, H200_S7))
+        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent == H200_S7 else "nvidia-h200"
+        rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
         r["delta_vs_c1_train"] = f"{float(r['final_val_bpb']) - base:+.4f}" if r["final_val_bpb"] else ""
