@@ -119,12 +119,16 @@ def build(h, device, q):
 
 
 def run_steps(n, ctx, first, region=False):
-    """n train_gpt.train_step calls, each followed by a synchronize (as train() does). Returns the next step index."""
+    """n train_gpt.train_step calls, synchronized as train() reads its clock: after every TRAIN_SYNC_EVERY-th step
+    (default every step) and after the last; in the profiled region after every step, whose window ends there.
+    Returns the next step index."""
     base, model, optimizers, h, loader, schedule, device = ctx
-    for s in range(first, first + n):
+    every = 1 if region else h.train_sync_every
+    for k, s in enumerate(range(first, first + n), 1):
         with record_function(STEP) if region else contextlib.nullcontext():
             tg.train_step(model, base, loader, optimizers, h, schedule, s, 0.0)
-            tg.sync(device)
+            if k % every == 0 or k == n:
+                tg.sync(device)
     return first + n
 
 
@@ -240,7 +244,7 @@ def breakdown_markdown(res, steps, on_gpu, timing, h):
              f"config: TRAIN_BATCH_TOKENS={h.train_batch_tokens} GRAD_ACCUM_STEPS={h.grad_accum_steps} "
              f"TRAIN_SEQ_LEN={h.train_seq_len} NUM_LAYERS={h.num_layers} MODEL_DIM={h.model_dim} "
              f"MLP_MULT={h.mlp_mult} VOCAB_SIZE={h.vocab_size} FP_PHASE={int(h.fp_phase)} "
-             f"MUON_BATCHED={int(h.muon_batched)}", "",
+             f"MUON_BATCHED={int(h.muon_batched)} TRAIN_SYNC_EVERY={h.train_sync_every}", "",
              f"timed (no profiler): {timing}", "",
              "| bucket | ms/step | share |", "|---|---:|---:|"]
     for b, us in sorted(buckets.items(), key=lambda kv: -kv[1]):

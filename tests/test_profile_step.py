@@ -35,6 +35,18 @@ def test_cpu_profile_writes_table_and_breakdown(tiny_env, tmp_path, capsys):
     assert "| gap (idle within the step" in md
 
 
+@pytest.mark.parametrize("every, syncs", [("1", 7), ("4", 2)])
+def test_timed_steps_sync_as_train_reads_its_clock(tiny_env, monkeypatch, every, syncs):
+    """7 timed steps: a synchronize after each by default; with TRAIN_SYNC_EVERY=4 after the 4th and the last."""
+    monkeypatch.setenv("TRAIN_SYNC_EVERY", every)
+    h = profile_step.tg.Hyperparameters()
+    calls = []
+    monkeypatch.setattr(profile_step.tg, "train_step", lambda *a: calls.append("step"))
+    monkeypatch.setattr(profile_step.tg, "sync", lambda device: calls.append("sync"))
+    assert profile_step.run_steps(7, (None, None, None, h, None, None, "cpu"), 3) == 10
+    assert calls.count("step") == 7 and calls.count("sync") == syncs and calls[-1] == "sync"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_without_cuda_it_refuses_unless_allowed(tiny_env, tmp_path, capsys):
     assert profile_step.main(["--out", str(tmp_path)]) == 2
