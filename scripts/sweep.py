@@ -1,7 +1,6 @@
-"""Runs an environment-variable sweep of train_gpt.py from a manifest, one run after another (or one per GPU lane,
-side by side), and tabulates it.
+"""Runs an environment-variable sweep of train_gpt.py from a manifest, one run at a time or on GPU lanes; tabulates it.
 
-    python3 scripts/sweep.py MANIFEST [--out DIR] [--gpus LANES] [--dry-run]
+    python3 scripts/sweep.py MANIFEST [--out DIR] [--gpus LANES] [--deadline SECONDS] [--dry-run]
 
 MANIFEST is TOML or JSON (by suffix): `command` (optional; default: this Python on train_gpt.py, or e.g.
 "torchrun --standalone --nproc_per_node=2 train_gpt.py"), a `base` table of env vars for every run, and a list
