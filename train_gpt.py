@@ -2985,7 +2985,7 @@ class TrainClock:
 
     def due(self, step):
         h, k = self.h, self.h.train_sync_every
-        if k == 1 or step % k == 0 or step % h.train_log_every == 0 or step <= 5 or step >= h.iterations:
+        if step % k == 0 or logs_at(step, h) or step >= h.iterations:
             return True
         if h.val_loss_every and step % h.val_loss_every == 0:
             return True
@@ -3000,6 +3000,11 @@ class TrainClock:
     def pause(self, seconds):
         """Time spent off the clock (evaluation during training) does not count."""
         self.t0 += seconds
+
+
+def logs_at(step, h):
+    """Steps that log a train line (besides the last): every TRAIN_LOG_EVERY-th and the first five."""
+    return step % h.train_log_every == 0 or step <= 5
 
 
 def train_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced=None):
@@ -3099,7 +3104,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
         if clock.due(step):
             train_seconds = clock.read(step)
         stop = step >= h.iterations or (h.max_wallclock_seconds and train_seconds >= h.max_wallclock_seconds)
-        if step % h.train_log_every == 0 or stop or step <= 5:
+        if stop or logs_at(step, h):
             if world > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             train_loss = loss.item()
