@@ -468,9 +468,10 @@ def on_lane(lane):
     return f" gpu:{lane}" if lane is not None else ""
 
 
-def resume_plan(plan, logs):
+def resume_plan(plan, logs, say=print):
     """({name: {"status"}}, [(index, run) to run]): finished rows are skipped, unless a row whose checkpoint they
-    read or share runs again, since their scores would then describe the old checkpoint."""
+    read or share runs again, since their scores would then describe the old checkpoint. `say` gets the skip and
+    rerun lines."""
     results, queue, total = {}, [], len(plan)
     for i, run in enumerate(plan, 1):
         status, why = resume_status(run, logs[run["name"]])
@@ -479,11 +480,11 @@ def resume_plan(plan, logs):
             status, why = "pending", f"{', '.join(again)}, whose checkpoint it shares, runs again"
         results[run["name"]] = {"status": status}
         if status == "done":
-            print(f"sweep [{i}/{total}] skip {run['name']}: already finished "
-                  f"val_bpb:{read_run_log(logs[run['name']])['final_val_bpb']}", flush=True)
+            say(f"sweep [{i}/{total}] skip {run['name']}: already finished "
+                f"val_bpb:{read_run_log(logs[run['name']])['final_val_bpb']}", flush=True)
             continue
         if why:
-            print(f"sweep [{i}/{total}] rerun {run['name']}: {why}", flush=True)
+            say(f"sweep [{i}/{total}] rerun {run['name']}: {why}", flush=True)
         queue.append((i, run))
     return results, queue
 
@@ -616,10 +617,11 @@ def main(argv=None):
         if args.gpus:
             print(f"sweep: {len(lanes)} lanes side by side (CUDA_VISIBLE_DEVICES={' | '.join(lanes)}), each taking "
                   "the next run in this order")
+        logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
+        results, _ = resume_plan(plan, logs, say=lambda *a, **k: None)  # the sweep's own skip decisions
         for i, run in enumerate(plan, 1):
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run["env"].items())
-            done = resume_status(run, out / "logs" / f"{run['name']}.txt")[0] == "done"
-            skip = " (finished: would skip)" if done else ""
+            skip = " (finished: would skip)" if results[run["name"]]["status"] == "done" else ""
             after = f" (waits for {', '.join(run['after'])}: same checkpoint)" if run["after"] else ""
             print(f"sweep [{i}/{len(plan)}] {run['name']}{skip}{after}: "
                   f"cd {ROOT} && env {env} {shlex.join(command)}")

@@ -395,6 +395,8 @@ def test_lanes_rescore_a_checkpoint_only_after_its_training_row(tmp_path, monkey
     order = [line.split()[3] for line in r.stdout.splitlines() if " start " in line or " done " in line]
     assert order.index("rescore") > order.index("train", order.index("train") + 1)  # started after train's "done"
     runs[0]["env"]["MATRIX_LR"] = 0.05  # the training row changed: its checkpoint will, and so will the score
+    dry = sweep(fake_manifest(tmp_path, runs, CHECKPOINT_PATH=str(ckpt)), "--out", out, "--dry-run").stdout
+    assert "rescore (finished" not in dry and "other (finished: would skip)" in dry  # as the run below decides
     r = sweep(fake_manifest(tmp_path, runs, CHECKPOINT_PATH=str(ckpt)), "--out", out, "--gpus", "0,1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rerun rescore: train, whose checkpoint it shares, runs again" in r.stdout and "skip other" in r.stdout
