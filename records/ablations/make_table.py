@@ -116,11 +116,30 @@ H200_RUNS += [
     ("b65_train", f"trains: {C3}, MUON_BATCHED=1 TRAIN_BATCH_TOKENS=65536 GRAD_ACCUM_STEPS=1", "9ac6cb3", ""),
 ]
 H200_S7 = HERE / "h200_2026-11-29_s7"
-RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train"}  # not in the plot:
+# session 8 (h200_2026-11-29_s8/: scripts/sweeps/batch_recipe.toml run by run_sweep_device.sh, four calls, on
+# nvidia-h200-x2, two rows side by side); every row is c3's configuration at 65536 tokens a step with one change
+B65 = "as b65_train"
+H200_RUNS += [
+    ("b65s42", f"trains: {B65}, SEED=42", "ce76ba9", ""),
+    ("b65s42_lora", "re-scores: LoRA TTT, TTT_LORA_SPAN=4096 TTT_LORA_CHUNK=128, EVAL_DOC_ISOLATED=1", "ce76ba9",
+     "b65s42"),
+    ("b32", f"trains: {B65}, TRAIN_BATCH_TOKENS=32768", "ce76ba9", ""),
+    ("b65lr2", f"trains: {B65}, MATRIX_LR=0.02", "ce76ba9", ""),
+    ("b65wd5", f"trains: {B65}, WARMDOWN_FRAC=0.5", "ce76ba9", ""),
+    ("b65emat", f"trains: {B65}, EMA_ENABLED=1 EMA_DECAY=0.99 EMA_DOMAIN=ternary (from the warmdown's start)",
+     "ce76ba9", ""),
+    ("b65log8", f"trains: {B65}, SCALE_FORMAT=log8", "ce76ba9", ""),
+    ("b65sync8", f"trains: {B65}, TRAIN_SYNC_EVERY=8", "ce76ba9", ""),
+    ("b65def", f"trains: {B65} but FP_PHASE=0 MLP_MULT=3 (train_gpt.py's defaults then)", "ce76ba9", ""),
+]
+H200_S8 = HERE / "h200_2026-11-29_s8"
+RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
+               "b65lr2", "b65wd5", "b65emat", "b65sync8"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
-          "b131_train": ", MLP 4, batch 131K", "b65_train": ", MLP 4, batch 65K"}
+          "b131_train": ", MLP 4, batch 131K", "b65_train": ", MLP 4, batch 65K",
+          "b65log8": ", MLP 4, batch 65K, log8 scales", "b65def": ", MLP 3, no FP phase, batch 65K"}
 H200_KEYS = ["run", "what", "commit", "machine", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
@@ -131,8 +150,8 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        path = find_log(run, (H200, H200_S6, H200_S7))
-        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent == H200_S7 else "nvidia-h200"
+        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8))
+        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8) else "nvidia-h200"
         rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
