@@ -172,7 +172,6 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "VALUE_RESIDUAL": ({}, "value_mix"),
     "SMEAR_GATE": ({}, "class SmearGate"),
     "LAYER_SCALE": ({}, "LAYER_SCALE_INIT"),
-    "EMA_ENABLED": ({}, "class EMA"),
     "MUON_ROW_NORM": ({}, "class RowNormMuon"),
     "MUON_BATCHED": ({}, "class BatchedMuon"),
     "TEMPERATURE_SEARCH": ({}, "def search_temperature"),
@@ -316,7 +315,7 @@ def test_extracted_default_trains_identically(shards, full_run, tmp_path, wrap):
 def test_extracted_feature_configs_train_identically(shards, tmp_path, features):
     env = dict(ALL_ON, FEEDBACK_HALT_TOL="0") if features == "all" else dict(
         XSA_ENABLED="0", VALUE_RESIDUAL="0", SMEAR_GATE="0")
-    env.update(ITERATIONS=4, EMA_ENABLED="1")
+    env.update(ITERATIONS=4, MUON_ROW_NORM="1")  # a training-only flag too
     (tmp_path / "full").mkdir()
     full = run_train(shards, tmp_path / "full", **env)
     assert full.returncode == 0, full.stdout + full.stderr
@@ -556,9 +555,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 
 # The code of a submission counts against the 16,000,000-byte cap. These budgets are today's extracted sizes at
 # best_known_competition.env plus a margin (79,589 bytes, 26,743 wrapped, once that config took LoRA TTT, the FP
-# phase and the int8 float formats: 10.6 KB more code, 3.3 KB wrapped, for 2.2 MB of model bytes freed);
+# phase and the int8 float formats: 10.6 KB more code, 3.3 KB wrapped, for 2.2 MB of model bytes freed; 83,703 and
+# 27,873 once it took SCALE_FORMAT=log8: 2.0 KB more code, 0.5 KB wrapped, for 344 KB of model bytes freed);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 82_000, 27_500
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 85_000, 28_300
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

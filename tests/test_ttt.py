@@ -338,6 +338,20 @@ def test_lora_ttt_matches_a_one_span_at_a_time_loop(isolated, adapt, span):
         assert total != pytest.approx(lora_reference(m, tokens, h, a_init, adapt=False), rel=1e-4)  # TTT moved it
 
 
+def test_lora_ttt_on_log8_scales_matches_the_loop():
+    """best_known_competition.env runs LoRA TTT on a SCALE_FORMAT=log8 model: the adapters sit on its own
+    quantized weight (log-grid scales), as the sequential reference's hooks do."""
+    h = lora_h(SCALE_FORMAT="log8")
+    tokens = docs_stream(3)
+    m = model(SCALE_FORMAT="log8")
+    assert isinstance(m.blocks[0].mixer.q, tg.Log8TernaryLinear)
+    nll, adapted = lora_nll(m, tokens, h)
+    assert adapted > 0
+    first = [a for a, _, _ in reference_spans(tokens, 0)]
+    a_init = tg.lora_init(h, first, tg.lora_target_modules(m, h.ttt_lora_targets))
+    assert nll.sum().item() == pytest.approx(lora_reference(m, tokens, h, a_init), rel=1e-5)
+
+
 def test_lora_ttt_leaves_the_model_as_it_was():
     h = lora_h()
     m = model()
