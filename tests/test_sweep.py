@@ -474,3 +474,62 @@ def test_runlog_reads_one_run_and_refuses_a_log_of_two(tmp_path):
         runlog.read_run_log(log)
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "runlog.py"), str(log)], capture_output=True, text=True)
     assert r.returncode != 0 and "holds 2 runs" in r.stderr
+
+
+def small_golfmix(folder, n=20):
+    """The embedded sample's first n documents of each split, as GOLFMIX_DIR wants them."""
+    import lzma
+
+    from conftest import SAMPLE
+
+    folder.mkdir()
+    for split in ("train", "val"):
+        with lzma.open(SAMPLE / f"{split}_docs.jsonl.xz", "rt") as f:
+            lines = [next(f) for _ in range(n)]
+        with lzma.open(folder / f"{split}_docs.jsonl.xz", "wt") as f:
+            f.writelines(lines)
+    return folder
+
+
+def sweep_device(tmp_path, *args, **env):
+    import os
+
+    from conftest import TOKENIZER
+
+    full = {**os.environ, "GOLFMIX_DIR": str(tmp_path / "golfmix"), "TOKENIZER": TOKENIZER,
+            "WORK": str(tmp_path / "work"), "WHEELS": str(tmp_path / "no_wheels"), "OUT": str(tmp_path / "out"), **env}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "sweep_device.sh"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env=full)
+
+
+def test_sweep_device_builds_shards_once_runs_the_lanes_and_returns_the_logs(tmp_path):
+    import tarfile
+
+    small_golfmix(tmp_path / "golfmix")
+    (tmp_path / "out").mkdir()
+    manifest = fake_manifest(tmp_path, [{"name": "a"}, {"name": "b"}])
+    (tmp_path / "lanes").mkdir()
+    r = sweep_device(tmp_path, manifest, "s9", FAKE_LANES=str(tmp_path / "lanes"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.read_text() for p in (tmp_path / "lanes").iterdir()) == ["0", "1"]  # GPUS' default lanes
+    assert "sweep rc:0" in r.stdout and "sweep [2/2] done" in r.stdout and "--gpus" not in r.stderr
+    shard = tmp_path / "work" / "golfmix_sp1024" / "fineweb_val_000000.bin"
+    built = shard.stat().st_mtime_ns
+    with tarfile.open(tmp_path / "out" / "s9_logs.tgz") as tar:
+        names = tar.getnames()
+    assert {"s9/logs/a.txt", "s9/logs/b.txt", "s9/results.md", "s9/results.csv"} <= set(names)
+    assert any(n.startswith("s9_") and n.endswith(".out") for n in names)
+    r = sweep_device(tmp_path, manifest, "s9")  # the next call: nothing to build or run
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" skip ") == 2 and " start " not in r.stdout and shard.stat().st_mtime_ns == built
+
+
+def test_sweep_device_refuses_bad_input_before_anything_runs(tmp_path):
+    manifest = fake_manifest(tmp_path, [{"name": "a"}])
+    r = sweep_device(tmp_path, manifest)
+    assert r.returncode == 2 and "usage:" in r.stderr
+    r = sweep_device(tmp_path, tmp_path / "nope.toml", "s9")
+    assert r.returncode == 2 and "no manifest" in r.stderr
+    r = sweep_device(tmp_path, manifest, "s9")  # no golfmix folder
+    assert r.returncode == 2 and "missing" in r.stderr and "train_docs.jsonl.xz" in r.stderr
+    assert not (tmp_path / "work").exists()
