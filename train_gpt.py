@@ -216,10 +216,6 @@ class Hyperparameters:
     adam_eps = Knob("ADAM_EPS", 1e-8, check=POS)
     adam_wd = Knob("ADAM_WD", 0.0, check=NONNEG)
     grad_clip_norm = Knob("GRAD_CLIP_NORM", 0.0, check=NONNEG)  # 0: off
-    ema_enabled = Knob("EMA_ENABLED", False)
-    ema_decay = Knob("EMA_DECAY", 0.997, check=UNIT_OPEN)
-    ema_start_frac = Knob("EMA_START_FRAC", -1.0, check=(lambda v: v == -1 or 0 <= v < 1, "must be -1 (the warmdown's start) or in [0, 1)"))
-    ema_domain = Knob("EMA_DOMAIN", "latent", choices={"latent", "ternary"})  # ternary: average the dequantized trits
     fp_phase = Knob("FP_PHASE", False)  # the latent weights run unquantized until QAT_START_FRAC, then ternary
     qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
     qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
@@ -236,7 +232,7 @@ class Hyperparameters:
     hybrid_bits = Knob("HYBRID_BITS", 6, choices={4, 5, 6, 8})
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # checkpoint: score one trained model under other post-training settings without training it again
-    checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
+    checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights after training
     eval_from_checkpoint = Knob("EVAL_FROM_CHECKPOINT", False)  # no training: load them, then calibrate/T/export/score
     checkpoint_path = Knob("CHECKPOINT_PATH", "final_model.float.pt")
 
@@ -341,11 +337,6 @@ class Hyperparameters:
     @property
     def head_dim(self):
         return self.model_dim // self.num_heads
-
-    @property
-    def ema_start(self):
-        """Progress from which EMA averages: EMA_START_FRAC, or by default (-1) the warmdown's start."""
-        return 1 - self.warmdown_frac if self.ema_start_frac < 0 else self.ema_start_frac
 
     @property
     def eval_batch_seqs(self):
@@ -1610,8 +1601,6 @@ class TrainingSchedule:
             self.starts["calib"] = h.calib_at_frac  # < 1: calibrate then, and train on through the calibration
         if h.fp_phase:
             self.starts["qat"] = h.qat_start_frac  # the ternary quantizer blends in (quant_mix)
-        if h.ema_enabled:
-            self.starts["ema"] = h.ema_start  # the average starts from that step's weights
 
     def progress(self, step, elapsed):
         """Fraction of the run done."""
@@ -1662,47 +1651,6 @@ class TrainingSchedule:
         """The graph phases' combinations the run reaches after step 0: they switch on in the order of their starts."""
         ordered = sorted((p for p in self.GRAPH_PHASES if p in self.starts), key=self.starts.get)
         return [{p: p in ordered[: k + 1] for p in ordered} for k in range(len(ordered))]
-
-
-class EMA:
-    """EMA_ENABLED: exponential moving average of the weights over the steps from the schedule's "ema" phase on
-    (EMA_START_FRAC; by default the warmdown's start), started from that step's weights, so no random init is in
-    the average; swapped in before export. The latent weights of a ternary matrix drift across the trit thresholds
-    long before the trits change, so EMA_DOMAIN=ternary averages what the forward uses instead, the dequantized
-    ternary weights; either way the average becomes the latent weight, and the export (and every score) quantizes
-    it again."""
-
-    def __init__(self, model, h):
-        self.h, self.decay, self.params = h, h.ema_decay, list(model.parameters())
-        self.shadow, self.steps = None, 0
-        if h.ema_domain == "ternary":
-            ternary = {id(m.weight): m for m in model.modules() if isinstance(m, TernaryLinear)}
-            self.quantizers = [ternary.get(id(p)) for p in self.params]
-
-    def targets(self):
-        h = self.h
-        if h.ema_domain == "ternary":
-            return [dequantize_ternary(*m.quantize(), m.group_size) if m else p.detach()
-                    for p, m in zip(self.params, self.quantizers)]
-        return [p.detach() for p in self.params]
-
-    @torch.no_grad()
-    def start(self):
-        self.shadow = [t.clone() for t in self.targets()]
-
-    @torch.no_grad()
-    def update(self):
-        if self.shadow is None:
-            return
-        torch._foreach_lerp_(self.shadow, self.targets(), 1 - self.decay)
-        self.steps += 1
-
-    @torch.no_grad()
-    def copy_to_model(self):
-        if self.shadow is None:
-            return
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3076,7 +3024,7 @@ def compile_warmup(model, base, optimizers, h, train_pattern, rank, world, devic
     log(f"compile_warmup steps:{h.compile_warmup_steps} seconds:{time.perf_counter() - t0:.1f} (untimed)")
 
 
-def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log):
+def train(model, base, optimizers, h, train_pattern, val, rank, world, device, log):
     """The timed loop: stops at ITERATIONS or when the slowest rank's clock passes MAX_WALLCLOCK_SECONDS.
     Returns whether it calibrated the ternary quantizer on the way (CALIB_AT_FRAC < 1)."""
     val_tokens, luts = val
@@ -3093,13 +3041,7 @@ def train(model, base, optimizers, ema, h, train_pattern, val, rank, world, devi
         if h.fp_phase:
             if base.quant_mix.value == 0 and schedule.quant_mix(step, train_seconds) > 0:
                 log(f"qat_start step:{step}")
-        if h.ema_enabled:
-            if ema.shadow is None and schedule.on("ema", step, train_seconds):
-                ema.start()
-                log(f"ema_start step:{step}")
         loss = train_step(model, base, loader, optimizers, h, schedule, step, train_seconds)
-        if h.ema_enabled:
-            ema.update()
         step += 1
         if clock.due(step):
             train_seconds = clock.read(step)
@@ -3186,20 +3128,14 @@ def training_model(base, h, world, device, use_compile):
 
 
 def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
-    """Compiles and wraps the model, trains it, and leaves the weights to export in `base` (the EMA's, when on).
+    """Compiles and wraps the model, trains it, and leaves the weights to export in `base`.
     Returns whether training calibrated the ternary quantizer on the way."""
     model, optimizers = training_model(base, h, world, device, use_compile)
-    ema = None
-    if h.ema_enabled:
-        ema = EMA(base, h)
     if h.compile_warmup_steps:
         compile_warmup(model, base, optimizers, h, train_pattern, rank, world, device, log)
-    calibrated = train(model, base, optimizers, ema, h, train_pattern, val, rank, world, device, log)
+    calibrated = train(model, base, optimizers, h, train_pattern, val, rank, world, device, log)
     if h.fp_phase:
         base.quant_mix.finish()  # a run that stopped inside the ramp still exports (and scores) quantized weights
-    if h.ema_enabled:
-        ema.copy_to_model()
-        log(f"ema_applied steps:{ema.steps} decay:{h.ema_decay} domain:{h.ema_domain}")
     log(f"trit_zero_frac:{trit_zero_frac(base):.4f}")
     return calibrated
 
@@ -3232,7 +3168,7 @@ def run(h, rank, world, device, log):
             if rank == 0:
                 save_checkpoint(base, calibrated, h, log)
     if h.ternary_calib:
-        if not calibrated:  # after the weights are final (EMA included), before anything scores them
+        if not calibrated:  # after the weights are final, before anything scores them
             calibrate_on_training_tokens(base, h, train_pattern, rank, world, device, log)
     if h.temperature_search:
         t0 = time.perf_counter()

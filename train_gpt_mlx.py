@@ -2,7 +2,7 @@
 optimizers, BPB accounting, log lines and artifact format, so a Mac run means the same thing as an H100 run.
 
 Needs numpy, mlx, sentencepiece and brotli; no torch. Ported: ternary STE layers, the U-Net GPT with the
-default-on components (XSA, value residual, SmearGate; each can still be switched off), Muon + Adam, EMA,
+default-on components (XSA, value residual, SmearGate; each can still be switched off), Muon + Adam,
 wall-clock stop, export. The other architecture flags of train_gpt.py (SKC, capsules, MoE, ...) are not ported:
 turning one on is a ConfigError. Single process only (no DDP): WORLD_SIZE must be 1.
 An artifact written here is scored by train_gpt.py's loader, and a CUDA-trained artifact loads here.
@@ -82,7 +82,6 @@ UNPORTED = {
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
     "eval_doc_isolated": False,
     "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False, "fp_phase": False,
-    "ema_domain": "latent",
     "embed_qat": False, "scale_format": "fp16", "hybrid_int": False,
 }
 
@@ -220,10 +219,6 @@ class Hyperparameters:
     adam_eps = Knob("ADAM_EPS", 1e-8, check=POS)
     adam_wd = Knob("ADAM_WD", 0.0, check=NONNEG)
     grad_clip_norm = Knob("GRAD_CLIP_NORM", 0.0, check=NONNEG)  # 0: off
-    ema_enabled = Knob("EMA_ENABLED", False)
-    ema_decay = Knob("EMA_DECAY", 0.997, check=UNIT_OPEN)
-    ema_start_frac = Knob("EMA_START_FRAC", -1.0, check=(lambda v: v == -1 or 0 <= v < 1, "must be -1 (the warmdown's start) or in [0, 1)"))
-    ema_domain = Knob("EMA_DOMAIN", "latent", choices={"latent", "ternary"})  # UNPORTED
     fp_phase = Knob("FP_PHASE", False)  # UNPORTED, with the two knobs that tune it
     qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
     qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)
@@ -239,7 +234,7 @@ class Hyperparameters:
     hybrid_bits = Knob("HYBRID_BITS", 6, choices={4, 5, 6, 8})
     brotli_quality = Knob("BROTLI_QUALITY", 11, check=(lambda v: 0 <= v <= 11, "must be in [0, 11]"))
     # train_gpt.py's checkpoint re-scoring: read for the same config line, refused when on (UNPORTED)
-    checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights (EMA applied) after training
+    checkpoint_save = Knob("CHECKPOINT_SAVE", False)  # write the float weights after training
     eval_from_checkpoint = Knob("EVAL_FROM_CHECKPOINT", False)  # no training: load them, then calibrate/T/export/score
     checkpoint_path = Knob("CHECKPOINT_PATH", "final_model.float.pt")
 
@@ -288,11 +283,6 @@ class Hyperparameters:
     @property
     def head_dim(self):
         return self.model_dim // self.num_heads
-
-    @property
-    def ema_start(self):
-        """Progress from which EMA averages: EMA_START_FRAC, or by default (-1) the warmdown's start."""
-        return 1 - self.warmdown_frac if self.ema_start_frac < 0 else self.ema_start_frac
 
     @property
     def mlp_hidden(self):
@@ -906,25 +896,6 @@ def muon_momentum(step, h):
         return h.muon_momentum
     frac = min(step / h.muon_momentum_warmup_steps, 1.0)
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
-
-
-class EMA:
-    """Exponential moving average of the fp32 master parameters from EMA_START_FRAC of the run on (by default the
-    warmdown's start), started from that step's weights; swapped in before export."""
-
-    def __init__(self, model, decay):
-        self.decay, self.shadow = decay, None
-
-    def start(self, model):
-        self.shadow = dict(state_dict(model))
-
-    def update(self, model):
-        if self.shadow is not None:
-            self.shadow = {k: s + (1 - self.decay) * (p - s) for (k, s), p in zip(self.shadow.items(), state_dict(model).values())}
-
-    def copy_to_model(self, model):
-        if self.shadow is not None:
-            model.update(tree_unflatten(list(self.shadow.items())))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1541,7 +1512,7 @@ def train_step(model, grad_fn, loader, optimizers, h, step, elapsed):
     return total / n
 
 
-def train(model, optimizers, ema, h, train_pattern, val, log, use_compile):
+def train(model, optimizers, h, train_pattern, val, log, use_compile):
     """The timed loop: stops at ITERATIONS or when the clock passes MAX_WALLCLOCK_SECONDS (evaluation excluded)."""
     val_tokens, luts = val
     loader = TokenLoader(train_pattern, h)
@@ -1549,14 +1520,8 @@ def train(model, optimizers, ema, h, train_pattern, val, log, use_compile):
     step, train_seconds, stop = 0, 0.0, False
     t_start = time.perf_counter()
     while not stop:
-        if h.ema_enabled:
-            if ema.shadow is None and run_progress(step, train_seconds, h) >= h.ema_start:
-                ema.start(model)
-                log(f"ema_start step:{step}")
         loss = train_step(model, grad_fn, loader, optimizers, h, step, train_seconds)
-        if h.ema_enabled:
-            ema.update(model)
-        mx.eval(loss, model.parameters(), optimizers.state(), ema.shadow if ema and ema.shadow else [])
+        mx.eval(loss, model.parameters(), optimizers.state())
         step += 1
         train_seconds = time.perf_counter() - t_start
         stop = step >= h.iterations or (h.max_wallclock_seconds and train_seconds >= h.max_wallclock_seconds)
@@ -1623,12 +1588,7 @@ def run(h, device, log):
     total_params, ternary_params = count_params(model)
     log(f"model params:{total_params} ternary:{ternary_params} attention:mlx_sdpa")
     optimizers = Optimizers(model, h)
-    ema = None
-    if h.ema_enabled:
-        ema = EMA(model, h.ema_decay)
-    train(model, optimizers, ema, h, train_pattern, val, log, use_compile)
-    if h.ema_enabled:
-        ema.copy_to_model(model)
+    train(model, optimizers, h, train_pattern, val, log, use_compile)
     if not export_and_score(model, h, val, log):
         log(f"error: code + model is over ARTIFACT_CAP_BYTES={h.artifact_cap_bytes}; nothing was scored")
         sys.exit(1)

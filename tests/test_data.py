@@ -73,12 +73,12 @@ def test_config_errors_name_the_variable():
         tg.Hyperparameters({"MODEL_DIM": "0"})
     with pytest.raises(tg.ConfigError, match="MLP_ACT='gelu' must be one of"):
         tg.Hyperparameters({"MLP_ACT": "gelu"})
-    with pytest.raises(tg.ConfigError, match="EMA_ENABLED='maybe'"):
-        tg.Hyperparameters({"EMA_ENABLED": "maybe"})
+    with pytest.raises(tg.ConfigError, match="MUON_ROW_NORM='maybe'"):
+        tg.Hyperparameters({"MUON_ROW_NORM": "maybe"})
     with pytest.raises(tg.ConfigError, match="NUM_KV_HEADS"):
         tg.Hyperparameters({"NUM_HEADS": "12", "NUM_KV_HEADS": "5"})
-    h = tg.Hyperparameters({"EMA_ENABLED": "true", "MATRIX_LR": "0.5"})
-    assert h.ema_enabled is True and h.matrix_lr == 0.5
+    h = tg.Hyperparameters({"MUON_ROW_NORM": "true", "MATRIX_LR": "0.5"})
+    assert h.muon_row_norm is True and h.matrix_lr == 0.5
     with pytest.raises(tg.ConfigError, match="GRAD_ACCUM_STEPS=3"):
         tg.check_batch_shape(tg.Hyperparameters({"TRAIN_BATCH_TOKENS": "1024", "GRAD_ACCUM_STEPS": "3"}), 1)
 

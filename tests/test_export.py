@@ -384,7 +384,7 @@ def saved(request, shards, tmp_path_factory):
     """A training run that writes its checkpoint, then runs calibration, temperature, export and the sliding score
     itself; CALIB_AT_FRAC=0.5 calibrates halfway through training instead (the checkpoint must carry that)."""
     work = tmp_path_factory.mktemp("ckpt")
-    knobs = dict(ITERATIONS=6, EMA_ENABLED=1, CALIB_AT_FRAC=request.param, CHECKPOINT_PATH=work / "ckpt.pt", **POST)
+    knobs = dict(ITERATIONS=6, MUON_ROW_NORM=1, CALIB_AT_FRAC=request.param, CHECKPOINT_PATH=work / "ckpt.pt", **POST)
     r = run_train(shards, work, CHECKPOINT_SAVE=1, **knobs)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "checkpoint_saved" in r.stdout and (work / "ckpt.pt").exists()
@@ -421,7 +421,7 @@ def test_rescoring_under_other_evaluation_settings(saved, shards, tmp_path):
 
     h = tg.Hyperparameters({**TINY, **{k: str(v) for k, v in plain.items()}})
     ckpt = torch.load(knobs["CHECKPOINT_PATH"], weights_only=True)
-    assert ckpt["config"]["NUM_LAYERS"] == 2 and ckpt["config"]["EMA_ENABLED"] is True and ckpt["calib"] == {}
+    assert ckpt["config"]["NUM_LAYERS"] == 2 and ckpt["config"]["MUON_ROW_NORM"] is True and ckpt["calib"] == {}
     ref = tg.GPT(h)
     ref.load_state_dict(ckpt["state"])
     val = tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), 1024, h.max_val_tokens)

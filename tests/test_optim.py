@@ -198,11 +198,10 @@ def test_phases_and_compile_variants():
     assert tg.TrainingSchedule(tg.Hyperparameters({})).starts == {}
     assert tg.TrainingSchedule(tg.Hyperparameters({})).compile_variants() == []
     assert tg.TrainingSchedule(tg.Hyperparameters({})).forward_kwargs(10**6, 1e9) == {}
-    h = tg.Hyperparameters({"DEPTH_RECUR": "1", "FP_PHASE": "1", "EMA_ENABLED": "1", "WARMDOWN_FRAC": "0.2"})
+    h = tg.Hyperparameters({"DEPTH_RECUR": "1", "FP_PHASE": "1"})
     sched = tg.TrainingSchedule(h)
-    assert sched.starts == {"recur": 0.5, "qat": 0.3, "ema": 0.8}
+    assert sched.starts == {"recur": 0.5, "qat": 0.3}
     assert sched.compile_variants() == [{"recur": True}]
-    assert tg.Hyperparameters({"EMA_START_FRAC": "0.5"}).ema_start == 0.5
 
 
 def test_qat_switches_at_the_right_step():
@@ -221,24 +220,13 @@ def test_qat_switches_at_the_right_step():
         tg.Hyperparameters({**env, "TERNARY_CALIB": "1", "CALIB_AT_FRAC": "0.2"})
 
 
-def test_muon_momentum_warmup_and_ema():
+def test_muon_momentum_warmup():
     h = tg.Hyperparameters({"MUON_MOMENTUM_WARMUP_START": "0.8", "MUON_MOMENTUM": "0.9",
                             "MUON_MOMENTUM_WARMUP_STEPS": "10"})
     momentum = tg.TrainingSchedule(h).momentum
     assert momentum(0) == pytest.approx(0.8)
     assert momentum(5) == pytest.approx(0.85)
     assert momentum(50) == pytest.approx(0.9)
-    lin = torch.nn.Linear(3, 3)
-    ema = tg.EMA(lin, tg.Hyperparameters({"EMA_ENABLED": "1", "EMA_DECAY": "0.5"}))
-    start = lin.weight.detach().clone()
-    ema.update()  # not started: nothing to average yet
-    ema.start()
-    with torch.no_grad():
-        lin.weight.add_(2.0)
-    ema.update()
-    ema.copy_to_model()
-    torch.testing.assert_close(lin.weight.detach(), start + 1.0)
-    assert ema.steps == 1
 
 
 def test_feature_parameters_land_in_the_right_optimizer():
