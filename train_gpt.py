@@ -134,7 +134,10 @@ class Hyperparameters:
     ttt_epochs = Knob("TTT_EPOCHS", 1, check=POS)
     ttt_mode = Knob("TTT_MODE", "sgd", choices={"sgd", "lora"})  # sgd: TTT_SCOPE on stream chunks; lora: per document
     ttt_lora_rank = Knob("TTT_LORA_RANK", 8, check=POS)
-    ttt_lora_lr = Knob("TTT_LORA_LR", 0.003, check=POS)  # Adam
+    ttt_lora_lr = Knob("TTT_LORA_LR", 0.003, check=POS)  # AdamW, fresh for each batch of spans
+    ttt_lora_beta1 = Knob("TTT_LORA_BETA1", 0.9, check=UNIT_OPEN)  # the int6 records' LoRA TTT runs 0: no momentum
+    ttt_lora_beta2 = Knob("TTT_LORA_BETA2", 0.999, check=UNIT_OPEN)
+    ttt_lora_wd = Knob("TTT_LORA_WD", 0.0, check=NONNEG)  # decoupled: each step scales the adapters by 1 - lr * wd
     ttt_lora_targets = Knob("TTT_LORA_TARGETS", "q,v,head", check=(lambda v: v and set(v.split(",")) <= set(LORA_TARGETS), f"must be a comma list of {sorted(LORA_TARGETS)}"))
     ttt_lora_chunk = Knob("TTT_LORA_CHUNK", 256, check=POS)  # scored tokens of a document between two updates
     ttt_lora_docs = Knob("TTT_LORA_DOCS", 64, check=POS)  # documents adapted side by side, one batch row each
@@ -2140,9 +2143,9 @@ def lora_chunk_batch(tokens, first, last, floor, chunk, h):
 def lora_ttt_nll(model, tokens, h, spans, device, t0):
     """(per-target NLL, targets scored, adapted chunks) of the spans (first, last, floor) of adapter_spans, in
     target order from the first span's first target, by legal score-first LoRA TTT. Spans go TTT_LORA_DOCS at a
-    time, longest first, each with fresh adapters and a fresh Adam. A chunk of every running span is scored by
+    time, longest first, each with fresh adapters and a fresh AdamW. A chunk of every running span is scored by
     one forward with the adapters as they are (trained on the span's earlier chunks only); that same forward's
-    loss on the chunk then makes one Adam step (TTT_EPOCHS - 1 more on the same windows), so no target is ever
+    loss on the chunk then makes one AdamW step (TTT_EPOCHS - 1 more on the same windows), so no target is ever
     scored by an adapter that has seen it. Past EVAL_BUDGET_SECONDS scoring goes on without updates."""
     first, last, floor = spans
     lo = int(first[0]) if len(first) else 0
@@ -2152,7 +2155,8 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
     for start in range(0, len(order), h.ttt_lora_docs):
         rows = order[start : start + h.ttt_lora_docs]
         bank = LoRABank(model, h, first[rows], device)
-        opt = torch.optim.Adam(bank.params, lr=h.ttt_lora_lr)
+        opt = torch.optim.AdamW(bank.params, lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
+                                weight_decay=h.ttt_lora_wd)  # elementwise: each span's slice steps on its own
         n_chunks = -(-(last[rows] - first[rows] + 1) // h.ttt_lora_chunk)
         for c in range(int(n_chunks.max())):
             live = rows[: int((n_chunks > c).sum())]
@@ -2197,7 +2201,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     if int(totals[1].item()) != len(tokens) - 1:
         raise RuntimeError(f"LoRA TTT scored {int(totals[1].item())} of the split's {len(tokens) - 1} targets")
     log(f"lora_ttt docs:{int(mine.sum())} span:{h.ttt_lora_span} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
-        f"lr:{h.ttt_lora_lr} adapted_chunks:{adapted} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
+        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} adapted_chunks:{adapted} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
     return loss, bpb
 
 

@@ -302,7 +302,7 @@ def lora_reference(m, tokens, h, a_init, adapt=True):
         b = [torch.zeros(mod.out_features, h.ttt_lora_rank, requires_grad=True) for mod in mods]
         hooks = [mod.register_forward_hook(lambda _m, i, o, a=ai, b=bi: o + i[0] @ a.T @ b.T)
                  for mod, ai, bi in zip(mods, a, b)]
-        opt = torch.optim.Adam(a + b, lr=h.ttt_lora_lr)
+        opt = torch.optim.Adam(a + b, lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2))
         for lo in range(first, last + 1, chunk):
             hi = min(lo + chunk - 1, last)
             w = max(doc_first - 1 if h.eval_doc_isolated else 0, hi - seq)
@@ -312,20 +312,24 @@ def lora_reference(m, tokens, h, a_init, adapt=True):
             if adapt:
                 opt.zero_grad()
                 nll.mean().backward()
+                with torch.no_grad():  # decoupled weight decay, before the Adam step (as AdamW orders it)
+                    for p in a + b:
+                        p.mul_(1 - h.ttt_lora_lr * h.ttt_lora_wd)
                 opt.step()
         for hook in hooks:
             hook.remove()
     return total
 
 
-@pytest.mark.parametrize("isolated, adapt, span", [("0", True, 0), ("1", True, 0), ("1", False, 0), ("1", True, 10),
-                                                   ("0", True, 7)])
-def test_lora_ttt_matches_a_one_span_at_a_time_loop(isolated, adapt, span):
+@pytest.mark.parametrize("isolated, adapt, span, opt", [("0", True, 0, {}), ("1", True, 0, {}), ("1", False, 0, {}),
+                                                        ("1", True, 10, {}), ("0", True, 7, {}),
+                                                        ("1", True, 0, {"TTT_LORA_BETA1": 0, "TTT_LORA_WD": 0.5})])
+def test_lora_ttt_matches_a_one_span_at_a_time_loop(isolated, adapt, span, opt):
     """Spans batched 2 at a time, longest first, with a prefix of rows running at each step, against the
     sequential reference: the same total, so each span adapted on its own. adapt=False: over the budget from
     the start, so the adapters stay at zero and the score is the trained model's. span > 0 cuts documents into
     spans with adapters of their own, whose windows still read the document before them."""
-    h = lora_h(EVAL_DOC_ISOLATED=isolated, EVAL_BUDGET_SECONDS=0 if adapt else 1e-9, TTT_LORA_SPAN=span)
+    h = lora_h(EVAL_DOC_ISOLATED=isolated, EVAL_BUDGET_SECONDS=0 if adapt else 1e-9, TTT_LORA_SPAN=span, **opt)
     tokens = docs_stream(1)
     m = model()
     nll, adapted = lora_nll(m, tokens, h)
