@@ -1491,10 +1491,12 @@ def check_batch_shape(h):
 
 
 def make_grad_fn(model, use_compile):
-    """(loss, grads) of one micro-batch; mx.compile'd when asked (the model's parameters are its implicit inputs)."""
+    """(loss, grads) of one micro-batch; mx.compile'd when asked. The model's state is the compiled step's implicit
+    input and output: nn.value_and_grad leaves its traced parameters in the model, and without outputs= those
+    placeholders stayed there, so the second compiled call failed ("an array without a primitive")."""
     grad_fn = nn.value_and_grad(model, lambda x, y: model(x, y))
     if use_compile:
-        grad_fn = mx.compile(grad_fn, inputs=model.state)
+        grad_fn = mx.compile(grad_fn, inputs=model.state, outputs=model.state)
     return grad_fn
 
 
