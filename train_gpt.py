@@ -79,9 +79,11 @@ POS = (lambda v: v > 0, "must be > 0")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
 UNIT = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 UNIT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
-# TTT_MODE=lora: what TTT_LORA_TARGETS may name -> the module adapted (a path in each block, or the model's head)
+# TTT_MODE=lora: what TTT_LORA_TARGETS may name -> the module adapted (a path in each block, or the model's head).
+# "attn" and "mlp" are bypasses, as the int6 records run them: from the block's normalized input to its attention
+# or MLP output, MODEL_DIM wide, beside the ternary matrices rather than on one of them
 LORA_TARGETS = {"q": "mixer.q", "k": "mixer.k", "v": "mixer.v", "proj": "mixer.proj", "up": "mlp.up",
-                "down": "mlp.down", "head": "embed_out"}
+                "down": "mlp.down", "head": "embed_out", "attn": "mixer", "mlp": "mlp"}
 
 
 class Hyperparameters:
@@ -2070,18 +2072,26 @@ class LoRABank:
         modules = lora_target_modules(model, h.ttt_lora_targets)
         for m, a in zip(modules, lora_init(h, doc_first, modules)):
             a = a.to(device).requires_grad_()
-            b = torch.zeros(len(doc_first), m.out_features, h.ttt_lora_rank, device=device, requires_grad=True)
+            b = torch.zeros(len(doc_first), lora_shape(m, h)[1], h.ttt_lora_rank, device=device, requires_grad=True)
             self.handles.append(m.register_forward_hook(functools.partial(self.add_delta, a, b)))
             self.params += [a, b]
 
     @staticmethod
     def add_delta(a, b, module, inputs, out):
-        x, k = inputs[0], out.size(0)
-        return out + (x @ a[:k].mT.to(x.dtype)) @ b[:k].mT.to(x.dtype)
+        """A linear's output, or the first of a mixer's (output, values) or an MoE's (output, aux loss)."""
+        y = out[0] if isinstance(out, tuple) else out
+        x, k = inputs[0], y.size(0)
+        y = y + (x @ a[:k].mT.to(x.dtype)) @ b[:k].mT.to(x.dtype)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+def lora_shape(m, h):
+    """(in, out) features of an adapter on module m: a linear's own, or MODEL_DIM both for a bypass."""
+    return (m.in_features, m.out_features) if hasattr(m, "in_features") else (h.model_dim, h.model_dim)
 
 
 def lora_init(h, doc_first, modules):
@@ -2090,8 +2100,8 @@ def lora_init(h, doc_first, modules):
     per_doc = []
     for first in doc_first:
         g = torch.Generator().manual_seed(h.seed * 1_000_003 + int(first))
-        per_doc.append([torch.randn(h.ttt_lora_rank, m.in_features, generator=g) / math.sqrt(m.in_features)
-                        for m in modules])
+        per_doc.append([torch.randn(h.ttt_lora_rank, d, generator=g) / math.sqrt(d)
+                        for d in (lora_shape(m, h)[0] for m in modules)])
     return [torch.stack(a) for a in zip(*per_doc)]
 
 
