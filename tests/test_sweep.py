@@ -167,8 +167,8 @@ def test_recipe65_manifest_validates_on_two_lanes():
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe65.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 13 and all("TRAIN_BATCH_TOKENS=65536 " in ln and "SCALE_FORMAT=log8 " in ln for ln in rows)
-    assert sum("(waits for r65: same checkpoint)" in ln for ln in rows) == 5
+    assert len(rows) == 14 and all("TRAIN_BATCH_TOKENS=65536 " in ln and "SCALE_FORMAT=log8 " in ln for ln in rows)
+    assert sum("(waits for r65: same checkpoint)" in ln for ln in rows) == 6
     assert "r65s42_lora (waits for r65s42: same checkpoint)" in r.stdout and "TTT_LORA_BETA1=0 " in r.stdout
 
 
