@@ -2,9 +2,10 @@
 optimizers, BPB accounting, log lines and artifact format, so a Mac run means the same thing as an H100 run.
 
 Needs numpy, mlx, sentencepiece and brotli; no torch. Ported: ternary STE layers, the U-Net GPT with the
-default-on components (XSA, value residual, SmearGate; each can still be switched off), Muon + Adam,
-wall-clock stop, export. The other architecture flags of train_gpt.py (SKC, capsules, MoE, ...) are not ported:
-turning one on is a ConfigError. Single process only (no DDP): WORLD_SIZE must be 1.
+default-on components (XSA, value residual, SmearGate; each can still be switched off), Muon + Adam, the FP
+phase (FP_PHASE: unquantized latent weights, then the ternary quantizer blended in), wall-clock stop, export.
+The other architecture flags of train_gpt.py (SKC, capsules, MoE, ...) are not ported: turning one on is a
+ConfigError. Single process only (no DDP): WORLD_SIZE must be 1.
 An artifact written here is scored by train_gpt.py's loader, and a CUDA-trained artifact loads here.
 Launch: `./run_mlx_reasoner.sh` (Mac defaults) or `python3 train_gpt_mlx.py` with train_gpt.py's env vars.
 """
@@ -81,7 +82,7 @@ UNPORTED = {
     "capsules_enabled": False, "feedback_enabled": False, "engram_enabled": False, "moe_enabled": False,
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
     "eval_doc_isolated": False,
-    "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False, "fp_phase": False,
+    "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False,
     "embed_qat": False, "scale_format": "fp16", "hybrid_int": False,
 }
 
@@ -222,9 +223,9 @@ class Hyperparameters:
     adam_eps = Knob("ADAM_EPS", 1e-8, check=POS)
     adam_wd = Knob("ADAM_WD", 0.0, check=NONNEG)
     grad_clip_norm = Knob("GRAD_CLIP_NORM", 0.0, check=NONNEG)  # 0: off
-    fp_phase = Knob("FP_PHASE", False)  # UNPORTED, with the two knobs that tune it
+    fp_phase = Knob("FP_PHASE", False)  # the latent weights run unquantized until QAT_START_FRAC, then ternary
     qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
-    qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)
+    qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
@@ -267,6 +268,9 @@ class Hyperparameters:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         if self.rope_dims % 2 or self.rope_dims > self.head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
+        if self.fp_phase and self.qat_start_frac + self.qat_ramp_frac >= 1:
+            raise ConfigError(f"QAT_START_FRAC={self.qat_start_frac} + QAT_RAMP_FRAC={self.qat_ramp_frac} must be < 1: "
+                              "the run has to end on the ternary quantizer it exports")
         self._check_ternary_widths()
 
     def _check_ternary_widths(self):
@@ -525,14 +529,54 @@ class TernaryLinear(nn.Module):
         else:
             self.weight = mx.random.normal((out_features, in_features)) * in_features**-0.5
 
+    def dequantized(self):
+        """The stored weight as floats: the trits times their scales, multiplied out."""
+        trits, scale = ternary_quantize(mx.stop_gradient(self.weight), self.group_size)
+        return dequantize_ternary(trits, scale, self.group_size)
+
     def quantized_weight(self):
         w = self.weight
-        trits, scale = ternary_quantize(mx.stop_gradient(w), self.group_size)
-        wq = dequantize_ternary(trits, scale, self.group_size)
-        return w + mx.stop_gradient(wq - w)
+        return w + mx.stop_gradient(self.dequantized() - w)
 
     def __call__(self, x):
         return x @ self.quantized_weight().astype(x.dtype).T
+
+
+class FPPhaseTernaryLinear(TernaryLinear):
+    """FP_PHASE (train_gpt.py's FPPhaseLinear): the forward uses w + q (wq - w), q = 0 the unquantized latent
+    weight, q = 1 exactly the plain TernaryLinear (same float ops), the gradient reaching w straight through at any
+    q. q is an array in the layer's state, under a name with a leading underscore, which keeps it out of
+    parameters(): no gradient, optimizer step or export sees it. The compiled step takes the model's state as input,
+    so q is an input of its graph like the weights: one graph serves every q."""
+
+    def quantized_weight(self):
+        w = self.weight
+        return w + mx.stop_gradient(self._quant_mix * (self.dequantized() - w))
+
+
+class QuantMix:
+    """FP_PHASE: turns every TernaryLinear of a model into an FPPhaseTernaryLinear, q = 1 until set, and sets their
+    q; a new q array only when q changes. finish() puts the plain class back, so that what is exported and scored
+    after training is exactly the quantized model."""
+
+    def __init__(self, model):
+        self.layers, self.value = list(ternary_names(model).values()), 1.0
+        for m in self.layers:
+            m.__class__ = FPPhaseTernaryLinear
+            m._quant_mix = mx.array(1.0)
+
+    def finish(self):
+        for m in self.layers:
+            m.__class__ = TernaryLinear
+            del m["_quant_mix"]
+        self.value = 1.0
+
+    def set(self, value):
+        if value != self.value:
+            q = mx.array(value, dtype=mx.float32)
+            for m in self.layers:
+                m._quant_mix = q
+            self.value = value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -892,6 +936,15 @@ def lr_multiplier(step, elapsed, h):
             left = 0.5 * (1 - math.cos(math.pi * left))
         return h.warmdown_min_lr + (1 - h.warmdown_min_lr) * left
     return 1.0
+
+
+def quant_mix(step, elapsed, h):
+    """FP_PHASE: 0 (latent weights unquantized) before QAT_START_FRAC, then 1 (ternary), or a linear ramp from 0
+    to 1 over QAT_RAMP_FRAC (train_gpt.py's TrainingSchedule.quant_mix)."""
+    into = run_progress(step, elapsed, h) - h.qat_start_frac
+    if into < 0:
+        return 0.0
+    return min(1.0, into / h.qat_ramp_frac) if h.qat_ramp_frac else 1.0
 
 
 def muon_momentum(step, h):
@@ -1502,6 +1555,8 @@ def make_grad_fn(model, use_compile):
 
 def train_step(model, grad_fn, loader, optimizers, h, step, elapsed):
     """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean loss (an mx scalar)."""
+    if h.fp_phase:
+        model.quant_mix.set(quant_mix(step, elapsed, h))
     micro = loader.next_batch()
     total, grads = 0.0, None
     for x, y in micro:
@@ -1525,6 +1580,9 @@ def train(model, optimizers, h, train_pattern, val, log, use_compile):
     step, train_seconds, stop = 0, 0.0, False
     t_start = time.perf_counter()
     while not stop:
+        if h.fp_phase:
+            if model.quant_mix.value == 0 and quant_mix(step, train_seconds, h) > 0:
+                log(f"qat_start step:{step}")
         loss = train_step(model, grad_fn, loader, optimizers, h, step, train_seconds)
         mx.eval(loss, model.parameters(), optimizers.state())
         step += 1
@@ -1593,7 +1651,11 @@ def run(h, device, log):
     total_params, ternary_params = count_params(model)
     log(f"model params:{total_params} ternary:{ternary_params} attention:mlx_sdpa")
     optimizers = Optimizers(model, h)
+    if h.fp_phase:
+        model.quant_mix = QuantMix(model)  # before the step is compiled, which must see the blending layers
     train(model, optimizers, h, train_pattern, val, log, use_compile)
+    if h.fp_phase:
+        model.quant_mix.finish()  # a run that stopped inside the ramp still exports (and scores) quantized weights
     if not export_and_score(model, h, val, log):
         log(f"error: code + model is over ARTIFACT_CAP_BYTES={h.artifact_cap_bytes}; nothing was scored")
         sys.exit(1)

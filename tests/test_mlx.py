@@ -1,5 +1,5 @@
 """MLX port (train_gpt_mlx.py) against train_gpt.py: logits, loss, gradients and optimizer steps on the same
-weights; the same batches and byte accounting; a smoke training run; artifacts across frameworks both ways
+weights (in the FP phase too); the same batches and byte accounting; a smoke training run; artifacts across frameworks both ways
 (and byte-identical serialization); flags the port does not implement are a clear error."""
 import json
 import math
@@ -77,10 +77,8 @@ def test_same_weights_same_logits(overrides):
     assert np.abs(got - ref).max() <= 1e-4 * scale, (np.abs(got - ref).max(), scale)
 
 
-def test_same_loss_and_gradients():
-    m = torch_model(Z_LOSS="1e-4")
-    mm = mlx_copy(m, Z_LOSS="1e-4")
-    x, y = batch(1)
+def assert_same_loss_and_gradients(m, mm, x, y):
+    """The torch model m and the MLX model mm give one batch the same loss and gradients."""
     loss = m(x, y)
     loss.backward()
     mloss, mgrads = mnn.value_and_grad(mm, lambda a, b: mm(a, b))(to_mx(x), to_mx(y))
@@ -91,6 +89,69 @@ def test_same_loss_and_gradients():
         ref, got = p.grad.numpy(), np.array(mgrads[name])
         err = float(np.abs(got - ref).max() / np.abs(ref).max())
         assert err < 1e-3, (name, err)  # fp32 sums in another order, through a dozen layers' backward
+
+
+def test_same_loss_and_gradients():
+    m = torch_model(Z_LOSS="1e-4")
+    assert_same_loss_and_gradients(m, mlx_copy(m, Z_LOSS="1e-4"), *batch(1))
+
+
+@pytest.mark.parametrize("q", [0.0, 0.375, 1.0])
+def test_fp_phase_same_loss_and_gradients(q):
+    """FP_PHASE at quant_mix q (0: the latent weights, 1: ternary, between: the ramp's blend), train_gpt.py's
+    QuantMix against the port's on the same weights: the same logits, loss and straight-through gradients. Below
+    q = 1 the logits are far from the quantized model's, so this is not the plain comparison again."""
+    m = torch_model(FP_PHASE="1")
+    mm = mlx_copy(m, FP_PHASE="1")
+    x, y = batch(2)
+    with torch.no_grad():
+        plain = m.logits(x)[0].numpy()
+    tg.QuantMix(m).set(q)
+    tm.QuantMix(mm).set(q)
+    with torch.no_grad():
+        ref = m.logits(x)[0].numpy()
+    scale = np.abs(ref).max()
+    assert np.abs(np.array(mm.logits(to_mx(x))) - ref).max() <= 1e-4 * scale
+    assert np.array_equal(ref, plain) if q == 1 else np.abs(ref - plain).max() > 0.05 * scale
+    assert_same_loss_and_gradients(m, mm, x, y)
+
+
+def test_fp_phase_at_one_and_after_finish_is_the_plain_model():
+    """q = 1 computes bit for bit what the plain TernaryLinears compute, loss and gradients; q stays out of the
+    parameters (no gradient, no optimizer, no export); finish() leaves the plain layers and state behind."""
+    m = torch_model()
+    plain, fp = mlx_copy(m), mlx_copy(m, FP_PHASE="1")
+    mix = tm.QuantMix(fp)
+    x, y = (to_mx(t) for t in batch(3))
+    for model in (plain, fp):
+        model.result = mnn.value_and_grad(model, lambda a, b: model(a, b))(x, y)
+    assert float(fp.result[0]) == float(plain.result[0])
+    for (name, g), (_, h) in zip(tree_flatten(plain.result[1]), tree_flatten(fp.result[1]), strict=True):
+        assert np.array_equal(np.array(g), np.array(h)), name
+    assert list(tm.state_dict(fp)) == list(tm.state_dict(plain))
+    assert all(type(m) is tm.FPPhaseTernaryLinear and "_quant_mix" in m for m in mix.layers)
+    mix.set(0.0)
+    mix.finish()
+    assert all(type(m) is tm.TernaryLinear and "_quant_mix" not in m for m in mix.layers)
+    assert float(fp(x, y)) == float(plain(x, y))
+
+
+def test_fp_phase_schedule_and_checks_are_train_gpts():
+    """quant_mix at every step and clock of a few schedules (steps or wall clock ahead, a ramp or a switch), and
+    the start check with train_gpt.py's message."""
+    for env in ({"QAT_START_FRAC": "0.3"}, {"QAT_START_FRAC": "0.25", "QAT_RAMP_FRAC": "0.4"},
+                {"QAT_START_FRAC": "0", "QAT_RAMP_FRAC": "0.5"}, {"QAT_START_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "0"}):
+        env = {"FP_PHASE": "1", "ITERATIONS": "20", "MAX_WALLCLOCK_SECONDS": "10", **env}
+        sched, h = tg.TrainingSchedule(tg.Hyperparameters(env)), tm.Hyperparameters(env)
+        for step in range(21):
+            for elapsed in (0.0, 2.4, 2.5, 5.0, 7.0, 9.99):
+                assert tm.quant_mix(step, elapsed, h) == sched.quant_mix(step, elapsed), (env, step, elapsed)
+    bad = {"FP_PHASE": "1", "QAT_START_FRAC": "0.7", "QAT_RAMP_FRAC": "0.3"}
+    with pytest.raises(tg.ConfigError) as want:
+        tg.Hyperparameters(bad)
+    with pytest.raises(tm.ConfigError, match=re.escape(str(want.value))):
+        tm.Hyperparameters(bad)
+    tm.Hyperparameters({**bad, "FP_PHASE": "0"})  # only the FP phase has to end on the quantizer
 
 
 def test_optimizer_steps_match():
@@ -157,6 +218,27 @@ def test_the_compiled_step_follows_the_weights():
         got = compiled(x, y)
         assert_same_step(want, got)
         m.update(tree_map(lambda p, g: p - 0.5 * g, m.parameters(), want[1]))
+
+
+def test_fp_phase_compiles_one_graph_for_every_q(monkeypatch):
+    """COMPILE=1 with FP_PHASE: q is an input of the compiled step, not a constant baked into it: the step traces
+    once, and at every q after that gives the eager step's loss and gradients."""
+    traces = []
+    monkeypatch.setattr(TwoLayers, "__call__", lambda self, x, y: traces.append(1) or mx.square(
+        self.b(mnn.relu(self.a(x))) - y).mean())
+    m = TwoLayers()
+    mix = tm.QuantMix(m)
+    eager, compiled = tm.make_grad_fn(m, use_compile=False), tm.make_grad_fn(m, use_compile=True)
+    x, y = mx.random.normal((4, 32)), mx.random.normal((4, 32))
+    losses = []
+    for q in (0.0, 0.5, 1.0, 0.25):
+        mix.set(q)
+        want = eager(x, y)
+        before = len(traces)
+        assert_same_step(want, compiled(x, y))
+        assert len(traces) == before + (q == 0.0)  # the first call traces; no other q does
+        losses.append(float(want[0]))
+    assert len(set(losses)) == 4
 
 
 def test_same_batches_as_the_torch_loader(shards):
@@ -280,6 +362,19 @@ def test_smoke_run_loss_falls_and_log_parses(mlx_run):
     assert abs(run["final_val_bpb"] - run["pre_export_val_bpb"]) < 0.01  # fp16 storage of the small params only
     # mid-run validation at every VAL_LOSS_EVERY steps, skipped at the last step (pre_export scores that one)
     assert re.findall(r"^step:(\d+) val_loss:", r.stdout, re.M) == ["5", "10"]
+
+
+def test_fp_phase_run_leaves_it_where_train_gpt_does(shards, tmp_path):
+    """FP_PHASE in a run that ends inside the ramp: qat_start at the step train_gpt.py's schedule gives (the first
+    with q > 0: the ramp's first step has q = 0), and the model the run scores before export is the quantized one
+    (finish(), q = 1) that the artifact holds."""
+    env = dict(FP_PHASE=1, QAT_START_FRAC=0.5, QAT_RAMP_FRAC=0.45, ITERATIONS=10, WARMDOWN_FRAC=0.3)
+    r = run_train(shards, tmp_path, script=MLX_SCRIPT, **env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sched = tg.TrainingSchedule(tg.Hyperparameters({**TINY, **{k: str(v) for k, v in env.items()}}))
+    assert [sched.quant_mix(s, 0.0) > 0 for s in (5, 6)] == [False, True] and sched.quant_mix(9, 0.0) < 1
+    assert log_values(r.stdout, "qat_start step") == [6]
+    assert abs(log_values(r.stdout, "gap_bpb")[0]) < 5e-4  # fp16 small parameters only (the ramp's q: 0.003)
 
 
 def test_other_ported_knobs_and_the_wall_clock_stop(shards, tmp_path):
