@@ -111,7 +111,7 @@ class Hyperparameters:
     warmdown_shape = Knob("WARMDOWN_SHAPE", "linear", choices={"linear", "cosine"})
     warmdown_min_lr = Knob("WARMDOWN_MIN_LR", 0.0, check=UNIT_OPEN)
     compile_warmup_steps = Knob("COMPILE_WARMUP_STEPS", 10, check=NONNEG)  # read, unused: MLX compiles lazily
-    train_sync_every = Knob("TRAIN_SYNC_EVERY", 1, check=POS)  # read, unused: the MLX loop times each step itself
+    train_sync_every = Knob("TRAIN_SYNC_EVERY", 8, check=POS)  # read, unused: the MLX loop times each step itself
     train_log_every = Knob("TRAIN_LOG_EVERY", 25, check=POS)
     # evaluation
     val_loss_every = Knob("VAL_LOSS_EVERY", 0, check=NONNEG)
@@ -157,7 +157,7 @@ class Hyperparameters:
     model_dim = Knob("MODEL_DIM", 768, check=POS)
     num_heads = Knob("NUM_HEADS", 12, check=POS)
     num_kv_heads = Knob("NUM_KV_HEADS", 4, check=POS)
-    mlp_mult = Knob("MLP_MULT", 3.0, check=POS)
+    mlp_mult = Knob("MLP_MULT", 4.0, check=POS)  # train_gpt.py's: 4 with FP_PHASE won on the H200 proxy (session 8)
     mlp_act = Knob("MLP_ACT", "relu2", choices={"relu2", "leaky_relu2"})
     embed_dim = Knob("EMBED_DIM", 256, check=NONNEG)  # 0: no bottleneck, embedding width = MODEL_DIM
     group_size = Knob("GROUP_SIZE", 128, check=POS)
@@ -223,7 +223,7 @@ class Hyperparameters:
     adam_eps = Knob("ADAM_EPS", 1e-8, check=POS)
     adam_wd = Knob("ADAM_WD", 0.0, check=NONNEG)
     grad_clip_norm = Knob("GRAD_CLIP_NORM", 0.0, check=NONNEG)  # 0: off
-    fp_phase = Knob("FP_PHASE", False)  # the latent weights run unquantized until QAT_START_FRAC, then ternary
+    fp_phase = Knob("FP_PHASE", True)  # latent weights unquantized until QAT_START_FRAC, then ternary (train_gpt.py's default)
     qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
     qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
     # export

@@ -195,9 +195,11 @@ def test_schedule_equals_the_functions_it_replaced(env):
 
 def test_phases_and_compile_variants():
     """Phases exist only for features that are on; compile_warmup gets each graph combination the run reaches."""
-    assert tg.TrainingSchedule(tg.Hyperparameters({})).starts == {}
-    assert tg.TrainingSchedule(tg.Hyperparameters({})).compile_variants() == []
-    assert tg.TrainingSchedule(tg.Hyperparameters({})).forward_kwargs(10**6, 1e9) == {}
+    off = tg.Hyperparameters({"FP_PHASE": "0"})
+    assert tg.TrainingSchedule(off).starts == {}
+    assert tg.TrainingSchedule(off).compile_variants() == []
+    assert tg.TrainingSchedule(off).forward_kwargs(10**6, 1e9) == {}
+    assert tg.TrainingSchedule(tg.Hyperparameters({})).starts == {"qat": 0.3}  # the FP phase is on by default
     h = tg.Hyperparameters({"DEPTH_RECUR": "1", "FP_PHASE": "1"})
     sched = tg.TrainingSchedule(h)
     assert sched.starts == {"recur": 0.5, "qat": 0.3}
@@ -284,7 +286,7 @@ def test_train_step_clamps_capsule_dynamics_and_switches_depth_recurrence(monkey
     from test_model import FEATURES
 
     cfg = {**FEATURES["capsules"], **FEATURES["recur"], "RECUR_FROM_FRAC": "0.5", "ITERATIONS": "10",
-           "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0"}
+           "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "FP_PHASE": "0"}  # no training_model: no QuantMix
     m = model(**cfg)
     h = tg.Hyperparameters({"VOCAB_SIZE": "128", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
                             "NUM_KV_HEADS": "2", "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2", **cfg})
