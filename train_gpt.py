@@ -110,7 +110,7 @@ class Hyperparameters:
     warmdown_shape = Knob("WARMDOWN_SHAPE", "linear", choices={"linear", "cosine"})  # LR from 1 down to WARMDOWN_MIN_LR
     warmdown_min_lr = Knob("WARMDOWN_MIN_LR", 0.0, check=UNIT_OPEN)  # LR multiplier at the end of the warmdown
     compile_warmup_steps = Knob("COMPILE_WARMUP_STEPS", 10, check=NONNEG)
-    train_sync_every = Knob("TRAIN_SYNC_EVERY", 8, check=POS)  # TrainClock's reads (GPU syncs): 8 ran 808K tok/s, 1 790-798K (H200, s8)
+    train_sync_every = Knob("TRAIN_SYNC_EVERY", 8, check=POS)  # TrainClock's reads (GPU syncs): 8 ran 808K tok/s, 1 777-798K (H200, s8)
     train_log_every = Knob("TRAIN_LOG_EVERY", 25, check=POS)
     # evaluation
     val_loss_every = Knob("VAL_LOSS_EVERY", 0, check=NONNEG)
