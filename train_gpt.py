@@ -2947,9 +2947,7 @@ class TrainClock:
 
     def due(self, step):
         h, k = self.h, self.h.train_sync_every
-        if step % k == 0 or logs_at(step, h) or step >= h.iterations:
-            return True
-        if h.val_loss_every and step % h.val_loss_every == 0:
+        if step % k == 0 or logs_at(step, h) or validates_at(step, h) or step >= h.iterations:
             return True
         ahead = (step - self.read_step + k) * self.seconds / self.read_step  # seconds of k more steps from now
         return bool(h.max_wallclock_seconds) and self.seconds + ahead >= h.max_wallclock_seconds
@@ -2967,6 +2965,11 @@ class TrainClock:
 def logs_at(step, h):
     """Steps that log a train line (besides the last): every TRAIN_LOG_EVERY-th and the first five."""
     return step % h.train_log_every == 0 or step <= 5
+
+
+def validates_at(step, h):
+    """Steps after which the timed loop scores the validation split (VAL_LOSS_EVERY; 0: never), unless it stops."""
+    return bool(h.val_loss_every) and step % h.val_loss_every == 0
 
 
 def train_step(model, base, loader, optimizers, h, schedule, step, elapsed, forced=None):
@@ -3078,7 +3081,7 @@ def train(model, base, optimizers, h, train_pattern, val, rank, world, device, l
             if not math.isfinite(train_loss):
                 raise DivergenceError(f"training diverged at step {step}: train_loss:{train_loss}; no model is "
                                       "written (lower the learning rates, or set GRAD_CLIP_NORM)")
-        if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
+        if validates_at(step, h) and not stop:
             t_val = time.perf_counter()
             vl, vb = evaluate(base, val_tokens, luts, h, rank, world, device)
             log(f"step:{step} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_seconds:{time.perf_counter() - t_val:.1f}")
