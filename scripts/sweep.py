@@ -404,7 +404,7 @@ class LaneRunner:
     def __init__(self, command, plan, out, header, lock_fd, n_lanes, deadline=None):
         self.command, self.plan, self.out, self.header, self.lock_fd = command, plan, out, header, lock_fd
         self.deadline = deadline
-        self.logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
+        self.logs = run_logs(plan, out)
         self.results, self.queue = resume_plan(plan, self.logs)
         self.progress, self.cond = Progress(len(self.queue), n_lanes), threading.Condition()
         self.crashed, self.stopper = [], None  # run_sweep sets the stopper
@@ -466,6 +466,11 @@ class LaneRunner:
 
 def on_lane(lane):
     return f" gpu:{lane}" if lane is not None else ""
+
+
+def run_logs(plan, out):
+    """{name: the log train_gpt.py writes for that row} (LOG_DIR out/logs, RUN_ID its name)."""
+    return {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
 
 
 def resume_plan(plan, logs, say=print):
@@ -617,7 +622,7 @@ def main(argv=None):
         if args.gpus:
             print(f"sweep: {len(lanes)} lanes side by side (CUDA_VISIBLE_DEVICES={' | '.join(lanes)}), each taking "
                   "the next run in this order")
-        logs = {r["name"]: out / "logs" / f"{r['name']}.txt" for r in plan}
+        logs = run_logs(plan, out)
         results, _ = resume_plan(plan, logs, say=lambda *a, **k: None)  # the sweep's own skip decisions
         for i, run in enumerate(plan, 1):
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run["env"].items())
