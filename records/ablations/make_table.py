@@ -133,13 +133,37 @@ H200_RUNS += [
     ("b65def", f"trains: {B65} but FP_PHASE=0 MLP_MULT=3 (train_gpt.py's defaults then)", "ce76ba9", ""),
 ]
 H200_S8 = HERE / "h200_2026-11-29_s8"
+# session 9 (h200_2026-11-29_s9/: `bash scripts/sweep_device.sh scripts/sweeps/recipe65.toml s9`, four calls, on
+# nvidia-h200-x2, two rows side by side); every row is b65sync8's configuration plus SCALE_FORMAT=log8 (r65), with
+# one change. The LoRA rows re-score r65's checkpoint (r65s42_lora: r65s42's) with documents isolated, span 4096.
+R65 = "as r65"
+LORA = "re-scores: LoRA TTT, EVAL_DOC_ISOLATED=1 TTT_LORA_SPAN=4096"
+H200_RUNS += [
+    ("r65", "trains: as b65sync8, SCALE_FORMAT=log8", "0fd1754", ""),
+    ("r65s42", f"trains: {R65}, SEED=42", "0fd1754", ""),
+    ("r65_lora", f"{LORA} TTT_LORA_CHUNK=128", "0fd1754", "r65"),
+    ("r65s42_lora", f"{LORA} TTT_LORA_CHUNK=128", "0fd1754", "r65s42"),
+    ("r65_lora_b0", f"{LORA} TTT_LORA_CHUNK=128, TTT_LORA_BETA1=0 TTT_LORA_WD=0.5", "0fd1754", "r65"),
+    ("r65_lora_wide", f"{LORA} TTT_LORA_CHUNK=128, TTT_LORA_TARGETS=q,k,v,proj,down,head TTT_LORA_RANK=32 "
+     "TTT_LORA_LR=0.001", "0fd1754", "r65"),
+    ("r65_lora_rec", f"{LORA} TTT_LORA_CHUNK=64, TTT_LORA_TARGETS=q,k,v,attn,mlp,head TTT_LORA_RANK=64 "
+     "TTT_LORA_LR=0.0003 TTT_LORA_BETA1=0 TTT_LORA_WD=0.5", "0fd1754", "r65"),
+    ("r65_lora_c64", f"{LORA} TTT_LORA_CHUNK=64", "0fd1754", "r65"),
+    ("r65_lora_s8k", "re-scores: LoRA TTT, EVAL_DOC_ISOLATED=1 TTT_LORA_SPAN=8192 TTT_LORA_CHUNK=128", "0fd1754", "r65"),
+    ("r65lr4", f"trains: {R65}, MATRIX_LR=0.04", "0fd1754", ""),
+    ("r65qk5", f"trains: {R65}, QK_GAIN_INIT=5.0", "0fd1754", ""),
+    ("r65kv6", f"trains: {R65}, NUM_KV_HEADS=6", "0fd1754", ""),
+    ("r65mwd", f"trains: {R65}, MUON_WD=0.04", "0fd1754", ""),
+]
+H200_S9 = HERE / "h200_2026-11-29_s9"
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
-               "b65lr2", "b65wd5", "b65emat", "b65sync8"}  # not in the plot:
+               "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
           "b131_train": ", MLP 4, batch 131K", "b65_train": ", MLP 4, batch 65K",
-          "b65log8": ", MLP 4, batch 65K, log8 scales", "b65def": ", MLP 3, no FP phase, batch 65K"}
+          "b65log8": ", MLP 4, batch 65K, log8 scales", "b65def": ", MLP 3, no FP phase, batch 65K",
+          "r65": ", MLP 4, batch 65K, log8 scales", "r65kv6": ", MLP 4, 6 kv heads, batch 65K, log8 scales"}
 H200_KEYS = ["run", "what", "commit", "machine", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
@@ -150,8 +174,8 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8))
-        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8) else "nvidia-h200"
+        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8, H200_S9))
+        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8, H200_S9) else "nvidia-h200"
         rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
