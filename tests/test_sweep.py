@@ -172,6 +172,16 @@ def test_recipe65_manifest_validates_on_two_lanes():
     assert "r65s42_lora (waits for r65s42: same checkpoint)" in r.stdout and "TTT_LORA_BETA1=0 " in r.stdout
 
 
+def test_recipe_mwd_manifest_validates_on_two_lanes():
+    r = sweep(ROOT / "scripts" / "sweeps" / "recipe_mwd.toml", "--dry-run", "--gpus", "0,1")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert len(rows) == 14 and all("SCALE_FORMAT=log8 " in ln for ln in rows)
+    assert sum("MUON_WD=0.04 " in ln for ln in rows) == 12  # the base's, but where a row sets its own
+    assert sum("(waits for m65s42: same checkpoint)" in ln for ln in rows) == 5
+    assert "m65s2024_lora (waits for m65s2024: same checkpoint)" in r.stdout
+
+
 def test_example_arch_ablation_manifest_validates():
     r = sweep(ROOT / "scripts" / "sweeps" / "arch_ablation.toml", "--dry-run")
     assert r.returncode == 0, r.stderr
