@@ -144,6 +144,8 @@ class Hyperparameters:
     ttt_lora_chunk = Knob("TTT_LORA_CHUNK", 256, check=POS)  # scored tokens of a document between two updates
     ttt_lora_docs = Knob("TTT_LORA_DOCS", 64, check=POS)  # documents adapted side by side, one batch row each
     ttt_lora_span = Knob("TTT_LORA_SPAN", 0, check=NONNEG)  # fresh adapters every SPAN targets of a document; 0: never
+    ttt_lora_global = Knob("TTT_LORA_GLOBAL", False)  # plus one adapter a rank's spans share, never reset: the split's domain
+    ttt_lora_global_lr = Knob("TTT_LORA_GLOBAL_LR", 0.0003, check=POS)  # its own AdamW (TTT_LORA_BETA1/2, TTT_LORA_WD)
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
     eval_engram = Knob("EVAL_ENGRAM", False)
     eval_engram_order = Knob("EVAL_ENGRAM_ORDER", 3, check=(lambda v: v >= 2, "must be >= 2"))  # context n-1
@@ -266,6 +268,8 @@ class Hyperparameters:
             raise ConfigError("TTT_SCOPE=capsule_bank needs CAPSULES_ENABLED=1")
         if self.ttt_enabled and self.ttt_mode == "lora":
             self._check_lora()
+        elif self.ttt_lora_global:
+            raise ConfigError("TTT_LORA_GLOBAL=1 adds to LoRA TTT's adapters: it needs TTT_ENABLED=1 TTT_MODE=lora")
         if self.capsules_enabled and self.eval_doc_isolated:
             raise ConfigError("EVAL_DOC_ISOLATED with CAPSULES_ENABLED: the capsule state is carried across windows")
         if self.capsules_enabled and self.eval_stride not in (0, self.train_seq_len):
@@ -2156,17 +2160,18 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
     time, longest first, each with fresh adapters and a fresh AdamW. A chunk of every running span is scored by
     one forward with the adapters as they are (trained on the span's earlier chunks only); that same forward's
     loss on the chunk then makes one AdamW step (TTT_EPOCHS - 1 more on the same windows), so no target is ever
-    scored by an adapter that has seen it. Past EVAL_BUDGET_SECONDS scoring goes on without updates."""
+    scored by an adapter that has seen it. Past EVAL_BUDGET_SECONDS scoring goes on without updates. With
+    TTT_LORA_GLOBAL one more adapter (lora_shared) scores and steps with every batch's rows."""
     first, last, floor = spans
     lo = int(first[0]) if len(first) else 0
     nll_at = torch.full((int(last[-1]) - lo + 1 if len(first) else 0,), float("nan"), dtype=torch.float64, device=device)
     order = np.argsort(-(last - first), kind="stable")
     scored, adapted = 0, 0
+    shared, shared_opts = lora_shared(model, h, device) if h.ttt_lora_global else (None, [])
     for start in range(0, len(order), h.ttt_lora_docs):
         rows = order[start : start + h.ttt_lora_docs]
         bank = LoRABank(model, h, first[rows], device)
-        opt = torch.optim.AdamW(bank.params, lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2),
-                                weight_decay=h.ttt_lora_wd)  # elementwise: each span's slice steps on its own
+        opts = [lora_optimizer(bank.params, h.ttt_lora_lr, h), *shared_opts]
         n_chunks = -(-(last[rows] - first[rows] + 1) // h.ttt_lora_chunk)
         for c in range(int(n_chunks.max())):
             live = rows[: int((n_chunks > c).sum())]
@@ -2180,12 +2185,30 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
                     nll_at[pos[m] - lo] = nll[m].detach().double()
                     scored += int(m.sum())
                 if adapt:
-                    opt.zero_grad(set_to_none=True)
+                    for opt in opts:
+                        opt.zero_grad(set_to_none=True)
                     ((nll * m).sum(1) / m.sum(1)).sum().backward()  # per-document means: rows stay independent
-                    opt.step()
+                    for opt in opts:
+                        opt.step()
             adapted += int(adapt) * len(live)
         bank.remove()
+    if h.ttt_lora_global:
+        shared.remove()
     return nll_at, scored, adapted
+
+
+def lora_optimizer(params, lr, h):
+    """AdamW over adapters: elementwise, so each span's slice of a bank steps on its own."""
+    return torch.optim.AdamW(params, lr=lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2), weight_decay=h.ttt_lora_wd)
+
+
+def lora_shared(model, h, device):
+    """TTT_LORA_GLOBAL: (a one-row LoRABank whose row every batch row adds, its optimizer in a list). It lives for
+    the whole split and steps on the summed loss of every running span, after the spans' own adapters score each
+    chunk, so it learns the split's domain from scored targets only and carries it to later documents. Each rank
+    keeps its own (ranks run different numbers of steps, so no collective): its scores depend on WORLD_SIZE."""
+    bank = LoRABank(model, h, np.array([-1]), device)  # A seeded apart from any document's (first targets are > 0)
+    return bank, [lora_optimizer(bank.params, h.ttt_lora_global_lr, h)]
 
 
 def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
@@ -2211,7 +2234,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     if int(totals[1].item()) != len(tokens) - 1:
         raise RuntimeError(f"LoRA TTT scored {int(totals[1].item())} of the split's {len(tokens) - 1} targets")
     log(f"lora_ttt docs:{int(mine.sum())} span:{h.ttt_lora_span} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
-        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} adapted_chunks:{adapted} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
+        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} global_lr:{h.ttt_lora_global_lr if h.ttt_lora_global else 0} adapted_chunks:{adapted} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
     return loss, bpb
 
 

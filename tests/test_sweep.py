@@ -176,9 +176,10 @@ def test_recipe_mwd_manifest_validates_on_two_lanes():
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_mwd.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 14 and all("SCALE_FORMAT=log8 " in ln for ln in rows)
-    assert sum("MUON_WD=0.04 " in ln for ln in rows) == 12  # the base's, but where a row sets its own
-    assert sum("(waits for m65s42: same checkpoint)" in ln for ln in rows) == 5
+    assert len(rows) == 15 and all("SCALE_FORMAT=log8 " in ln for ln in rows)
+    assert sum("MUON_WD=0.04 " in ln for ln in rows) == 13  # the base's, but where a row sets its own
+    assert sum("(waits for m65s42: same checkpoint)" in ln for ln in rows) == 6
+    assert sum("TTT_LORA_GLOBAL=1 " in ln for ln in rows) == 2
     assert "m65s2024_lora (waits for m65s2024: same checkpoint)" in r.stdout
 
 

@@ -365,8 +365,109 @@ def test_lora_ttt_on_log8_scales_matches_the_loop():
     assert nll.sum().item() == pytest.approx(lora_reference(m, tokens, h, a_init), rel=1e-5)
 
 
-def test_lora_ttt_leaves_the_model_as_it_was():
-    h = lora_h()
+def lora_global_reference(m, tokens, h, a_init, g_init):
+    """TTT_LORA_GLOBAL by hand: spans in the order lora_ttt_nll takes them (longest first, TTT_LORA_DOCS at a
+    time), but every running span's chunk scored by its own forward, with its own adapters plus the shared ones;
+    then one Adam step for each span's adapters and one for the shared adapters on the sum of the spans' chunk
+    means. Returns the total NLL."""
+    seq, chunk = h.train_seq_len, h.ttt_lora_chunk
+    mods = tg.lora_target_modules(m, h.ttt_lora_targets)
+    outs = [getattr(mod, "out_features", h.model_dim) for mod in mods]
+    spans = reference_spans(tokens, h.ttt_lora_span)
+    order = np.argsort([-(last - first) for first, last, _ in spans], kind="stable")
+    ga = [t[0].clone().requires_grad_() for t in g_init]
+    gb = [torch.zeros(o, h.ttt_lora_rank, requires_grad=True) for o in outs]
+    gopt = torch.optim.Adam(ga + gb, lr=h.ttt_lora_global_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2))
+    total = 0.0
+    for start in range(0, len(order), h.ttt_lora_docs):
+        rows = order[start : start + h.ttt_lora_docs]
+        ab = {d: ([t[d].clone().requires_grad_() for t in a_init],
+                  [torch.zeros(o, h.ttt_lora_rank, requires_grad=True) for o in outs]) for d in rows}
+        opts = [torch.optim.Adam(ab[d][0] + ab[d][1], lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2))
+                for d in rows]
+        for lo_c in range(0, max(spans[d][1] - spans[d][0] + 1 for d in rows), chunk):
+            loss = 0.0
+            for d in rows:
+                first, last, doc_first = spans[d]
+                lo, hi = first + lo_c, min(first + lo_c + chunk - 1, last)
+                if lo > last:
+                    continue
+                hooks = [mod.register_forward_hook(functools.partial(reference_delta, a, b))
+                         for a, b, mod in [*zip(*ab[d], mods), *zip(ga, gb, mods)]]
+                w = max(doc_first - 1 if h.eval_doc_isolated else 0, hi - seq)
+                x, y = torch.from_numpy(tokens[w:hi][None]), torch.from_numpy(tokens[w + 1 : hi + 1][None])
+                nll = m.token_nll(x, y)[0][0, lo - 1 - w :]
+                for hook in hooks:
+                    hook.remove()
+                total += nll.sum().item()
+                loss = loss + nll.mean()
+            for opt in [*opts, gopt]:
+                opt.zero_grad()
+            loss.backward()
+            with torch.no_grad():  # decoupled weight decay, before each Adam step
+                for p in ga + gb + [p for d in rows for p in ab[d][0] + ab[d][1]]:
+                    p.mul_(1 - (h.ttt_lora_global_lr if any(p is q for q in ga + gb) else h.ttt_lora_lr) * h.ttt_lora_wd)
+            for opt in [*opts, gopt]:
+                opt.step()
+    return total
+
+
+@pytest.mark.parametrize("span, docs, opt", [(0, 2, {}), (7, 3, {"TTT_LORA_BETA1": 0, "TTT_LORA_WD": 0.5}),
+                                             (0, 1, {"TTT_LORA_TARGETS": "q,attn,head"})])
+def test_lora_global_adapter_matches_a_hand_written_loop(span, docs, opt):
+    """TTT_LORA_GLOBAL against lora_global_reference: the same total, and not the total without it (the shared
+    adapter moved later documents' scores)."""
+    h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_SPAN=span, TTT_LORA_DOCS=docs, TTT_LORA_GLOBAL=1,
+               TTT_LORA_GLOBAL_LR=0.03, **opt)
+    tokens = docs_stream(1)
+    m = model()
+    nll, adapted = lora_nll(m, tokens, h)
+    mods = tg.lora_target_modules(m, h.ttt_lora_targets)
+    a_init = tg.lora_init(h, [a for a, _, _ in reference_spans(tokens, span)], mods)
+    total = lora_global_reference(m, tokens, h, a_init, tg.lora_init(h, [-1], mods))
+    assert nll.sum().item() == pytest.approx(total, rel=1e-5)
+    alone, _ = lora_nll(m, tokens, lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_SPAN=span, TTT_LORA_DOCS=docs, **opt))
+    assert nll.sum().item() != pytest.approx(alone.sum().item(), rel=1e-4)
+
+
+def test_lora_global_canary_no_score_depends_on_a_token_not_yet_scored(monkeypatch):
+    """Black-box legality of the shared adapter: change the token at p, scored at chunk step s. Every target
+    scored at an earlier step, and every target of step s outside p's document from p on, keeps its score
+    exactly; later documents' scores move (the shared adapter carried p to them). Stepping before scoring fails."""
+    steps = []
+    real = tg.lora_chunk_batch
+
+    def recording(*args):
+        batch = real(*args)
+        steps.append(batch[3][batch[2]])  # the target positions this step scores
+        return batch
+
+    monkeypatch.setattr(tg, "lora_chunk_batch", recording)
+    h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_DOCS=2, TTT_LORA_GLOBAL=1, TTT_LORA_GLOBAL_LR=0.03)
+    tokens = docs_stream()
+    m = model()
+    before, _ = lora_nll(m, tokens, h)
+    step_of = np.zeros(len(tokens), int)
+    for i, pos in enumerate(steps):
+        step_of[pos] = i
+    first, last = tg.document_bounds(tokens, 1)
+    p = 1 + 6 + 3  # mid-way through the second chunk of the first document
+    d = np.searchsorted(first, p, side="right") - 1
+    s, doc_first, doc_last = step_of[p], first[d], last[d]
+    changed = tokens.copy()
+    changed[p] = (changed[p] + 1) % 126 + 2
+    after, _ = lora_nll(m, changed, h)
+    pos = np.arange(1, len(tokens))
+    keep = (step_of[pos] < s) | ((step_of[pos] == s) & ~((pos >= p) & (pos <= doc_last)))
+    assert keep.sum() > 10 and (step_of[pos] > s).any()
+    torch.testing.assert_close(after[keep], before[keep], rtol=0, atol=1e-6)
+    other_later = (step_of[pos] > s) & ((pos < doc_first) | (pos > doc_last))
+    assert not torch.allclose(after[other_later], before[other_later], atol=1e-4)
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_lora_ttt_leaves_the_model_as_it_was(shared):
+    h = lora_h(TTT_LORA_GLOBAL=shared)
     m = model()
     state = copy.deepcopy(m.state_dict())
     loss, bpb = tg.lora_ttt_evaluate(m, docs_stream(2), ONE_BYTE, h, 0, 1, CPU, log=lambda s: None)
@@ -409,14 +510,17 @@ def test_lora_config_is_checked():
         lora_h(EMBED_DIM=0)
     with pytest.raises(tg.ConfigError, match="EVAL_ENGRAM"):
         lora_h(EVAL_ENGRAM=1)
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_GLOBAL=1 .* TTT_MODE=lora"):
+        lora_h(TTT_LORA_GLOBAL=1, TTT_MODE="sgd")
     assert lora_h(EMBED_DIM=0, TTT_LORA_TARGETS="q,k,v,proj,up,down").ttt_lora_targets.count(",") == 5
 
 
 def test_end_to_end_lora_ttt_run(shards, tmp_path):
     r = run_train(shards, tmp_path, ITERATIONS=4, TTT_ENABLED=1, TTT_MODE="lora", TTT_LORA_CHUNK=32,
-                  EVAL_DOC_ISOLATED=1)
+                  EVAL_DOC_ISOLATED=1, TTT_LORA_GLOBAL=1)  # the two-process test below runs without the shared adapter
     assert r.returncode == 0, r.stdout + r.stderr
     assert log_values(r.stdout, "scored")[0] == 4096 and log_values(r.stdout, "adapted_chunks")[0] > 0
+    assert log_values(r.stdout, "global_lr")[0] == 0.0003
     assert event_bpb(r.stdout, "final_roundtrip") > 0
 
 
