@@ -520,7 +520,7 @@ def test_end_to_end_lora_ttt_run(shards, tmp_path):
                   EVAL_DOC_ISOLATED=1, TTT_LORA_GLOBAL=1)  # the two-process test below runs without the shared adapter
     assert r.returncode == 0, r.stdout + r.stderr
     assert log_values(r.stdout, "scored")[0] == 4096 and log_values(r.stdout, "adapted_chunks")[0] > 0
-    assert log_values(r.stdout, "global_lr")[0] == 0.0003
+    assert log_values(r.stdout, "global_lr")[0] == 0.001
     assert event_bpb(r.stdout, "final_roundtrip") > 0
 
 
