@@ -10,7 +10,7 @@
 #   WHEELS       wheels to install first, e.g. brotli                (default .whl)
 #   GPUS         sweep.py --gpus lanes                               (default 0,1; one GPU: 0)
 #   CALL_SECONDS what this call may take in all                      (default 570)
-#   ROW_SECONDS  the longest row, start to end (a 300 s run: ~410)    (default 410)
+#   ROW_SECONDS  the longest row, start to end (a 300 s run: 350-440) (default 440)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 MANIFEST NAME" >&2; exit 2; }
@@ -25,7 +25,7 @@ fi
 GOLFMIX_DIR=${GOLFMIX_DIR:-$([ -d .bench ] && echo .bench || echo ../shared/data/golfmix)}
 TOKENIZER=${TOKENIZER:-$GOLFMIX_DIR/fineweb_8192_bpe.model}
 WORK=${WORK:-/tmp/b}
-CALL_SECONDS=${CALL_SECONDS:-570} ROW_SECONDS=${ROW_SECONDS:-410}
+CALL_SECONDS=${CALL_SECONDS:-570} ROW_SECONDS=${ROW_SECONDS:-440}
 for f in "$GOLFMIX_DIR/train_docs.jsonl.xz" "$GOLFMIX_DIR/val_docs.jsonl.xz" "$TOKENIZER"; do
   [ -f "$f" ] || { echo "missing $f" >&2; exit 2; }
 done
