@@ -1,6 +1,7 @@
 """Runs an environment-variable sweep of train_gpt.py from a manifest, one run at a time or on GPU lanes; tabulates it.
 
-    python3 scripts/sweep.py MANIFEST [--out DIR] [--gpus LANES] [--deadline SECONDS] [--dry-run]
+    python3 scripts/sweep.py MANIFEST [--out DIR] [--gpus LANES] [--deadline SECONDS] [--rescore-deadline SECONDS]
+                             [--dry-run]
 
 MANIFEST is TOML or JSON (by suffix): `command` (optional; default: this Python on train_gpt.py, or e.g.
 "torchrun --standalone --nproc_per_node=2 train_gpt.py"), a `base` table of env vars for every run, and a list
@@ -19,7 +20,9 @@ One sweep at a time per DIR (a lock on DIR/.sweep.lock, held by the training chi
 the training child (a SIGTERM), waits for it, writes the tables and exits 128 + the signal.
 Exit code: 0 if every run finished, 1 if any failed, 2 for a bad manifest (nothing is run or written then) or a
 DIR in use, 3 if --deadline SECONDS left runs unstarted (no run starts that long after the sweep's start: for
-machines whose commands have a time limit; the next invocation resumes).
+machines whose commands have a time limit; the next invocation resumes). --rescore-deadline SECONDS gives the rows
+that only re-score a checkpoint (EVAL_FROM_CHECKPOINT), much shorter than training rows, a later limit of their own:
+past --deadline a free lane takes the next of them in manifest order, so they fill the end of a call.
 
 Rows that share a float checkpoint (CHECKPOINT_PATH) keep their manifest order: a row that re-scores it
 (EVAL_FROM_CHECKPOINT) waits for the earlier rows that write it (CHECKPOINT_SAVE), is failed unrun if one of them
@@ -134,7 +137,7 @@ def checkpoint_order(plan):
     (CHECKPOINT_PATH): a row that reads it (EVAL_FROM_CHECKPOINT) waits for the earlier rows that write it
     (CHECKPOINT_SAVE), and a row that writes it also for the earlier ones that read it. One after another that is
     manifest order anyway; side by side (--gpus) it keeps a re-scoring row from reading a checkpoint not yet
-    written, or one that a later training run is rewriting."""
+    written, or one that a later training run is rewriting. Also sets "rescores": the row reads a checkpoint."""
     from train_gpt import Hyperparameters
 
     touched = []  # (name, checkpoint path, writes) of the rows so far
@@ -143,6 +146,7 @@ def checkpoint_order(plan):
         path = (ROOT / h.checkpoint_path).resolve()
         reads, writes = h.eval_from_checkpoint, h.checkpoint_save
         run["after"] = [name for name, p, w in touched if p == path and (w or writes)] if reads or writes else []
+        run["rescores"] = bool(reads)
         if reads or writes:
             touched.append((run["name"], path, writes))
 
@@ -365,12 +369,13 @@ def clock(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run_sweep(command, plan, out, header, lock_fd, lanes=(None,), deadline=None):
+def run_sweep(command, plan, out, header, lock_fd, lanes=(None,), deadline=None, rescore_deadline=None):
     """Runs the plan's unfinished rows, one lane (GPU set) per thread; `lanes` (None,) is one run at a time on
-    whatever the environment gives; no run starts `deadline` seconds after the start. Returns the exit code."""
+    whatever the environment gives; no run starts `deadline` seconds after the start (a re-scoring row:
+    `rescore_deadline`, where given). Returns the exit code."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "artifacts").mkdir(exist_ok=True)
-    sweep = LaneRunner(command, plan, out, header, lock_fd, len(lanes), deadline)
+    sweep = LaneRunner(command, plan, out, header, lock_fd, len(lanes), (deadline, rescore_deadline))
     with Stopper() as sweep.stopper:
         threads = [threading.Thread(target=sweep.lane_loop, args=(lane,), daemon=True) for lane in lanes]
         for t in threads:
@@ -390,7 +395,9 @@ def run_sweep(command, plan, out, header, lock_fd, lanes=(None,), deadline=None)
     failed = [r["name"] for r in rows if r["status"] == "failed"]
     left = [r["name"] for r in rows if r["status"] == "pending"]
     if left:
-        print(f"sweep paused at --deadline {deadline:g} s: {len(left)} runs not started ({' '.join(left)}); "
+        limits = [f"{flag} {t:g} s" for flag, t in (("--deadline", deadline), ("--rescore-deadline", rescore_deadline))
+                  if t is not None]
+        print(f"sweep paused at {' and '.join(limits)}: {len(left)} runs not started ({' '.join(left)}); "
               "rerun the same command to go on", flush=True)
     print(f"sweep done: {len(plan) - len(failed) - len(left)}/{len(plan)} finished"
           + (f", failed: {' '.join(failed)}" if failed else "") + f"; tables in {out}/results.md, plot {out}/sweep.png")
@@ -401,9 +408,9 @@ class LaneRunner:
     """The shared state of a sweep's lanes: the queue, each row's status, the tables. A free lane takes the first
     queued row whose checkpoint rows ("after") have ended; one whose checkpoint row failed is failed unrun."""
 
-    def __init__(self, command, plan, out, header, lock_fd, n_lanes, deadline=None):
+    def __init__(self, command, plan, out, header, lock_fd, n_lanes, deadlines=(None, None)):
         self.command, self.plan, self.out, self.header, self.lock_fd = command, plan, out, header, lock_fd
-        self.deadline = deadline
+        self.deadline, self.rescore_deadline = deadlines
         self.logs = run_logs(plan, out)
         self.results, self.queue = resume_plan(plan, self.logs)
         self.progress, self.cond = Progress(len(self.queue), n_lanes), threading.Condition()
@@ -431,9 +438,12 @@ class LaneRunner:
 
     def take(self, lane):
         """The next (index, run) for this lane, with the condition held; None when the lane is done."""
-        while self.queue and self.stopper.signum is None and not self.crashed and not self.past_deadline():
-            ready = [k for k, (_, run) in enumerate(self.queue)
-                     if all(self.results[d]["status"] in ("done", "failed") for d in run["after"])]
+        while self.queue and self.stopper.signum is None and not self.crashed:
+            open_rows = [k for k, (_, run) in enumerate(self.queue) if self.may_start(run)]
+            if not open_rows:
+                return None
+            ready = [k for k in open_rows
+                     if all(self.results[d]["status"] in ("done", "failed") for d in self.queue[k][1]["after"])]
             if not ready:
                 self.cond.wait(0.5)  # every queued row waits for a running one
                 continue
@@ -449,8 +459,10 @@ class LaneRunner:
             return i, run
         return None
 
-    def past_deadline(self):
-        return self.deadline is not None and time.time() - self.progress.t0 >= self.deadline
+    def may_start(self, run):
+        """Whether the run is still inside its deadline: --deadline, or --rescore-deadline for a re-scoring row."""
+        limit = self.rescore_deadline if run["rescores"] and self.rescore_deadline is not None else self.deadline
+        return limit is None or time.time() - self.progress.t0 < limit
 
     def finish(self, i, run, status, error, lane, seconds=0.0):
         res, log = self.results[run["name"]], self.logs[run["name"]]
@@ -607,6 +619,8 @@ def main(argv=None):
     ap.add_argument("--gpus", help="GPU lanes, runs side by side: 0,1,2,3 (one GPU each) or 0+1,2+3 (two each)")
     ap.add_argument("--deadline", type=float, help="start no run after this many seconds (a machine whose commands "
                     "have a time limit: the rest waits for the next invocation, which resumes); exit code 3 then")
+    ap.add_argument("--rescore-deadline", type=float, help="the same for the rows that only re-score a checkpoint "
+                    "(EVAL_FROM_CHECKPOINT), which take a fraction of a training row: later than --deadline")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the runs without running them")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve() if args.out else ROOT / "logs" / f"sweep_{Path(args.manifest).stem}"
@@ -638,7 +652,7 @@ def main(argv=None):
     except SweepError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
-    return run_sweep(command, plan, out, header, lock_fd, lanes, args.deadline)
+    return run_sweep(command, plan, out, header, lock_fd, lanes, args.deadline, args.rescore_deadline)
 
 
 if __name__ == "__main__":

@@ -443,6 +443,23 @@ def test_deadline_starts_no_run_past_it_and_the_next_call_goes_on(tmp_path, monk
     assert r.returncode == 0 and "skip a" in r.stdout and " start b" in r.stdout and " start c" in r.stdout
 
 
+def test_rescore_deadline_lets_re_scoring_rows_fill_the_call_past_the_training_deadline(tmp_path, monkeypatch):
+    """--deadline 0.5 --rescore-deadline 30, one lane: a trains past 0.5 s, so the training row b waits for the next
+    call, but the re-scoring row r after it in the manifest still starts, on a's checkpoint."""
+    out, ckpt = tmp_path / "out", tmp_path / "a.pt"
+    monkeypatch.setenv("FAKE_TRAIN_SECONDS", "1")
+    runs = [{"name": "a", "env": {"CHECKPOINT_SAVE": 1, "CHECKPOINT_PATH": str(ckpt)}},
+            {"name": "b", "env": {"CHECKPOINT_SAVE": 1, "CHECKPOINT_PATH": str(tmp_path / "b.pt")}},
+            {"name": "r", "env": {"EVAL_FROM_CHECKPOINT": 1, "CHECKPOINT_PATH": str(ckpt)}}]
+    manifest = fake_manifest(tmp_path, runs)
+    r = sweep(manifest, "--out", out, "--deadline", "0.5", "--rescore-deadline", "30")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert [row["status"] for row in read_csv(out)] == ["done", "pending", "done"]
+    assert "sweep paused at --deadline 0.5 s and --rescore-deadline 30 s: 1 runs not started (b)" in r.stdout
+    r = sweep(manifest, "--out", tmp_path / "out2", "--deadline", "0.5", "--rescore-deadline", "0.5")
+    assert [row["status"] for row in read_csv(tmp_path / "out2")] == ["done", "pending", "pending"]
+
+
 def test_a_signal_stops_every_lane(tmp_path, monkeypatch):
     import signal
 
@@ -533,6 +550,9 @@ def test_sweep_device_builds_shards_once_runs_the_lanes_and_returns_the_logs(tmp
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(p.read_text() for p in (tmp_path / "lanes").iterdir()) == ["0", "1"]  # GPUS' default lanes
     assert "sweep rc:0" in r.stdout and "sweep [2/2] done" in r.stdout and "--gpus" not in r.stderr
+    deadline, rescore, cut = map(int, re.search(r"deadline (\d+)s \(re-scoring rows (\d+)s\), cut at (\d+)s",
+                                                r.stdout).groups())
+    assert (deadline, rescore) == (cut - 440, cut - 100)  # ROW_SECONDS and RESCORE_SECONDS' defaults
     shard = tmp_path / "work" / "golfmix_sp1024" / "fineweb_val_000000.bin"
     built = shard.stat().st_mtime_ns
     with tarfile.open(tmp_path / "out" / "s9_logs.tgz") as tar:
@@ -552,4 +572,6 @@ def test_sweep_device_refuses_bad_input_before_anything_runs(tmp_path):
     assert r.returncode == 2 and "no manifest" in r.stderr
     r = sweep_device(tmp_path, manifest, "s9")  # no golfmix folder
     assert r.returncode == 2 and "missing" in r.stderr and "train_docs.jsonl.xz" in r.stderr
+    r = sweep_device(tmp_path, manifest, "s9", RESCORE_SECONDS="1m")
+    assert r.returncode == 2 and "RESCORE_SECONDS=1m: must be whole seconds" in r.stderr
     assert not (tmp_path / "work").exists()
