@@ -538,3 +538,15 @@ def test_two_process_lora_ttt(shards, tmp_path):
     assert "world_size:2" in runs[1].stdout
     one, two = (event_bpb(r.stdout, "final_roundtrip") for r in runs)
     assert two == pytest.approx(one, abs=2e-3)
+
+
+@pytest.mark.ddp
+def test_two_process_lora_ttt_with_the_shared_adapter(shards, tmp_path):
+    """TTT_LORA_GLOBAL keeps one shared adapter per rank and no collective, though the ranks run different numbers
+    of chunk steps (rank 0 one long document, rank 1 two): the run ends, every target is scored once, the score
+    is finite."""
+    r = run_train(shards, tmp_path, nproc=2, ITERATIONS=2, TTT_ENABLED=1, TTT_MODE="lora", TTT_LORA_CHUNK=32,
+                  MAX_VAL_TOKENS=17000, TTT_LORA_GLOBAL=1, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world_size:2" in r.stdout and log_values(r.stdout, "global_lr")[0] == 0.001
+    assert np.isfinite(event_bpb(r.stdout, "final_roundtrip"))
