@@ -785,7 +785,7 @@ def enable_calibration(model):
 
 
 class FPPhaseLinear:
-    """FP_PHASE: mixed into a layer's own quantizer class (fp_phase_class), whose buffer quant_mix q blends the
+    """FP_PHASE: mixed into a layer's own quantizer class (mixed_class), whose buffer quant_mix q blends the
     latent weight w with the layer's quantized weight wq, ternary or int (HYBRID_INT) alike. The forward uses
     w + q (wq - w): q = 0 is the unquantized latent weight, q = 1 exactly the plain TernaryLinear (same float ops),
     and the gradient reaches w straight through at any q. q is a tensor filled in place, so the compiled graph is
@@ -796,13 +796,39 @@ class FPPhaseLinear:
         return w + (self.quant_mix * (self.dequantized() - w)).detach()
 
 
-FP_PHASE_CLASSES = {}  # quantizer class -> its FP-phase class, made once, so that every layer of a kind shares it
+MIXED_CLASSES = {}  # (mixin, quantizer class) -> their class, made once, so that every layer of a kind shares it
 
 
-def fp_phase_class(cls):
-    if cls not in FP_PHASE_CLASSES:
-        FP_PHASE_CLASSES[cls] = type(f"FPPhase{cls.__name__}", (FPPhaseLinear, cls), {"plain": cls})
-    return FP_PHASE_CLASSES[cls]
+def mixed_class(mixin, cls):
+    """The class of `mixin` over quantizer class `cls`, which remembers `cls` as `plain` to switch back to."""
+    if (mixin, cls) not in MIXED_CLASSES:
+        MIXED_CLASSES[mixin, cls] = type(f"{mixin.__name__.removesuffix('Linear')}{cls.__name__}", (mixin, cls),
+                                         {"plain": cls})
+    return MIXED_CLASSES[mixin, cls]
+
+
+class FrozenQuantLinear:
+    """Mixed in by frozen_weights: the layer's quantized weight, computed once, from the buffer `frozen`."""
+
+    def quantized_weight(self):
+        return self.frozen
+
+
+@contextlib.contextmanager
+def frozen_weights(model):
+    """Every TernaryLinear quantizes its weight once for the duration, not at each forward (a dozen eager kernels a
+    matrix, and LoRA TTT runs uncompiled); the same numbers bit for bit. Classes and buffers come back after."""
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    for m in layers:
+        with torch.no_grad():
+            m.register_buffer("frozen", m.quantized_weight(), persistent=False)
+        m.__class__ = mixed_class(FrozenQuantLinear, type(m))
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.__class__ = m.plain
+            del m.frozen
 
 
 class QuantMix:
@@ -814,7 +840,7 @@ class QuantMix:
     def __init__(self, model):
         self.layers, self.value = [m for m in model.modules() if isinstance(m, TernaryLinear)], 1.0
         for m in self.layers:
-            m.__class__ = fp_phase_class(type(m))
+            m.__class__ = mixed_class(FPPhaseLinear, type(m))
             m.register_buffer("quant_mix", torch.ones((), device=m.weight.device), persistent=False)
 
     def finish(self):
@@ -2222,7 +2248,8 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     for p in model.parameters():
         p.requires_grad_(False)  # the trained weights stay frozen: only the adapters learn
     model.eval()
-    nll_at, scored, adapted = lora_ttt_nll(model, tokens, h, adapter_spans(first[mine], last[mine], h), device, t0)
+    with frozen_weights(model):
+        nll_at, scored, adapted = lora_ttt_nll(model, tokens, h, adapter_spans(first[mine], last[mine], h), device, t0)
     if scored != len(nll_at) or bool(torch.isnan(nll_at).any()):  # n positions, n scores, none missing: each once
         raise RuntimeError(f"LoRA TTT on rank {rank} scored {scored} times for {len(nll_at)} targets")
     totals = torch.zeros(3, dtype=torch.float64, device=device)

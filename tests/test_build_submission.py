@@ -557,9 +557,11 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # The code of a submission counts against the 16,000,000-byte cap. These budgets are today's extracted sizes at
 # best_known_competition.env plus a margin (79,589 bytes, 26,743 wrapped, once that config took LoRA TTT, the FP
 # phase and the int8 float formats: 10.6 KB more code, 3.3 KB wrapped, for 2.2 MB of model bytes freed; 83,703 and
-# 27,873 once it took SCALE_FORMAT=log8: 2.0 KB more code, 0.5 KB wrapped, for 339 KB of model bytes freed);
-# raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 85_000, 28_300
+# 27,873 once it took SCALE_FORMAT=log8: 2.0 KB more code, 0.5 KB wrapped, for 339 KB of model bytes freed; 85,236
+# and 28,273 once LoRA TTT froze the quantized weights: 0.6 KB, 0.16 KB wrapped, for an uncompiled pass that
+# quantizes each matrix once instead of at every forward); raise them deliberately, with the figure this test
+# prints, when a change is worth its bytes.
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 85_300, 28_300
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

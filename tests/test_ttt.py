@@ -365,6 +365,33 @@ def test_lora_ttt_on_log8_scales_matches_the_loop():
     assert nll.sum().item() == pytest.approx(lora_reference(m, tokens, h, a_init), rel=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{}, {"SCALE_FORMAT": "log8"}, {"HYBRID_INT": "1", "HYBRID_BITS": "4"}, {"calib": 1}])
+def test_frozen_weights_score_bit_for_bit_and_leave_the_model_as_it_was(kw):
+    """frozen_weights (LoRA TTT's reloaded model): the same per-token NLL exactly, for every quantizer; the weight
+    is quantized once (changing the latent weight inside changes nothing); the classes come back, the buffers go."""
+    m = model(**{k: v for k, v in kw.items() if k != "calib"})
+    if kw.get("calib"):
+        tg.enable_calibration(m)
+        m.blocks[0].mlp.up.calib.copy_(torch.tensor([0.45, 1.05]))
+    for p in m.parameters():
+        p.requires_grad_(False)  # as lora_ttt_evaluate runs it
+    classes = {name: type(mod) for name, mod in m.named_modules()}
+    tokens = torch.from_numpy(docs_stream(4)[None, :33])
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    want = m.token_nll(x, y)[0]
+    with tg.frozen_weights(m):
+        layers = [mod for mod in m.modules() if isinstance(mod, tg.TernaryLinear)]
+        assert layers and all(isinstance(mod, tg.FrozenQuantLinear) for mod in layers)
+        assert torch.equal(m.token_nll(x, y)[0], want)
+        with torch.no_grad():
+            for mod in layers:
+                mod.weight.mul_(-1)
+        assert torch.equal(m.token_nll(x, y)[0], want)  # the frozen copy, not the weight, is what scores
+    assert {name: type(mod) for name, mod in m.named_modules()} == classes
+    assert not any(hasattr(mod, "frozen") for mod in m.modules())
+    assert not torch.allclose(m.token_nll(x, y)[0], want)  # the flipped weights score again
+
+
 def lora_global_reference(m, tokens, h, a_init, g_init):
     """TTT_LORA_GLOBAL by hand: spans in the order lora_ttt_nll takes them (longest first, TTT_LORA_DOCS at a
     time), but every running span's chunk scored by its own forward, with its own adapters plus the shared ones;
