@@ -13,17 +13,9 @@ t_start=$(date +%s)
 GOLFMIX_DIR=${GOLFMIX_DIR:-../shared/data/golfmix}
 TOKENIZER=${TOKENIZER:-../shared/data/tokenizers/fineweb_8192_bpe.model}
 BENCH_DIR=${BENCH_DIR:-bench_runs}
-VOCAB=$(python3 -c "import sentencepiece as s; print(s.SentencePieceProcessor(model_file='$TOKENIZER').vocab_size())")
-DATA="$BENCH_DIR/golfmix_sp$VOCAB"
 RUN_ID=${RUN_ID:-proxy300_$(date +%Y%m%d_%H%M%S)}
-mkdir -p "$BENCH_DIR"
-
-for split in train val; do
-  if ! ls "$DATA"/fineweb_${split}_*.bin >/dev/null 2>&1; then
-    python3 data/build_shards.py --docs "$GOLFMIX_DIR/${split}_docs.jsonl.xz" --split $split \
-      --tokenizer "$TOKENIZER" --out "$DATA" --vocab-size "$VOCAB"
-  fi
-done
+DATA=$(GOLFMIX_DIR=$GOLFMIX_DIR TOKENIZER=$TOKENIZER scripts/golfmix_shards.sh "$BENCH_DIR")
+VOCAB=${DATA##*_sp}
 t_data=$(date +%s)
 
 LOG="$BENCH_DIR/$RUN_ID.log"

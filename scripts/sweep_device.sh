@@ -34,13 +34,7 @@ done
 for f in "$GOLFMIX_DIR/train_docs.jsonl.xz" "$GOLFMIX_DIR/val_docs.jsonl.xz" "$TOKENIZER"; do
   [ -f "$f" ] || { echo "missing $f" >&2; exit 2; }
 done
-VOCAB=$(python3 -c "import sentencepiece as s; print(s.SentencePieceProcessor(model_file='$TOKENIZER').vocab_size())")
-DATA=$WORK/golfmix_sp$VOCAB
-mkdir -p "$WORK"
-for split in train val; do
-  [ -e "$DATA/fineweb_${split}_000000.bin" ] || python3 data/build_shards.py --docs "$GOLFMIX_DIR/${split}_docs.jsonl.xz" \
-    --split $split --tokenizer "$TOKENIZER" --out "$DATA" --vocab-size "$VOCAB" --workers "$(nproc)" 2>&1 | tail -1
-done
+DATA=$(GOLFMIX_DIR=$GOLFMIX_DIR TOKENIZER=$TOKENIZER scripts/golfmix_shards.sh "$WORK")
 export DATA_PATH=$DATA TOKENIZER_PATH=$TOKENIZER PYTHONUNBUFFERED=1
 used=$(( $(date +%s) - t0 ))
 left=$(( CALL_SECONDS - used ))
