@@ -431,9 +431,10 @@ def lora_global_reference(m, tokens, h, a_init, g_init):
             for opt in [*opts, gopt]:
                 opt.zero_grad()
             loss.backward()
-            with torch.no_grad():  # decoupled weight decay, before each Adam step
-                for p in ga + gb + [p for d in rows for p in ab[d][0] + ab[d][1]]:
-                    p.mul_(1 - (h.ttt_lora_global_lr if any(p is q for q in ga + gb) else h.ttt_lora_lr) * h.ttt_lora_wd)
+            with torch.no_grad():  # decoupled weight decay, before each Adam step, at each optimizer's lr
+                for params, lr in [(ga + gb, h.ttt_lora_global_lr), *((ab[d][0] + ab[d][1], h.ttt_lora_lr) for d in rows)]:
+                    for p in params:
+                        p.mul_(1 - lr * h.ttt_lora_wd)
             for opt in [*opts, gopt]:
                 opt.step()
     return total
