@@ -38,7 +38,7 @@ DATA=$(GOLFMIX_DIR=$GOLFMIX_DIR TOKENIZER=$TOKENIZER scripts/golfmix_shards.sh "
 export DATA_PATH=$DATA TOKENIZER_PATH=$TOKENIZER PYTHONUNBUFFERED=1
 used=$(( $(date +%s) - t0 ))
 left=$(( CALL_SECONDS - used ))
-deadline=$(( left - ROW_SECONDS > 10 ? left - ROW_SECONDS : 10 ))  # no row starts that could not finish
+deadline=$(( left > ROW_SECONDS ? left - ROW_SECONDS : 0 ))  # no row starts that could not finish (0: none)
 rescore_deadline=$(( left - RESCORE_SECONDS > deadline ? left - RESCORE_SECONDS : deadline ))
 stamp=$(date +%s)
 echo "sweep_device: $manifest -> $WORK/$name, deadline ${deadline}s (re-scoring rows ${rescore_deadline}s), cut at ${left}s"

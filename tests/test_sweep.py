@@ -564,6 +564,16 @@ def test_sweep_device_builds_shards_once_runs_the_lanes_and_returns_the_logs(tmp
     assert r.stdout.count(" skip ") == 2 and " start " not in r.stdout and shard.stat().st_mtime_ns == built
 
 
+def test_sweep_device_starts_no_row_that_the_call_could_not_finish(tmp_path):
+    small_golfmix(tmp_path / "golfmix")
+    (tmp_path / "out").mkdir()
+    manifest = fake_manifest(tmp_path, [{"name": "a"}])
+    r = sweep_device(tmp_path, manifest, "s10", CALL_SECONDS="60", ROW_SECONDS="440", RESCORE_SECONDS="100")
+    assert r.returncode == 3, r.stdout + r.stderr  # rows left for the next call, none cut halfway
+    assert re.search(r"deadline 0s \(re-scoring rows 0s\)", r.stdout) and " start a" not in r.stdout
+    assert "1 runs not started (a)" in r.stdout
+
+
 def test_sweep_device_refuses_bad_input_before_anything_runs(tmp_path):
     manifest = fake_manifest(tmp_path, [{"name": "a"}])
     r = sweep_device(tmp_path, manifest)
