@@ -156,14 +156,62 @@ H200_RUNS += [
     ("r65mwd", f"trains: {R65}, MUON_WD=0.04", "0fd1754", ""),
 ]
 H200_S9 = HERE / "h200_2026-11-29_s9"
+# session 10 (h200_2026-11-29_s10/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_mwd.toml s10`, three calls,
+# then scripts/sweeps/lora_glob_s10.toml as s10g, three short calls, on nvidia-h200-x2, two rows side by side);
+# every row is r65mwd's configuration (r65 plus MUON_WD=0.04, train_gpt.py's default since session 9) with one
+# change. The re-scoring rows load m65s42's or m65s2024's checkpoint, with documents isolated.
+M65 = "as r65mwd"
+ISO = "re-scores: EVAL_DOC_ISOLATED=1 (no TTT)"
+B0 = "re-scores: LoRA TTT, EVAL_DOC_ISOLATED=1 TTT_LORA_BETA1=0 TTT_LORA_WD=0.5"
+GLOB = f"{B0} TTT_LORA_GLOBAL=1"
+H200_RUNS += [
+    ("m65s42", f"trains: {M65}, SEED=42", "08422ba", ""),
+    ("m65s2024", f"trains: {M65}, SEED=2024", "08422ba", ""),
+    ("m65wd8", f"trains: {M65}, MUON_WD=0.08", "08422ba", ""),
+    ("m65wd2", f"trains: {M65}, MUON_WD=0.02", "08422ba", ""),
+    ("m65m3", f"trains: {M65}, MLP_MULT=3", "08422ba", ""),
+    ("m65eq", f"trains: {M65}, EMBED_QAT=1", "08422ba", ""),
+    ("m65s42_iso", ISO, "08422ba", "m65s42"),
+    ("m65s2024_iso", ISO, "08422ba", "m65s2024"),
+    ("m65s42_lora", f"{B0} TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096", "08422ba", "m65s42"),
+    ("m65s2024_lora", f"{B0} TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096", "08422ba", "m65s2024"),
+    ("m65s42_lora_adam", "re-scores: LoRA TTT, EVAL_DOC_ISOLATED=1 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096 (Adam's "
+     "defaults: TTT_LORA_BETA1=0.9 TTT_LORA_WD=0)", "08422ba", "m65s42"),
+    ("m65s42_lora_c64", f"{B0} TTT_LORA_CHUNK=64 TTT_LORA_SPAN=4096", "08422ba", "m65s42"),
+    ("m65s42_lora_lr6", f"{B0} TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096 TTT_LORA_LR=0.006", "08422ba", "m65s42"),
+    ("m65s42_lora_lr15", f"{B0} TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096 TTT_LORA_LR=0.0015", "08422ba", "m65s42"),
+    ("m65s42_lora_glob", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096", "08422ba", "m65s42"),
+    ("m65s2024_lora_glob", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096", "08422ba",
+     "m65s2024"),
+    ("m65s42_lora_glob3k", f"{GLOB} TTT_LORA_GLOBAL_LR=0.003 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096", "08422ba", "m65s42"),
+    ("m65s42_lora_glob3e4", f"{GLOB} TTT_LORA_GLOBAL_LR=0.0003 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096", "08422ba",
+     "m65s42"),
+    ("m65s42_lora_glob_lr2", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_LR=0.002 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=4096",
+     "08422ba", "m65s42"),
+    ("m65s42_lora_glob_c64", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=64 TTT_LORA_SPAN=4096", "08422ba", "m65s42"),
+    ("m65s2024_lora_glob_c64", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=64 TTT_LORA_SPAN=4096", "08422ba",
+     "m65s2024"),
+    ("m65s42_lora_glob_s8k", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=8192", "08422ba", "m65s42"),
+    ("m65s2024_lora_glob_s8k", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=8192", "08422ba",
+     "m65s2024"),
+    ("m65s42_lora_glob2k_s8k", f"{GLOB} TTT_LORA_GLOBAL_LR=0.002 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=8192", "08422ba",
+     "m65s42"),
+    ("m65s42_lora_glob_c64_s8k", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=64 TTT_LORA_SPAN=8192", "08422ba",
+     "m65s42"),
+    ("m65s2024_lora_glob_c64_s8k", f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=64 TTT_LORA_SPAN=8192", "08422ba",
+     "m65s2024"),
+]
+H200_S10 = HERE / "h200_2026-11-29_s10"
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
-               "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd"}  # not in the plot:
+               "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s42", "m65s2024",
+               "m65wd8", "m65wd2", "m65eq"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
           "b131_train": ", MLP 4, batch 131K", "b65_train": ", MLP 4, batch 65K",
           "b65log8": ", MLP 4, batch 65K, log8 scales", "b65def": ", MLP 3, no FP phase, batch 65K",
-          "r65": ", MLP 4, batch 65K, log8 scales", "r65kv6": ", MLP 4, 6 kv heads, batch 65K, log8 scales"}
+          "r65": ", MLP 4, batch 65K, log8 scales", "m65m3": ", MLP 3, batch 65K, log8 scales, MUON_WD",
+          "r65kv6": ", MLP 4, 6 kv heads, batch 65K, log8 scales"}
 H200_KEYS = ["run", "what", "commit", "machine", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
@@ -174,8 +222,8 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8, H200_S9))
-        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8, H200_S9) else "nvidia-h200"
+        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8, H200_S9, H200_S10))
+        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8, H200_S9, H200_S10) else "nvidia-h200"
         rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
