@@ -176,11 +176,21 @@ def test_recipe_mwd_manifest_validates_on_two_lanes():
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_mwd.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 15 and all("SCALE_FORMAT=log8 " in ln for ln in rows)
-    assert sum("MUON_WD=0.04 " in ln for ln in rows) == 13  # the base's, but where a row sets its own
-    assert sum("(waits for m65s42: same checkpoint)" in ln for ln in rows) == 6
-    assert sum("TTT_LORA_GLOBAL=1 " in ln for ln in rows) == 2
+    assert len(rows) == 20 and all("SCALE_FORMAT=log8 " in ln for ln in rows)
+    assert sum("MUON_WD=0.04 " in ln for ln in rows) == 18  # the base's, but where a row sets its own
+    assert sum("(waits for m65s42: same checkpoint)" in ln for ln in rows) == 9
+    assert sum("TTT_LORA_GLOBAL=1 " in ln for ln in rows) == 4
     assert "m65s2024_lora (waits for m65s2024: same checkpoint)" in r.stdout
+
+
+def test_lora_glob_s10_manifest_only_rescores_recipe_mwd_checkpoints():
+    """Session 10's last rows: every one re-scores a checkpoint that recipe_mwd.toml's first two rows wrote (no
+    training row, so a short call can run them), with the shared adapter on."""
+    r = sweep(ROOT / "scripts" / "sweeps" / "lora_glob_s10.toml", "--dry-run", "--gpus", "0,1")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert len(rows) == 8 and all("EVAL_FROM_CHECKPOINT=1 " in ln and "TTT_LORA_GLOBAL=1 " in ln for ln in rows)
+    assert all(re.search(r"CHECKPOINT_PATH=/tmp/b/ckpt_m65s(42|2024)\.pt ", ln) for ln in rows)
 
 
 def test_example_arch_ablation_manifest_validates():

@@ -2,6 +2,7 @@
 every target exactly once, the numbers against a hand-written loop, the time budget, and end-to-end runs."""
 import copy
 import functools
+import re
 import time
 
 import numpy as np
@@ -331,7 +332,7 @@ def lora_reference(m, tokens, h, a_init, adapt=True):
 
 @pytest.mark.parametrize("isolated, adapt, span, opt", [("0", True, 0, {}), ("1", True, 0, {}), ("1", False, 0, {}),
                                                         ("1", True, 10, {}), ("0", True, 7, {}),
-                                                        ("1", True, 0, {"TTT_LORA_BETA1": 0, "TTT_LORA_WD": 0.5}),
+                                                        ("1", True, 0, {"TTT_LORA_BETA1": 0.9, "TTT_LORA_WD": 0}),
                                                         ("1", True, 0, {"TTT_LORA_TARGETS": "q,attn,mlp"})])
 def test_lora_ttt_matches_a_one_span_at_a_time_loop(isolated, adapt, span, opt):
     """Spans batched 2 at a time, longest first, with a prefix of rows running at each step, against the
@@ -440,7 +441,7 @@ def lora_global_reference(m, tokens, h, a_init, g_init):
     return total
 
 
-@pytest.mark.parametrize("span, docs, opt", [(0, 2, {}), (7, 3, {"TTT_LORA_BETA1": 0, "TTT_LORA_WD": 0.5}),
+@pytest.mark.parametrize("span, docs, opt", [(0, 2, {}), (7, 3, {"TTT_LORA_BETA1": 0.9, "TTT_LORA_WD": 0}),
                                              (0, 1, {"TTT_LORA_TARGETS": "q,attn,head"})])
 def test_lora_global_adapter_matches_a_hand_written_loop(span, docs, opt):
     """TTT_LORA_GLOBAL against lora_global_reference: the same total, and not the total without it (the shared
@@ -527,6 +528,22 @@ def test_lora_ranks_own_whole_documents_and_add_up(monkeypatch, world, docs):
         monkeypatch.setattr(tg.dist, "all_reduce", lambda t: None)
         with pytest.raises(RuntimeError, match="scored"):
             tg.lora_ttt_evaluate(m, tokens, ONE_BYTE, h, 0, world, CPU, log=print)
+
+
+def test_lora_ttt_says_when_the_budget_cut_its_updates():
+    """A pass inside its budget adapts every chunk of every span (the log's chunks: is that count); one that runs
+    past EVAL_BUDGET_SECONDS scores the rest without updates, like plain windows, and says so in a line of its own
+    (session 9's r65_lora_rec read as "no gain" while its log held adapted_chunks:0)."""
+    tokens = docs_stream()
+    for budget in (0, 1e-9):
+        lines = []
+        tg.lora_ttt_evaluate(model(), tokens, ONE_BYTE, lora_h(EVAL_BUDGET_SECONDS=budget), 0, 1, CPU, log=lines.append)
+        adapted, chunks = (int(re.search(rf" {k}:(\d+)", lines[0]).group(1)) for k in ("adapted_chunks", "chunks"))
+        if budget:
+            assert adapted == 0 and len(lines) == 2
+            assert f"EVAL_BUDGET_SECONDS=1e-09 ran out on rank 0: {chunks} of {chunks} chunks not adapted" in lines[1]
+        else:
+            assert adapted == chunks > 0 and len(lines) == 1
 
 
 def test_lora_config_is_checked():
