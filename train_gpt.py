@@ -84,6 +84,7 @@ UNIT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 # or MLP output, MODEL_DIM wide, beside the ternary matrices rather than on one of them
 LORA_TARGETS = {"q": "mixer.q", "k": "mixer.k", "v": "mixer.v", "proj": "mixer.proj", "up": "mlp.up",
                 "down": "mlp.down", "head": "embed_out", "attn": "mixer", "mlp": "mlp"}
+LORA_TARGET_LIST = (lambda v: v and set(v.split(",")) <= set(LORA_TARGETS), f"must be a comma list of {sorted(LORA_TARGETS)}")
 
 
 class Hyperparameters:
@@ -140,12 +141,14 @@ class Hyperparameters:
     ttt_lora_beta1 = Knob("TTT_LORA_BETA1", 0.0, check=UNIT_OPEN)  # no momentum, with WD 0.5: 0.0009-0.0016 more gain than Adam's 0.9 / 0 (two H200 proxy checkpoints, s9-s10)
     ttt_lora_beta2 = Knob("TTT_LORA_BETA2", 0.999, check=UNIT_OPEN)
     ttt_lora_wd = Knob("TTT_LORA_WD", 0.5, check=NONNEG)  # decoupled: each step scales the adapters by 1 - lr * wd
-    ttt_lora_targets = Knob("TTT_LORA_TARGETS", "q,v,head", check=(lambda v: v and set(v.split(",")) <= set(LORA_TARGETS), f"must be a comma list of {sorted(LORA_TARGETS)}"))
+    ttt_lora_targets = Knob("TTT_LORA_TARGETS", "q,v,head", check=LORA_TARGET_LIST)
     ttt_lora_chunk = Knob("TTT_LORA_CHUNK", 256, check=POS)  # scored tokens of a document between two updates
     ttt_lora_docs = Knob("TTT_LORA_DOCS", 64, check=POS)  # documents adapted side by side, one batch row each
     ttt_lora_span = Knob("TTT_LORA_SPAN", 0, check=NONNEG)  # fresh adapters every SPAN targets of a document; 0: never
     ttt_lora_global = Knob("TTT_LORA_GLOBAL", False)  # plus one adapter a rank's spans share, never reset: the split's domain
     ttt_lora_global_lr = Knob("TTT_LORA_GLOBAL_LR", 0.001, check=POS)  # its own AdamW (TTT_LORA_BETA1/2, TTT_LORA_WD)
+    ttt_lora_global_rank = Knob("TTT_LORA_GLOBAL_RANK", 0, check=NONNEG)  # 0: TTT_LORA_RANK. It sees every scored token
+    ttt_lora_global_targets = Knob("TTT_LORA_GLOBAL_TARGETS", "", check=(lambda v: not v or LORA_TARGET_LIST[0](v), LORA_TARGET_LIST[1]))  # "": TTT_LORA_TARGETS
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
     eval_engram = Knob("EVAL_ENGRAM", False)
     eval_engram_order = Knob("EVAL_ENGRAM_ORDER", 3, check=(lambda v: v >= 2, "must be >= 2"))  # context n-1
@@ -270,6 +273,8 @@ class Hyperparameters:
             self._check_lora()
         elif self.ttt_lora_global:
             raise ConfigError("TTT_LORA_GLOBAL=1 adds to LoRA TTT's adapters: it needs TTT_ENABLED=1 TTT_MODE=lora")
+        if (self.ttt_lora_global_rank or self.ttt_lora_global_targets) and not self.ttt_lora_global:
+            raise ConfigError("TTT_LORA_GLOBAL_RANK / TTT_LORA_GLOBAL_TARGETS shape the shared adapter: set TTT_LORA_GLOBAL=1")
         if self.capsules_enabled and self.eval_doc_isolated:
             raise ConfigError("EVAL_DOC_ISOLATED with CAPSULES_ENABLED: the capsule state is carried across windows")
         if self.capsules_enabled and self.eval_stride not in (0, self.train_seq_len):
@@ -327,8 +332,8 @@ class Hyperparameters:
         if self.ttt_lora_chunk > self.train_seq_len:
             raise ConfigError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk} must be <= TRAIN_SEQ_LEN={self.train_seq_len}: "
                               "a chunk is scored in one window")
-        if "head" in self.ttt_lora_targets.split(",") and self.embed_dim in (0, self.model_dim):
-            raise ConfigError("TTT_LORA_TARGETS=head adapts the embedding's output projection; EMBED_DIM "
+        if "head" in f"{self.ttt_lora_targets},{self.lora_global_targets}".split(",") and self.embed_dim in (0, self.model_dim):
+            raise ConfigError("TTT_LORA_TARGETS=head (or TTT_LORA_GLOBAL_TARGETS) adapts the embedding's output projection; EMBED_DIM "
                               f"{self.embed_dim} has none")
         for knob, on in (("CAPSULES_ENABLED", self.capsules_enabled), ("EVAL_ENGRAM", self.eval_engram)):
             if on:
@@ -342,6 +347,14 @@ class Hyperparameters:
         if self.embed_qat and self.export_embed not in INT_BITS:
             raise ConfigError(f"EMBED_QAT=1 trains through an int format: set EXPORT_EMBED to one of {', '.join(INT_BITS)} "
                               f"(it is {self.export_embed})")
+
+    @property
+    def lora_global_targets(self):
+        return (self.ttt_lora_global_targets or self.ttt_lora_targets) if self.ttt_lora_global else ""
+
+    @property
+    def lora_global_rank(self):
+        return self.ttt_lora_global_rank or self.ttt_lora_rank
 
     @property
     def head_dim(self):
@@ -2097,12 +2110,13 @@ class LoRABank:
     decreasing length, so the documents still running at any step are a prefix and a shorter batch uses the
     first rows of each adapter."""
 
-    def __init__(self, model, h, doc_first, device):
+    def __init__(self, model, h, doc_first, device, shared=False):
         self.params, self.handles = [], []
-        modules = lora_target_modules(model, h.ttt_lora_targets)
-        for m, a in zip(modules, lora_init(h, doc_first, modules)):
+        rank = h.lora_global_rank if shared else h.ttt_lora_rank
+        modules = lora_target_modules(model, h.lora_global_targets if shared else h.ttt_lora_targets)
+        for m, a in zip(modules, lora_init(h, doc_first, modules, rank)):
             a = a.to(device).requires_grad_()
-            b = torch.zeros(len(doc_first), lora_shape(m, h)[1], h.ttt_lora_rank, device=device, requires_grad=True)
+            b = torch.zeros(len(doc_first), lora_shape(m, h)[1], rank, device=device, requires_grad=True)
             self.handles.append(m.register_forward_hook(functools.partial(self.add_delta, a, b)))
             self.params += [a, b]
 
@@ -2124,13 +2138,13 @@ def lora_shape(m, h):
     return (m.in_features, m.out_features) if hasattr(m, "in_features") else (h.model_dim, h.model_dim)
 
 
-def lora_init(h, doc_first, modules):
+def lora_init(h, doc_first, modules, rank=None):
     """Each module's A, stacked over the documents: drawn from a generator seeded by SEED and the document's first
     target position, so a document starts from the same adapter whatever the batching or the number of ranks."""
     per_doc = []
     for first in doc_first:
         g = torch.Generator().manual_seed(h.seed * 1_000_003 + int(first))
-        per_doc.append([torch.randn(h.ttt_lora_rank, d, generator=g) / math.sqrt(d)
+        per_doc.append([torch.randn(rank or h.ttt_lora_rank, d, generator=g) / math.sqrt(d)
                         for d in (lora_shape(m, h)[0] for m in modules)])
     return [torch.stack(a) for a in zip(*per_doc)]
 
@@ -2232,8 +2246,9 @@ def lora_shared(model, h, device):
     """TTT_LORA_GLOBAL: (a one-row LoRABank whose row every batch row adds, its optimizer in a list). It lives for
     the whole split and steps on the summed loss of every running span, after the spans' own adapters score each
     chunk, so it learns the split's domain from scored targets only and carries it to later documents. Each rank
-    keeps its own (ranks run different numbers of steps, so no collective): its scores depend on WORLD_SIZE."""
-    bank = LoRABank(model, h, np.array([-1]), device)  # A seeded apart from any document's (first targets are > 0)
+    keeps its own (ranks run different numbers of steps, so no collective): its scores depend on WORLD_SIZE. Its
+    rank and targets may differ from the spans' (TTT_LORA_GLOBAL_RANK, TTT_LORA_GLOBAL_TARGETS)."""
+    bank = LoRABank(model, h, np.array([-1]), device, shared=True)  # A seeded apart from any document's (first targets are > 0)
     return bank, [lora_optimizer(bank.params, h.ttt_lora_global_lr, h)]
 
 
@@ -2263,7 +2278,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     if int(totals[1].item()) != len(tokens) - 1:
         raise RuntimeError(f"LoRA TTT scored {int(totals[1].item())} of the split's {len(tokens) - 1} targets")
     log(f"lora_ttt docs:{int(mine.sum())} span:{h.ttt_lora_span} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
-        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} global_lr:{h.ttt_lora_global_lr if h.ttt_lora_global else 0} adapted_chunks:{adapted} chunks:{chunks} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
+        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} global_lr:{h.ttt_lora_global_lr if h.ttt_lora_global else 0} global_rank:{h.lora_global_rank if h.ttt_lora_global else 0} global_targets:{h.lora_global_targets or '-'} adapted_chunks:{adapted} chunks:{chunks} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
     if adapted < chunks:  # loud: a pass cut by the budget scores like plain sliding windows and looks like no gain
         log(f"lora_ttt WARNING: EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} ran out on rank {rank}: {chunks - adapted} of {chunks} chunks not adapted")
     return loss, bpb

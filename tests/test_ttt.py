@@ -401,10 +401,12 @@ def lora_global_reference(m, tokens, h, a_init, g_init):
     seq, chunk = h.train_seq_len, h.ttt_lora_chunk
     mods = tg.lora_target_modules(m, h.ttt_lora_targets)
     outs = [getattr(mod, "out_features", h.model_dim) for mod in mods]
+    gmods = tg.lora_target_modules(m, h.ttt_lora_global_targets or h.ttt_lora_targets)
     spans = reference_spans(tokens, h.ttt_lora_span)
     order = np.argsort([-(last - first) for first, last, _ in spans], kind="stable")
     ga = [t[0].clone().requires_grad_() for t in g_init]
-    gb = [torch.zeros(o, h.ttt_lora_rank, requires_grad=True) for o in outs]
+    gb = [torch.zeros(getattr(mod, "out_features", h.model_dim), h.ttt_lora_global_rank or h.ttt_lora_rank,
+                      requires_grad=True) for mod in gmods]
     gopt = torch.optim.Adam(ga + gb, lr=h.ttt_lora_global_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2))
     total = 0.0
     for start in range(0, len(order), h.ttt_lora_docs):
@@ -421,7 +423,7 @@ def lora_global_reference(m, tokens, h, a_init, g_init):
                 if lo > last:
                     continue
                 hooks = [mod.register_forward_hook(functools.partial(reference_delta, a, b))
-                         for a, b, mod in [*zip(*ab[d], mods), *zip(ga, gb, mods)]]
+                         for a, b, mod in [*zip(*ab[d], mods), *zip(ga, gb, gmods)]]
                 w = max(doc_first - 1 if h.eval_doc_isolated else 0, hi - seq)
                 x, y = torch.from_numpy(tokens[w:hi][None]), torch.from_numpy(tokens[w + 1 : hi + 1][None])
                 nll = m.token_nll(x, y)[0][0, lo - 1 - w :]
@@ -442,10 +444,11 @@ def lora_global_reference(m, tokens, h, a_init, g_init):
 
 
 @pytest.mark.parametrize("span, docs, opt", [(0, 2, {}), (7, 3, {"TTT_LORA_BETA1": 0.9, "TTT_LORA_WD": 0}),
-                                             (0, 1, {"TTT_LORA_TARGETS": "q,attn,head"})])
+                                             (0, 1, {"TTT_LORA_TARGETS": "q,attn,head"}),
+                                             (0, 2, {"TTT_LORA_GLOBAL_RANK": 3, "TTT_LORA_GLOBAL_TARGETS": "k,up,head"})])
 def test_lora_global_adapter_matches_a_hand_written_loop(span, docs, opt):
     """TTT_LORA_GLOBAL against lora_global_reference: the same total, and not the total without it (the shared
-    adapter moved later documents' scores)."""
+    adapter moved later documents' scores). The last case gives the shared adapter its own rank and modules."""
     h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_SPAN=span, TTT_LORA_DOCS=docs, TTT_LORA_GLOBAL=1,
                TTT_LORA_GLOBAL_LR=0.03, **opt)
     tokens = docs_stream(1)
@@ -453,9 +456,13 @@ def test_lora_global_adapter_matches_a_hand_written_loop(span, docs, opt):
     nll, adapted = lora_nll(m, tokens, h)
     mods = tg.lora_target_modules(m, h.ttt_lora_targets)
     a_init = tg.lora_init(h, [a for a, _, _ in reference_spans(tokens, span)], mods)
-    total = lora_global_reference(m, tokens, h, a_init, tg.lora_init(h, [-1], mods))
+    gmods = tg.lora_target_modules(m, opt.get("TTT_LORA_GLOBAL_TARGETS", h.ttt_lora_targets))
+    g_init = tg.lora_init(h, [-1], gmods, opt.get("TTT_LORA_GLOBAL_RANK", h.ttt_lora_rank))
+    assert g_init[0].shape[1] == opt.get("TTT_LORA_GLOBAL_RANK", 2)
+    total = lora_global_reference(m, tokens, h, a_init, g_init)
     assert nll.sum().item() == pytest.approx(total, rel=1e-5)
-    alone, _ = lora_nll(m, tokens, lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_SPAN=span, TTT_LORA_DOCS=docs, **opt))
+    spans_only = {k: v for k, v in opt.items() if not k.startswith("TTT_LORA_GLOBAL")}
+    alone, _ = lora_nll(m, tokens, lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_SPAN=span, TTT_LORA_DOCS=docs, **spans_only))
     assert nll.sum().item() != pytest.approx(alone.sum().item(), rel=1e-4)
 
 
@@ -557,6 +564,13 @@ def test_lora_config_is_checked():
         lora_h(EVAL_ENGRAM=1)
     with pytest.raises(tg.ConfigError, match="TTT_LORA_GLOBAL=1 .* TTT_MODE=lora"):
         lora_h(TTT_LORA_GLOBAL=1, TTT_MODE="sgd")
+    for knob, value in (("TTT_LORA_GLOBAL_RANK", 16), ("TTT_LORA_GLOBAL_TARGETS", "q")):  # shapes nothing without it
+        with pytest.raises(tg.ConfigError, match="shape the shared adapter: set TTT_LORA_GLOBAL=1"):
+            lora_h(**{knob: value})
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_GLOBAL_TARGETS"):
+        lora_h(TTT_LORA_GLOBAL=1, TTT_LORA_GLOBAL_TARGETS="q,w")
+    with pytest.raises(tg.ConfigError, match="EMBED_DIM"):
+        lora_h(TTT_LORA_GLOBAL=1, TTT_LORA_TARGETS="q", TTT_LORA_GLOBAL_TARGETS="head", EMBED_DIM=0)
     assert lora_h(EMBED_DIM=0, TTT_LORA_TARGETS="q,k,v,proj,up,down").ttt_lora_targets.count(",") == 5
 
 
@@ -565,7 +579,7 @@ def test_end_to_end_lora_ttt_run(shards, tmp_path):
                   EVAL_DOC_ISOLATED=1, TTT_LORA_GLOBAL=1)  # the two-process test below runs without the shared adapter
     assert r.returncode == 0, r.stdout + r.stderr
     assert log_values(r.stdout, "scored")[0] == 4096 and log_values(r.stdout, "adapted_chunks")[0] > 0
-    assert log_values(r.stdout, "global_lr")[0] == 0.001
+    assert log_values(r.stdout, "global_lr")[0] == 0.001 and log_values(r.stdout, "global_rank")[0] == 8
     assert event_bpb(r.stdout, "final_roundtrip") > 0
 
 
