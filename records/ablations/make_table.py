@@ -203,14 +203,15 @@ H200_RUNS += [
 ]
 H200_S10 = HERE / "h200_2026-11-29_s10"
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
-               "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s42", "m65s2024",
-               "m65wd8", "m65wd2", "m65eq"}  # not in the plot:
+               "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
+               "m65wd2", "m65eq"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
           "b131_train": ", MLP 4, batch 131K", "b65_train": ", MLP 4, batch 65K",
           "b65log8": ", MLP 4, batch 65K, log8 scales", "b65def": ", MLP 3, no FP phase, batch 65K",
           "r65": ", MLP 4, batch 65K, log8 scales", "m65m3": ", MLP 3, batch 65K, log8 scales, MUON_WD",
+          "m65s42": ", MLP 4, batch 65K, log8 scales, MUON_WD: the recipe of session 10",
           "r65kv6": ", MLP 4, 6 kv heads, batch 65K, log8 scales"}
 H200_KEYS = ["run", "what", "commit", "machine", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
@@ -242,7 +243,7 @@ def capacity_plot(rows):
 
     pts = [r for r in rows if r["stride"] == "64" and not r["run"].startswith("t150") and r["run"] not in RECIPE_ONLY
            and (r["checkpoint_of"] == "" or r["run"].endswith("_int8"))]  # trained models, and c2 exported in int8
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 7))
     for r in pts:
         x, y = int(r["total_bytes"]) / 1e6, float(r["final_val_bpb"])
         ax.scatter(x, y)
@@ -252,8 +253,8 @@ def capacity_plot(rows):
     ax.set_xlabel("total artifact bytes (MB, brotli q5, unextracted code)")
     ax.set_ylabel("final val_bpb (sliding, stride 64)")
     ax.set_title("golf-proxy-300 on one H200, 2026-11-29")
-    ax.legend(loc="lower left")
-    ax.set_xlim(right=16.6)
+    ax.legend(loc="upper right")
+    ax.set_xlim(12.5, 18.5)
     fig.tight_layout()
     fig.savefig(HERE / "bytes_vs_bpb_h200.png", dpi=120)
 
