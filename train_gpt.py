@@ -147,6 +147,7 @@ class Hyperparameters:
     ttt_lora_span = Knob("TTT_LORA_SPAN", 0, check=NONNEG)  # fresh adapters every SPAN targets of a document; 0: never
     ttt_lora_global = Knob("TTT_LORA_GLOBAL", False)  # plus one adapter a rank's spans share, never reset: the split's domain
     ttt_lora_global_lr = Knob("TTT_LORA_GLOBAL_LR", 0.001, check=POS)  # its own AdamW (TTT_LORA_BETA1/2, TTT_LORA_WD)
+    ttt_lora_warm_a = Knob("TTT_LORA_WARM_A", False)  # a batch of spans starts from the last batch's A, row for row (B at 0)
     ttt_lora_global_rank = Knob("TTT_LORA_GLOBAL_RANK", 0, check=NONNEG)  # 0: TTT_LORA_RANK. It sees every scored token
     ttt_lora_global_targets = Knob("TTT_LORA_GLOBAL_TARGETS", "", check=(lambda v: not v or LORA_TARGET_LIST[0](v), LORA_TARGET_LIST[1]))  # "": TTT_LORA_TARGETS
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
@@ -273,6 +274,8 @@ class Hyperparameters:
             self._check_lora()
         elif self.ttt_lora_global:
             raise ConfigError("TTT_LORA_GLOBAL=1 adds to LoRA TTT's adapters: it needs TTT_ENABLED=1 TTT_MODE=lora")
+        if self.ttt_lora_warm_a and not (self.ttt_enabled and self.ttt_mode == "lora"):
+            raise ConfigError("TTT_LORA_WARM_A=1 warm-starts LoRA TTT's adapters: it needs TTT_ENABLED=1 TTT_MODE=lora")
         if (self.ttt_lora_global_rank or self.ttt_lora_global_targets) and not self.ttt_lora_global:
             raise ConfigError("TTT_LORA_GLOBAL_RANK / TTT_LORA_GLOBAL_TARGETS shape the shared adapter: set TTT_LORA_GLOBAL=1")
         if self.capsules_enabled and self.eval_doc_isolated:
@@ -2111,7 +2114,7 @@ class LoRABank:
     first rows of each adapter."""
 
     def __init__(self, model, h, doc_first, device, shared=False):
-        self.params, self.handles = [], []
+        self.params, self.handles = [], []  # A, B of each module in turn
         rank = h.lora_global_rank if shared else h.ttt_lora_rank
         modules = lora_target_modules(model, h.lora_global_targets if shared else h.ttt_lora_targets)
         for m, a in zip(modules, lora_init(h, doc_first, modules, rank)):
@@ -2131,6 +2134,13 @@ class LoRABank:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+    def warm_start(self, last_a):
+        """TTT_LORA_WARM_A: each row's A from the same row of the batch before (trained on scored targets only);
+        B stays at zero, so the adapter still adds nothing until its span's first step."""
+        with torch.no_grad():
+            for a, prev in zip(self.params[0::2], last_a):
+                a.copy_(prev[: len(a)])  # batches are longest first: a later one has no more rows
 
 
 def lora_shape(m, h):
@@ -2211,6 +2221,8 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
     for start in range(0, len(order), h.ttt_lora_docs):
         rows = order[start : start + h.ttt_lora_docs]
         bank = LoRABank(model, h, first[rows], device)
+        if h.ttt_lora_warm_a and start:
+            bank.warm_start(last_a)
         opts = [lora_optimizer(bank.params, h.ttt_lora_lr, h), *shared_opts]
         n_chunks = -(-(last[rows] - first[rows] + 1) // h.ttt_lora_chunk)
         for c in range(int(n_chunks.max())):
@@ -2232,6 +2244,8 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
                         opt.step()
             adapted += int(adapt) * len(live)
         bank.remove()
+        if h.ttt_lora_warm_a:
+            last_a = bank.params[0::2]
     if h.ttt_lora_global:
         shared.remove()
     return nll_at, scored, adapted
@@ -2278,7 +2292,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     if int(totals[1].item()) != len(tokens) - 1:
         raise RuntimeError(f"LoRA TTT scored {int(totals[1].item())} of the split's {len(tokens) - 1} targets")
     log(f"lora_ttt docs:{int(mine.sum())} span:{h.ttt_lora_span} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
-        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} global_lr:{h.ttt_lora_global_lr if h.ttt_lora_global else 0} global_rank:{h.lora_global_rank if h.ttt_lora_global else 0} global_targets:{h.lora_global_targets or '-'} adapted_chunks:{adapted} chunks:{chunks} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
+        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} global_lr:{h.ttt_lora_global_lr if h.ttt_lora_global else 0} global_rank:{h.lora_global_rank if h.ttt_lora_global else 0} global_targets:{h.lora_global_targets or '-'} warm_a:{int(h.ttt_lora_warm_a)} adapted_chunks:{adapted} chunks:{chunks} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
     if adapted < chunks:  # loud: a pass cut by the budget scores like plain sliding windows and looks like no gain
         log(f"lora_ttt WARNING: EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} ran out on rank {rank}: {chunks - adapted} of {chunks} chunks not adapted")
     return loss, bpb

@@ -393,26 +393,27 @@ def test_frozen_weights_score_bit_for_bit_and_leave_the_model_as_it_was(kw):
     assert not torch.allclose(m.token_nll(x, y)[0], want)  # the flipped weights score again
 
 
-def lora_global_reference(m, tokens, h, a_init, g_init):
-    """TTT_LORA_GLOBAL by hand: spans in the order lora_ttt_nll takes them (longest first, TTT_LORA_DOCS at a
-    time), but every running span's chunk scored by its own forward, with its own adapters plus the shared ones;
-    then one Adam step for each span's adapters and one for the shared adapters on the sum of the spans' chunk
-    means. Returns the total NLL."""
+def lora_batch_reference(m, tokens, h, a_init, g_init=None):
+    """TTT_LORA_GLOBAL and TTT_LORA_WARM_A by hand: spans in the order lora_ttt_nll takes them (longest first,
+    TTT_LORA_DOCS at a time), but every running span's chunk scored by its own forward, with its own adapters plus
+    the shared ones (g_init: their A; None: no shared adapter); then one Adam step for each span's adapters and one
+    for the shared adapters on the sum of the spans' chunk means. With TTT_LORA_WARM_A the i-th span of a batch
+    starts from the final A of the previous batch's i-th span. Returns the total NLL."""
     seq, chunk = h.train_seq_len, h.ttt_lora_chunk
     mods = tg.lora_target_modules(m, h.ttt_lora_targets)
     outs = [getattr(mod, "out_features", h.model_dim) for mod in mods]
     gmods = tg.lora_target_modules(m, h.ttt_lora_global_targets or h.ttt_lora_targets)
     spans = reference_spans(tokens, h.ttt_lora_span)
     order = np.argsort([-(last - first) for first, last, _ in spans], kind="stable")
-    ga = [t[0].clone().requires_grad_() for t in g_init]
+    ga = [t[0].clone().requires_grad_() for t in g_init or []]
     gb = [torch.zeros(getattr(mod, "out_features", h.model_dim), h.ttt_lora_global_rank or h.ttt_lora_rank,
-                      requires_grad=True) for mod in gmods]
-    gopt = torch.optim.Adam(ga + gb, lr=h.ttt_lora_global_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2))
-    total = 0.0
+                      requires_grad=True) for mod in gmods] if g_init else []
+    gopt = [torch.optim.Adam(ga + gb, lr=h.ttt_lora_global_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2))] if g_init else []
+    total, last_a = 0.0, None
     for start in range(0, len(order), h.ttt_lora_docs):
         rows = order[start : start + h.ttt_lora_docs]
-        ab = {d: ([t[d].clone().requires_grad_() for t in a_init],
-                  [torch.zeros(o, h.ttt_lora_rank, requires_grad=True) for o in outs]) for d in rows}
+        ab = {d: ([(last_a[i][j] if last_a else t[d]).detach().clone().requires_grad_() for j, t in enumerate(a_init)],
+                  [torch.zeros(o, h.ttt_lora_rank, requires_grad=True) for o in outs]) for i, d in enumerate(rows)}
         opts = [torch.optim.Adam(ab[d][0] + ab[d][1], lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2))
                 for d in rows]
         for lo_c in range(0, max(spans[d][1] - spans[d][0] + 1 for d in rows), chunk):
@@ -431,15 +432,17 @@ def lora_global_reference(m, tokens, h, a_init, g_init):
                     hook.remove()
                 total += nll.sum().item()
                 loss = loss + nll.mean()
-            for opt in [*opts, gopt]:
+            for opt in [*opts, *gopt]:
                 opt.zero_grad()
             loss.backward()
             with torch.no_grad():  # decoupled weight decay, before each Adam step, at each optimizer's lr
                 for params, lr in [(ga + gb, h.ttt_lora_global_lr), *((ab[d][0] + ab[d][1], h.ttt_lora_lr) for d in rows)]:
                     for p in params:
                         p.mul_(1 - lr * h.ttt_lora_wd)
-            for opt in [*opts, gopt]:
+            for opt in [*opts, *gopt]:
                 opt.step()
+        if h.ttt_lora_warm_a:
+            last_a = [ab[d][0] for d in rows]
     return total
 
 
@@ -459,17 +462,36 @@ def test_lora_global_adapter_matches_a_hand_written_loop(span, docs, opt):
     gmods = tg.lora_target_modules(m, opt.get("TTT_LORA_GLOBAL_TARGETS", h.ttt_lora_targets))
     g_init = tg.lora_init(h, [-1], gmods, opt.get("TTT_LORA_GLOBAL_RANK", h.ttt_lora_rank))
     assert g_init[0].shape[1] == opt.get("TTT_LORA_GLOBAL_RANK", 2)
-    total = lora_global_reference(m, tokens, h, a_init, g_init)
+    total = lora_batch_reference(m, tokens, h, a_init, g_init)
     assert nll.sum().item() == pytest.approx(total, rel=1e-5)
     spans_only = {k: v for k, v in opt.items() if not k.startswith("TTT_LORA_GLOBAL")}
     alone, _ = lora_nll(m, tokens, lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_SPAN=span, TTT_LORA_DOCS=docs, **spans_only))
     assert nll.sum().item() != pytest.approx(alone.sum().item(), rel=1e-4)
 
 
-def test_lora_global_canary_no_score_depends_on_a_token_not_yet_scored(monkeypatch):
-    """Black-box legality of the shared adapter: change the token at p, scored at chunk step s. Every target
-    scored at an earlier step, and every target of step s outside p's document from p on, keeps its score
-    exactly; later documents' scores move (the shared adapter carried p to them). Stepping before scoring fails."""
+@pytest.mark.parametrize("docs, opt", [(1, {}), (2, {"TTT_LORA_SPAN": 7}), (2, {"TTT_LORA_GLOBAL": 1})])
+def test_lora_warm_a_matches_a_hand_written_loop(docs, opt):
+    """TTT_LORA_WARM_A against lora_batch_reference: the same total, and not the total without it (A carried from
+    one batch of spans to the next moved the later batches' scores)."""
+    h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_DOCS=docs, TTT_LORA_WARM_A=1, **opt)
+    tokens = docs_stream(1)
+    m = model()
+    nll, _ = lora_nll(m, tokens, h)
+    mods = tg.lora_target_modules(m, h.ttt_lora_targets)
+    a_init = tg.lora_init(h, [a for a, _, _ in reference_spans(tokens, h.ttt_lora_span)], mods)
+    g_init = tg.lora_init(h, [-1], mods) if h.ttt_lora_global else None
+    assert nll.sum().item() == pytest.approx(lora_batch_reference(m, tokens, h, a_init, g_init), rel=1e-5)
+    cold, _ = lora_nll(m, tokens, lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_DOCS=docs, **opt))
+    assert not torch.allclose(nll, cold, atol=1e-3)
+
+
+@pytest.mark.parametrize("docs, carry", [(2, {"TTT_LORA_GLOBAL": 1, "TTT_LORA_GLOBAL_LR": 0.03}),
+                                         (1, {"TTT_LORA_WARM_A": 1})])
+def test_lora_global_canary_no_score_depends_on_a_token_not_yet_scored(monkeypatch, docs, carry):
+    """Black-box legality of what carries across documents (the shared adapter, or A warm-started from the last
+    batch): change the token at p, scored at chunk step s. Every target scored at an earlier step, and every target
+    of step s outside p's document from p on, keeps its score exactly; later documents' scores move (p was carried
+    to them). Stepping before scoring, or warm-starting from a batch still running, fails it."""
     steps = []
     real = tg.lora_chunk_batch
 
@@ -479,7 +501,7 @@ def test_lora_global_canary_no_score_depends_on_a_token_not_yet_scored(monkeypat
         return batch
 
     monkeypatch.setattr(tg, "lora_chunk_batch", recording)
-    h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_DOCS=2, TTT_LORA_GLOBAL=1, TTT_LORA_GLOBAL_LR=0.03)
+    h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_DOCS=docs, **carry)
     tokens = docs_stream()
     m = model()
     before, _ = lora_nll(m, tokens, h)
@@ -567,6 +589,8 @@ def test_lora_config_is_checked():
     for knob, value in (("TTT_LORA_GLOBAL_RANK", 16), ("TTT_LORA_GLOBAL_TARGETS", "q")):  # shapes nothing without it
         with pytest.raises(tg.ConfigError, match="shape the shared adapter: set TTT_LORA_GLOBAL=1"):
             lora_h(**{knob: value})
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_WARM_A=1 .* TTT_MODE=lora"):
+        lora_h(TTT_LORA_WARM_A=1, TTT_MODE="sgd")
     with pytest.raises(tg.ConfigError, match="TTT_LORA_GLOBAL_TARGETS"):
         lora_h(TTT_LORA_GLOBAL=1, TTT_LORA_GLOBAL_TARGETS="q,w")
     with pytest.raises(tg.ConfigError, match="EMBED_DIM"):
