@@ -185,6 +185,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "EMBED_QAT": ({"EXPORT_EMBED": "int6"}, "def embedding_weight"),
     "HYBRID_INT": ({}, "class IntQATLinear"),
     "TTT_LORA_GLOBAL": ({"TTT_ENABLED": "1", "TTT_MODE": "lora", "TTT_LORA_CHUNK": "32"}, "def lora_shared"),
+    "TTT_LORA_WARM_A": ({"TTT_ENABLED": "1", "TTT_MODE": "lora", "TTT_LORA_CHUNK": "32"}, "def warm_start"),
 }
 
 
