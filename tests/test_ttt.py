@@ -450,7 +450,7 @@ def lora_batch_reference(m, tokens, h, a_init, g_init=None):
                                              (0, 1, {"TTT_LORA_TARGETS": "q,attn,head"}),
                                              (0, 2, {"TTT_LORA_GLOBAL_RANK": 3, "TTT_LORA_GLOBAL_TARGETS": "k,up,head"})])
 def test_lora_global_adapter_matches_a_hand_written_loop(span, docs, opt):
-    """TTT_LORA_GLOBAL against lora_global_reference: the same total, and not the total without it (the shared
+    """TTT_LORA_GLOBAL against lora_batch_reference: the same total, and not the total without it (the shared
     adapter moved later documents' scores). The last case gives the shared adapter its own rank and modules."""
     h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_SPAN=span, TTT_LORA_DOCS=docs, TTT_LORA_GLOBAL=1,
                TTT_LORA_GLOBAL_LR=0.03, **opt)
@@ -491,7 +491,7 @@ def test_lora_global_canary_no_score_depends_on_a_token_not_yet_scored(monkeypat
     """Black-box legality of what carries across documents (the shared adapter, or A warm-started from the last
     batch): change the token at p, scored at chunk step s. Every target scored at an earlier step, and every target
     of step s outside p's document from p on, keeps its score exactly; later documents' scores move (p was carried
-    to them). Stepping before scoring, or warm-starting from a batch still running, fails it."""
+    to them). Stepping before scoring fails it."""
     steps = []
     real = tg.lora_chunk_batch
 
