@@ -184,12 +184,12 @@ def test_recipe_mwd_manifest_validates_on_two_lanes():
 
 
 def test_recipe_s11_manifest_validates_on_two_lanes():
-    """Session 11's plan: six training rows, then eight re-scorings of the first row's checkpoint: isolated sliding,
+    """Session 11's plan: seven training rows, then eight re-scorings of the first row's checkpoint: isolated sliding,
     then the competition env's LoRA pipeline, alone and with one change each."""
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s11.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 14 and all("SCALE_FORMAT=log8 " in ln and "MUON_WD=0.04 " in ln for ln in rows)
+    assert len(rows) == 15 and all("SCALE_FORMAT=log8 " in ln and "MUON_WD=0.04 " in ln for ln in rows)
     assert sum("(waits for d65s7: same checkpoint)" in ln for ln in rows) == 8
     lora = [ln for ln in rows if "TTT_MODE=lora " in ln]
     assert len(lora) == 7 and all("TTT_LORA_SPAN=8192 " in ln and "TTT_LORA_GLOBAL=1 " in ln for ln in lora)
