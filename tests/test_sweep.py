@@ -184,15 +184,16 @@ def test_recipe_mwd_manifest_validates_on_two_lanes():
 
 
 def test_recipe_s11_manifest_validates_on_two_lanes():
-    """Session 11's plan: seven training rows, then eight re-scorings of the first row's checkpoint: isolated sliding,
-    then the competition env's LoRA pipeline, alone and with one change each."""
+    """Session 11's sweep as it ran: eight training rows, ten re-scorings of the first row's checkpoint (isolated
+    sliding, then the competition env's LoRA pipeline, alone and with one change each) and three of m65hd128s42's."""
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s11.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 15 and all("SCALE_FORMAT=log8 " in ln and "MUON_WD=0.04 " in ln for ln in rows)
-    assert sum("(waits for d65s7: same checkpoint)" in ln for ln in rows) == 8
+    assert len(rows) == 21 and all("SCALE_FORMAT=log8 " in ln and "MUON_WD=0.04 " in ln for ln in rows)
+    assert sum("(waits for d65s7: same checkpoint)" in ln for ln in rows) == 10
+    assert sum("(waits for m65hd128s42: same checkpoint)" in ln for ln in rows) == 3
     lora = [ln for ln in rows if "TTT_MODE=lora " in ln]
-    assert len(lora) == 7 and all("TTT_LORA_SPAN=8192 " in ln and "TTT_LORA_GLOBAL=1 " in ln for ln in lora)
+    assert len(lora) == 11 and all("TTT_LORA_SPAN=8192 " in ln and "TTT_LORA_GLOBAL=1 " in ln for ln in lora)
 
 
 def test_lora_glob_s10_manifest_only_rescores_recipe_mwd_checkpoints():

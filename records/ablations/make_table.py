@@ -202,9 +202,39 @@ H200_RUNS += [
      "m65s2024"),
 ]
 H200_S10 = HERE / "h200_2026-11-29_s10"
+# session 11 (h200_2026-11-30_s11/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s11.toml s11`, four calls on
+# nvidia-h200-x2, two rows side by side; the repo at 49c88f2, train_gpt.py as at 61e5859); every training row is
+# r65mwd's configuration with one change. The re-scoring rows load d65s7's or m65hd128s42's checkpoint, with
+# documents isolated, and all but the _iso rows run best_known_competition.env's LoRA pipeline of session 10
+# (b0, chunk 128, span 8192, shared adapter at lr 0.001) with the named change.
+ENV10 = f"{GLOB} TTT_LORA_GLOBAL_LR=0.001 TTT_LORA_CHUNK=128 TTT_LORA_SPAN=8192"
+WIDE = "TTT_LORA_GLOBAL_TARGETS=q,k,v,proj,up,down,head"
+HD128 = "NUM_HEADS=6 NUM_KV_HEADS=2"
+H200_RUNS += [
+    ("d65s7", f"trains: {M65}, SEED=7", "61e5859", ""),
+    ("m65m3s42", f"trains: {M65}, SEED=42 MLP_MULT=3", "61e5859", ""),
+    ("m65hd128", f"trains: {M65}, {HD128}", "61e5859", ""),
+    ("m65hd128s42", f"trains: {M65}, SEED=42 {HD128}", "61e5859", ""),
+    ("m65mom97", f"trains: {M65}, MUON_MOMENTUM=0.97", "61e5859", ""),
+    ("m65wd25", f"trains: {M65}, WARMDOWN_FRAC=0.25", "61e5859", ""),
+    ("d65s7_iso", ISO, "61e5859", "d65s7"),
+    ("d65s7_env", ENV10, "61e5859", "d65s7"),
+    ("d65s7_gr32", f"{ENV10}, TTT_LORA_GLOBAL_RANK=32", "61e5859", "d65s7"),
+    ("d65s7_gr128", f"{ENV10}, TTT_LORA_GLOBAL_RANK=128", "61e5859", "d65s7"),
+    ("d65s7_gr32lr3", f"{ENV10}, TTT_LORA_GLOBAL_RANK=32 TTT_LORA_GLOBAL_LR=0.0003", "61e5859", "d65s7"),
+    ("d65s7_gwide", f"{ENV10}, {WIDE}", "61e5859", "d65s7"),
+    ("d65s7_gwide32", f"{ENV10}, {WIDE} TTT_LORA_GLOBAL_RANK=32", "61e5859", "d65s7"),
+    ("d65s7_gwidelr5", f"{ENV10}, {WIDE} TTT_LORA_GLOBAL_LR=0.0005", "61e5859", "d65s7"),
+    ("d65s7_gwidelr2", f"{ENV10}, {WIDE} TTT_LORA_GLOBAL_LR=0.002", "61e5859", "d65s7"),
+    ("d65s7_warm", f"{ENV10}, TTT_LORA_WARM_A=1", "61e5859", "d65s7"),
+    ("hd128s42_iso", f"{ISO}, {HD128}", "61e5859", "m65hd128s42"),
+    ("hd128s42_env", f"{ENV10}, {HD128}", "61e5859", "m65hd128s42"),
+    ("hd128s42_gwide", f"{ENV10}, {HD128} {WIDE}", "61e5859", "m65hd128s42"),
+]
+H200_S11 = HERE / "h200_2026-11-30_s11"
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
-               "m65wd2", "m65eq"}  # not in the plot:
+               "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
@@ -212,7 +242,8 @@ LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_t
           "b65log8": ", MLP 4, batch 65K, log8 scales", "b65def": ", MLP 3, no FP phase, batch 65K",
           "r65": ", MLP 4, batch 65K, log8 scales", "m65m3": ", MLP 3, batch 65K, log8 scales, MUON_WD",
           "m65s42": ", MLP 4, batch 65K, log8 scales, MUON_WD: the recipe of session 10",
-          "r65kv6": ", MLP 4, 6 kv heads, batch 65K, log8 scales"}
+          "r65kv6": ", MLP 4, 6 kv heads, batch 65K, log8 scales",
+          "m65m3s42": ", MLP 3, seed 42", "m65hd128": ", head dim 128: the recipe of session 11"}
 H200_KEYS = ["run", "what", "commit", "machine", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
@@ -223,8 +254,8 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8, H200_S9, H200_S10))
-        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8, H200_S9, H200_S10) else "nvidia-h200"
+        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8, H200_S9, H200_S10, H200_S11))
+        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11) else "nvidia-h200"
         rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
@@ -252,7 +283,7 @@ def capacity_plot(rows):
     ax.axvline(16.0, color="red", linestyle="--", label="cap 16,000,000 B")
     ax.set_xlabel("total artifact bytes (MB, brotli q5, unextracted code)")
     ax.set_ylabel("final val_bpb (sliding, stride 64)")
-    ax.set_title("golf-proxy-300 on one H200, 2026-11-29")
+    ax.set_title("golf-proxy-300 on one H200, 2026-11-29 and 30")
     ax.legend(loc="upper right")
     ax.set_xlim(12.5, 18.5)
     fig.tight_layout()
