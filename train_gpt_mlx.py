@@ -160,8 +160,8 @@ class Hyperparameters:
     # model
     num_layers = Knob("NUM_LAYERS", 10, check=POS)
     model_dim = Knob("MODEL_DIM", 768, check=POS)
-    num_heads = Knob("NUM_HEADS", 12, check=POS)
-    num_kv_heads = Knob("NUM_KV_HEADS", 4, check=POS)
+    num_heads = Knob("NUM_HEADS", 6, check=POS)  # head dim 128 (s11: 0.0019 better on two seeds, 2% faster)
+    num_kv_heads = Knob("NUM_KV_HEADS", 2, check=POS)
     mlp_mult = Knob("MLP_MULT", 4.0, check=POS)  # train_gpt.py's: 4 with FP_PHASE won on the H200 proxy (session 8)
     mlp_act = Knob("MLP_ACT", "relu2", choices={"relu2", "leaky_relu2"})
     embed_dim = Knob("EMBED_DIM", 256, check=NONNEG)  # 0: no bottleneck, embedding width = MODEL_DIM
