@@ -10,8 +10,8 @@
 Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz like `fit`, runs the warmup steps
 through train_gpt.train_step, then writes to --out: profile_table.txt (the profiler's op table sorted by device
 time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
-memcpy, nccl, other; per-region totals forward+backward / optimizer; the GPU idle gap within the step, i.e. launch
-overhead). On the CPU there are no kernels, so the CPU ops (self time) are bucketed instead, through the same code.
+memcpy, nccl, other; each bucket's heaviest kernel names; per-region totals forward+backward / optimizer; the GPU
+idle gap within the step, i.e. launch overhead). On the CPU there are no kernels, so the CPU ops (self time) are bucketed instead, through the same code.
 Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
 """
 import argparse
@@ -60,6 +60,7 @@ ATEN_ELEMENTWISE = {"add", "mul", "sub", "div", "where", "sign", "abs", "clamp",
                     "tanh_backward", "cat", "embedding", "embedding_dense_backward", "index", "gather", "scatter",
                     "index_add", "masked_fill", "floor", "ceil", "log", "erf"}
 OPTIMIZER_BUCKET = "optimizer (Muon Newton-Schulz, Adam)"  # every kernel launched inside an optimizer step
+TOP_NAMES = 8  # kernel names listed per bucket in the breakdown
 
 
 def parse_args(argv):
@@ -209,21 +210,21 @@ def union_us(spans):
     return total
 
 
-def breakdown(prof, steps, on_gpu):
-    """{bucket: us}, {region: us}, busy us within the steps, wall us of the steps, top 'other' [(name, us)]."""
+def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES):
+    """{bucket: us}, {region: us}, busy us within the steps, wall us of the steps, and each bucket's `top_names`
+    heaviest kernel (op) names {bucket: [(name, us)]}, heaviest first: what a bucket's total is made of."""
     events = prof.events()
     items = device_items(events) if on_gpu else cpu_items(events)
     windows = [e.time_range for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
     if not items or len(windows) != steps:
         raise RuntimeError(f"profiler gave {len(items)} {'kernels' if on_gpu else 'ops'} and {len(windows)} step "
                            f"regions for {steps} steps; nothing to break down")
-    buckets, regions, others = defaultdict(float), defaultdict(float), defaultdict(float)
+    buckets, regions, names = defaultdict(float), defaultdict(float), defaultdict(lambda: defaultdict(float))
     for name, _, _, us, region in items:
         b = bucket(name, region)
         buckets[b] += us
         regions[region] += us
-        if b == "other":
-            others[name] += us
+        names[b][name] += us
     # busy = union of kernel time clipped to each step's wall window (the window ends at the synchronize)
     busy = sum(union_us([(max(t0, w.start), min(t1, w.end)) for _, t0, t1, _, _ in items if t0 < w.end and t1 > w.start])
                for w in windows)
@@ -231,12 +232,12 @@ def breakdown(prof, steps, on_gpu):
     if on_gpu:  # the optimizer's GPU span, idle gaps included: launch-bound when well above its kernels' sum
         regions["optimizer_span"] = union_us([(e.time_range.start, e.time_range.end) for e in events if
                                               e.device_type == DeviceType.CUDA and is_optimizer_annotation(e)])
-    top_other = sorted(others.items(), key=lambda kv: -kv[1])[:10]
-    return buckets, regions, busy, wall, top_other
+    tops = {b: sorted(n.items(), key=lambda kv: -kv[1])[:top_names] for b, n in names.items()}
+    return buckets, regions, busy, wall, tops
 
 
 def breakdown_markdown(res, steps, on_gpu, timing, h):
-    buckets, regions, busy, wall, top_other = res
+    buckets, regions, busy, wall, tops = res
     total = sum(buckets.values())
     what = "GPU kernel time" if on_gpu else "CPU op self time (no CUDA: CPU ops bucketed)"
     ms = lambda us: us / steps / 1000  # noqa: E731
@@ -259,9 +260,10 @@ def breakdown_markdown(res, steps, on_gpu, timing, h):
               f"| busy (union of {'kernels' if on_gpu else 'ops'} within the step) | {ms(busy):.3f} | |",
               f"| gap (idle within the step: launch overhead, syncs) | {ms(wall - busy):.3f} | "
               f"{100 * (wall - busy) / wall:.1f}% of wall |"]
-    if top_other:
-        lines += ["", "top 'other' names:", "", "| name | ms/step | share |", "|---|---:|---:|"]
-        lines += [f"| `{n[:120]}` | {ms(us):.3f} | {100 * us / total:.1f}% |" for n, us in top_other]
+    lines += ["", f"Each bucket's heaviest {'kernels' if on_gpu else 'ops'} (names cut at 120 characters):", "",
+              "| bucket | name | ms/step | share of the bucket |", "|---|---|---:|---:|"]
+    for b, us_b in sorted(buckets.items(), key=lambda kv: -kv[1]):
+        lines += [f"| {b} | `{n[:120]}` | {ms(us):.3f} | {100 * us / us_b:.1f}% |" for n, us in tops[b]]
     return "\n".join(lines) + "\n"
 
 

@@ -85,3 +85,29 @@ def test_gpu_kernels_go_to_the_optimizer_by_its_gpu_span():
     assert [(n, r) for n, _, _, _, r in items] == [("nvjet_fwd", "fwd_bwd"), ("nvjet_ns", "optimizer"),
                                                   ("triton_poi_fused_add_0", "optimizer"), ("nvjet_next", "fwd_bwd")]
     assert [us for *_, us, _ in items] == [10, 3, 8, 9]
+
+
+def test_breakdown_lists_each_buckets_heaviest_kernels():
+    """breakdown on fake GPU events of two steps: every bucket keeps its kernels' summed time by name, heaviest first
+    and cut at top_names, and the rows of the markdown add up to each bucket's total."""
+    from types import SimpleNamespace as NS
+
+    def ev(name, t0, t1, device=profile_step.DeviceType.CUDA, annotation=False):
+        return NS(name=name, device_type=device, time_range=NS(start=t0, end=t1), is_user_annotation=annotation)
+
+    step = [ev(profile_step.STEP, 0, 100, profile_step.DeviceType.CPU),
+            ev(profile_step.STEP, 100, 200, profile_step.DeviceType.CPU)]
+    kernels = [ev("nvjet_a", 0, 30), ev("nvjet_b", 30, 40), ev("triton_red_fused_norm_0", 40, 45),
+               ev("nvjet_a", 100, 120), ev("nvjet_c", 120, 121), ev("triton_red_fused_norm_0", 121, 130),
+               ev("triton_per_fused_softmax_1", 130, 142)]
+    prof = NS(events=lambda: step + kernels)
+    buckets, regions, busy, wall, tops = profile_step.breakdown(prof, 2, True, top_names=2)
+    assert buckets == {"matmul": 61, "reductions/norm": 26}
+    assert tops == {"matmul": [("nvjet_a", 50), ("nvjet_b", 10)],
+                    "reductions/norm": [("triton_red_fused_norm_0", 14), ("triton_per_fused_softmax_1", 12)]}
+    assert busy == 87 and wall == 200 and regions["fwd_bwd"] == 87
+    h = profile_step.tg.Hyperparameters()
+    md = profile_step.breakdown_markdown((buckets, regions, busy, wall, tops), 2, True, "t", h)
+    rows = md.split("heaviest kernels", 1)[1]
+    assert "| matmul | `nvjet_a` | 0.025 | 82.0% |" in rows and "`nvjet_c`" not in rows
+    assert "| reductions/norm | `triton_per_fused_softmax_1` | 0.006 | 46.2% |" in rows
