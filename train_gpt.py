@@ -74,6 +74,7 @@ class Knob:
         return self.kind(raw)
 
 
+COMPILE_MODES = {"default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"}  # last two: CUDA graphs
 HYBRID_NAMES = ("q", "k", "v", "proj", "up", "down")  # the block matrices HYBRID_FAMILIES may name
 POS = (lambda v: v > 0, "must be > 0")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
@@ -97,6 +98,7 @@ class Hyperparameters:
     seed = Knob("SEED", 1337)
     device = Knob("DEVICE", "auto", choices={"auto", "cuda", "cpu"})
     compile = Knob("COMPILE", "auto", choices={"auto", "1", "0"})
+    compile_mode = Knob("COMPILE_MODE", "default", choices=COMPILE_MODES)  # torch.compile's mode for the model
     world_size = Knob("WORLD_SIZE", 1, check=POS)  # these three are set by torchrun
     rank = Knob("RANK", 0, check=NONNEG)
     local_rank = Knob("LOCAL_RANK", 0, check=NONNEG)
@@ -2861,8 +2863,8 @@ def refuse_nonfinite(model, path):
 # knobs that may differ between the run that saved a checkpoint and one that scores it: what happens after training
 CHECKPOINT_FREE_PREFIXES = ("EVAL_", "TEMPERATURE_", "TTT_", "CHECKPOINT_")
 CHECKPOINT_FREE_KNOBS = {
-    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "ATTN_IMPL", "WORLD_SIZE", "RANK",
-    "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB", "CALIB_TOKENS", "CALIB_MAX_EVALS",
+    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "COMPILE_MODE", "ATTN_IMPL", "WORLD_SIZE",
+    "RANK", "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB", "CALIB_TOKENS", "CALIB_MAX_EVALS",
     "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT", "BROTLI_QUALITY",
     "EXPORT_EMBED",
 }
@@ -3216,7 +3218,8 @@ def training_model(base, h, world, device, use_compile):
     as training uses them (scripts/profile_step.py builds the step it profiles with this too)."""
     if h.fp_phase:
         base.quant_mix = QuantMix(base)  # before compile and DDP, which must see the blending layers
-    model = torch.compile(base, dynamic=False) if use_compile else base
+    mode = None if h.compile_mode == "default" else h.compile_mode
+    model = torch.compile(base, dynamic=False, mode=mode) if use_compile else base
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizers = build_optimizers(base, h)

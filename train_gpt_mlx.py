@@ -97,6 +97,8 @@ class Hyperparameters:
     seed = Knob("SEED", 1337)
     device = Knob("DEVICE", "auto", choices={"auto", "cuda", "cpu"})  # auto: MLX's default (the GPU on a Mac)
     compile = Knob("COMPILE", "auto", choices={"auto", "1", "0"})  # auto: mx.compile the step on the GPU only
+    compile_mode = Knob("COMPILE_MODE", "default", choices={"default", "max-autotune-no-cudagraphs", "max-autotune",
+                                                            "reduce-overhead"})  # read, unused: torch.compile's
     world_size = Knob("WORLD_SIZE", 1, check=POS)  # single process: must stay 1
     rank = Knob("RANK", 0, check=NONNEG)
     local_rank = Knob("LOCAL_RANK", 0, check=NONNEG)

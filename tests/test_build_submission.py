@@ -562,9 +562,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # and 28,273 once LoRA TTT froze the quantized weights: 0.6 KB, 0.16 KB wrapped, for an uncompiled pass that
 # quantizes each matrix once instead of at every forward; 85,815 and 28,433 once it took the shared adapter,
 # TTT_LORA_GLOBAL, and the pass logs a budget cut: 0.6 KB, 0.16 KB wrapped, for 0.0022 bpb; 86,676 and 28,643
-# with the shared adapter's own rank and targets and TTT_LORA_WARM_A's knob, 0.21 KB wrapped, to be measured); raise them deliberately, with
-# the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 86_700, 28_700
+# with the shared adapter's own rank and targets and TTT_LORA_WARM_A's knob, 0.21 KB wrapped, to be measured;
+# 86,797 and 28,693 with COMPILE_MODE, 50 bytes wrapped, for issue 12's throughput A/B); raise them deliberately,
+# with the figure this test prints, when a change is worth its bytes.
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 86_900, 28_800
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

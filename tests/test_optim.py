@@ -416,3 +416,22 @@ def test_compiled_newton_schulz_covers_every_shape(monkeypatch):
     assert torch._dynamo.config.recompile_limit == 3 and counters["stats"]["unique_graphs"] == 3
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("knob, mode", [(None, None), ("default", None), ("max-autotune-no-cudagraphs",
+                                                                          "max-autotune-no-cudagraphs"),
+                                        ("reduce-overhead", "reduce-overhead")])
+def test_compile_mode_reaches_torch_compile_for_the_model_only(monkeypatch, knob, mode):
+    """COMPILE_MODE is torch.compile's mode for the model (default: torch's own, mode=None); Muon's Newton-Schulz
+    keeps its own fullgraph compile. Nothing compiles without use_compile."""
+    calls = []
+    monkeypatch.setattr(tg.torch, "compile", lambda fn, **kw: calls.append((fn, kw)) or fn)
+    cfg = {"VOCAB_SIZE": "128", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+           "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2", **({"COMPILE_MODE": knob} if knob else {})}
+    h = tg.Hyperparameters(cfg)
+    tg.training_model(tg.GPT(h), h, 1, torch.device("cpu"), False)
+    assert calls == []
+    base = tg.GPT(h)
+    model, _ = tg.training_model(base, h, 1, torch.device("cpu"), True)
+    assert model is base and calls[0] == (base, {"dynamic": False, "mode": mode})
+    assert calls[1:] and all(fn is tg.newton_schulz and "mode" not in kw for fn, kw in calls[1:])
