@@ -232,6 +232,7 @@ class Hyperparameters:
     fp_phase = Knob("FP_PHASE", True)  # latent weights unquantized until QAT_START_FRAC, then ternary: the s8 winner with MLP_MULT=4
     qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
     qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
+    fp8_matmul = Knob("FP8_MATMUL", False)  # training's ternary forward matmuls in e4m3, 1x128 block scales (sm90)
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
@@ -717,8 +718,10 @@ class TernaryLinear(nn.Module):
         w = self.weight
         return w + (self.dequantized() - w).detach()
 
+    matmul = staticmethod(F.linear)  # FP8_MATMUL puts FP8Matmul.apply on a training model's layers
+
     def forward(self, x):
-        return F.linear(x, self.quantized_weight().to(x.dtype))
+        return self.matmul(x, self.quantized_weight().to(x.dtype))
 
 
 CALIB_SCALES = (0.9, 0.95, 1.05, 1.1)
@@ -871,6 +874,79 @@ class QuantMix:
             for m in self.layers:
                 m.quant_mix.fill_(value)
             self.value = value
+
+
+FP8_BLOCK = 128  # FP8_MATMUL: the columns one e4m3 scale covers, in activations and weights alike (cuBLAS's 1x128)
+
+
+def fp8_blocks(x):
+    """(e4m3 tensor, fp32 dequantization scales) of a 2-D tensor: each row's blocks of FP8_BLOCK columns scaled so
+    that their absmax is e4m3's largest value. A ternary weight (trits x one scale per group of 128) comes back
+    exactly: its nonzero entries all become +-448."""
+    g = x.detach().float().unflatten(-1, (-1, FP8_BLOCK))
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    return (g * (FP8_MAX / amax)).to(torch.float8_e4m3fn).flatten(-2), (amax / FP8_MAX).squeeze(-1)
+
+
+def fp8_dequantize(q, scales):
+    return (q.float().unflatten(-1, (-1, FP8_BLOCK)) * scales[..., None]).flatten(-2)
+
+
+def fp8_matmul(x, w):
+    """x @ w.T in bf16 from e4m3 operands at 1x128 block scales: cuBLAS's blockwise-scaled GEMM on CUDA (sm90,
+    CUDA >= 12.9; both scale tensors outer-dim-major, as it wants them), its float emulation elsewhere."""
+    (xq, xs), (wq, ws) = fp8_blocks(x), fp8_blocks(w)
+    if x.is_cuda:
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t().contiguous(),
+                                out_dtype=torch.bfloat16)
+    return (fp8_dequantize(xq, xs) @ fp8_dequantize(wq, ws).t()).to(torch.bfloat16)
+
+
+class FP8Matmul(torch.autograd.Function):
+    """FP8_MATMUL: F.linear(x, w) with the forward's product in e4m3 (fp8_matmul) and the backward in bf16, as
+    under autocast: the gradients are the bf16 path's, at the activations the FP8 forward produced."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        y = fp8_matmul(x.reshape(-1, x.size(-1)), w).view(*x.shape[:-1], w.size(0))
+        return y if torch.is_autocast_enabled() else y.to(x.dtype)  # autocast's F.linear gives bf16 too
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        g = gy.to(torch.bfloat16)
+        gx = g @ w.to(torch.bfloat16)
+        gw = g.reshape(-1, g.size(-1)).t() @ x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        return gx.to(x.dtype), gw.to(w.dtype)
+
+
+def set_fp8_matmuls(model, on):
+    """FP8_MATMUL: the ternary layers (not HYBRID_INT's) multiply in e4m3 (on: training) or with F.linear again
+    (off: what is scored and exported). A layer whose input is not whole blocks of FP8_BLOCK is a ConfigError."""
+    for name, m in model.named_modules():
+        if not (isinstance(m, TernaryLinear) and m.ternary):
+            continue
+        if on and m.in_features % FP8_BLOCK:
+            raise ConfigError(f"FP8_MATMUL=1: {name} has {m.in_features} inputs, not a multiple of {FP8_BLOCK}")
+        if on:
+            m.matmul = FP8Matmul.apply
+        else:
+            m.__dict__.pop("matmul", None)
+
+
+def check_fp8_matmul(device):
+    """FP8_MATMUL on CUDA, before training: cuBLAS's blockwise GEMM against its emulation on a random problem, so
+    that a GPU or torch without it (or a layout it reads differently) stops the run at start."""
+    x, w = torch.randn(256, 512, device=device), torch.randn(384, 512, device=device)
+    try:
+        got = fp8_matmul(x, w).float().cpu()
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        raise ConfigError(f"FP8_MATMUL=1 needs blockwise-scaled FP8 GEMMs (sm90, CUDA >= 12.9): {e}") from None
+    want = fp8_matmul(x.cpu(), w.cpu()).float()
+    err = float((got - want).abs().max() / want.abs().max())
+    if not err < 1e-2:
+        raise ConfigError(f"FP8_MATMUL=1: the GPU's FP8 GEMM is off its emulation by {err:.3g} (max, relative)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2863,9 +2939,9 @@ def refuse_nonfinite(model, path):
 # knobs that may differ between the run that saved a checkpoint and one that scores it: what happens after training
 CHECKPOINT_FREE_PREFIXES = ("EVAL_", "TEMPERATURE_", "TTT_", "CHECKPOINT_")
 CHECKPOINT_FREE_KNOBS = {
-    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "COMPILE_MODE", "ATTN_IMPL", "WORLD_SIZE",
-    "RANK", "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB", "CALIB_TOKENS", "CALIB_MAX_EVALS",
-    "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT", "BROTLI_QUALITY",
+    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "COMPILE_MODE", "FP8_MATMUL", "ATTN_IMPL",
+    "WORLD_SIZE", "RANK", "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB", "CALIB_TOKENS",
+    "CALIB_MAX_EVALS", "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT", "BROTLI_QUALITY",
     "EXPORT_EMBED",
 }
 
@@ -3218,6 +3294,10 @@ def training_model(base, h, world, device, use_compile):
     as training uses them (scripts/profile_step.py builds the step it profiles with this too)."""
     if h.fp_phase:
         base.quant_mix = QuantMix(base)  # before compile and DDP, which must see the blending layers
+    if h.fp8_matmul:
+        set_fp8_matmuls(base, True)
+        if device.type == "cuda":
+            check_fp8_matmul(device)
     mode = None if h.compile_mode == "default" else h.compile_mode
     model = torch.compile(base, dynamic=False, mode=mode) if use_compile else base
     if world > 1:
@@ -3239,6 +3319,8 @@ def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
     calibrated = train(model, base, optimizers, h, train_pattern, val, rank, world, device, log)
     if h.fp_phase:
         base.quant_mix.finish()  # a run that stopped inside the ramp still exports (and scores) quantized weights
+    if h.fp8_matmul:
+        set_fp8_matmuls(base, False)  # scoring and export multiply in bf16, as every evaluation path does
     log(f"trit_zero_frac:{trit_zero_frac(base):.4f}")
     return calibrated
 

@@ -435,3 +435,21 @@ def test_compile_mode_reaches_torch_compile_for_the_model_only(monkeypatch, knob
     model, _ = tg.training_model(base, h, 1, torch.device("cpu"), True)
     assert model is base and calls[0] == (base, {"dynamic": False, "mode": mode})
     assert calls[1:] and all(fn is tg.newton_schulz and "mode" not in kw for fn, kw in calls[1:])
+
+
+def test_fp8_matmul_trains_close_to_the_bf16_run(shards, tmp_path):
+    """FP8_MATMUL=1 on the CPU (the GEMM's emulation): the run trains, exports and scores, with other losses than the
+    bf16 run of the same seed, close to them."""
+    from conftest import log_values, run_train
+
+    shape = dict(MODEL_DIM=128, GROUP_SIZE=64, ITERATIONS=4, QAT_START_FRAC=0.5)  # inputs in whole blocks of 128
+    runs = {}
+    for fp8 in (0, 1):
+        (tmp_path / str(fp8)).mkdir()
+        r = run_train(shards, tmp_path / str(fp8), FP8_MATMUL=fp8, **shape)
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs[fp8] = r.stdout
+    plain, fp8 = log_values(runs[0], "train_loss"), log_values(runs[1], "train_loss")
+    assert len(fp8) == len(plain) >= 4 and fp8 != plain
+    assert max(abs(a - b) for a, b in zip(fp8, plain)) < 0.05 * max(plain)
+    assert "final_roundtrip" in runs[1]

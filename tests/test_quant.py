@@ -4,6 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 
@@ -205,3 +206,84 @@ def test_quant_mix_fills_only_on_change():
     assert holder[0].quant_mix.item() == 7.0
     mix.set(0.5)
     assert [m.quant_mix.item() for m in holder] == [0.5, 0.5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8_MATMUL: the training forward's ternary matmuls in e4m3 at 1x128 block scales
+
+def ternary_weight(rows, cols, seed=0):
+    """trits x one positive scale per row and group of 128 columns, as TernaryLinear's quantizer gives them."""
+    g = torch.Generator().manual_seed(seed)
+    trits = torch.randint(-1, 2, (rows, cols), generator=g).float()
+    scales = torch.rand(rows, cols // 128, generator=g) + 0.05
+    return (trits.unflatten(-1, (-1, 128)) * scales[..., None]).flatten(-2)
+
+
+def test_fp8_blocks_carry_a_ternary_weight_exactly_and_other_values_to_e4m3_precision():
+    w = ternary_weight(6, 256)
+    q, s = tg.fp8_blocks(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (6, 2)
+    assert set(q.float().unique().tolist()) <= {-448.0, 0.0, 448.0}
+    assert torch.equal(tg.fp8_dequantize(q, s), w)
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 2, 5)[:, None]
+    q, s = tg.fp8_blocks(x)
+    amax = np.abs(x.numpy().reshape(5, 3, 128)).max(-1)  # numpy: each block's absmax over e4m3's largest, 448
+    np.testing.assert_allclose(s.numpy(), amax / 448.0, rtol=1e-6)
+    err = np.abs(tg.fp8_dequantize(q, s).numpy() - x.numpy()).reshape(5, 3, 128)
+    assert (err <= 2.0**-4 * amax[..., None]).all()  # e4m3 keeps 3 mantissa bits: half a step is 1/16 of a binade
+    assert err.max() > 0  # and random values are rounded
+
+
+def test_fp8_matmul_is_the_product_of_the_dequantized_operands():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(7, 256, generator=g), ternary_weight(5, 256, seed=3)
+    (xq, xs), (wq, ws) = tg.fp8_blocks(x), tg.fp8_blocks(w)
+    deq = lambda q, s: q.float().numpy().reshape(q.shape[0], -1, 128) * s.numpy()[..., None]  # noqa: E731
+    want = deq(xq, xs).reshape(7, 256).astype(np.float64) @ deq(wq, ws).reshape(5, 256).astype(np.float64).T
+    got = tg.fp8_matmul(x, w)
+    assert got.dtype == torch.bfloat16
+    np.testing.assert_allclose(got.float().numpy(), want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
+    exact = (x.numpy() @ w.numpy().T)  # against the unquantized product: only x's e4m3 rounding and bf16 remain
+    assert np.abs(got.float().numpy() - exact).max() < 0.05 * np.abs(exact).max()
+
+
+def test_fp8_matmul_function_forward_is_exact_on_representable_inputs_and_backward_is_bf16s():
+    g = torch.Generator().manual_seed(4)
+    w = ternary_weight(6, 256, seed=5).requires_grad_()
+    x = torch.randint(-2, 3, (2, 3, 256), generator=g).float()
+    x[..., 0], x[..., 128] = 2.0, -2.0  # every block's absmax is 2, so each entry maps to 0, +-224 or +-448 exactly
+    x.requires_grad_()
+    y = tg.FP8Matmul.apply(x, w)
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 6)
+    ref = F.linear(x.detach(), w.detach())
+    torch.testing.assert_close(y, ref.bfloat16().float(), rtol=0, atol=0)
+    gy = torch.randn(2, 3, 6, generator=g)
+    y.backward(gy)
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    F.linear(xb, wb).backward(gy.bfloat16())  # the bf16 path under autocast
+    torch.testing.assert_close(x.grad, xb.grad.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(w.grad, wb.grad.float(), rtol=1e-2, atol=1e-2)
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def test_set_fp8_matmuls_switches_only_ternary_layers_and_back():
+    cfg = {"VOCAB_SIZE": "128", "NUM_LAYERS": "2", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+           "EMBED_DIM": "32", "GROUP_SIZE": "64", "MLP_MULT": "2", "HYBRID_INT": "1", "HYBRID_FAMILIES": "k"}
+    torch.manual_seed(0)
+    m = tg.GPT(tg.Hyperparameters(cfg))
+    for mod in m.modules():
+        if isinstance(mod, tg.TernaryLinear):
+            torch.nn.init.normal_(mod.weight, std=mod.in_features**-0.5)  # no zero-init projection hides a matmul
+    idx = torch.randint(0, 128, (2, 16))
+    before = m(idx, idx).detach()
+    tg.set_fp8_matmuls(m, True)
+    layers = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, tg.TernaryLinear)]
+    assert layers and all(("matmul" in mod.__dict__) == mod.ternary for _, mod in layers)
+    assert any(not mod.ternary for _, mod in layers)  # HYBRID_INT's k matrices stay in F.linear
+    fp8 = m(idx, idx).detach()
+    assert not torch.equal(fp8, before) and abs(float(fp8) - float(before)) < 0.05 * abs(float(before))
+    tg.set_fp8_matmuls(m, False)
+    assert all("matmul" not in mod.__dict__ for _, mod in layers)
+    assert torch.equal(m(idx, idx).detach(), before)
+    with pytest.raises(tg.ConfigError, match="not a multiple of 128"):
+        tg.set_fp8_matmuls(tg.GPT(tg.Hyperparameters({**cfg, "MODEL_DIM": "64", "GROUP_SIZE": "32"})), True)

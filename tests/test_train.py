@@ -345,3 +345,18 @@ def test_train_sync_every_changes_no_step(shards, monkeypatch, one_thread):
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert s1 - s4 == 12 - 7
+
+
+def test_fp8_matmul_is_on_for_every_training_step_and_off_after(shards, monkeypatch, one_thread):
+    """FP8_MATMUL=1: every step trains with the ternary layers in FP8Matmul, and fit hands back a model whose layers
+    multiply with F.linear again, as evaluation, LoRA TTT and the export expect."""
+    seen, step_fn = [], tg.train_step
+
+    def watching_step(model, base, *args, **kwargs):
+        seen.append({mod.__dict__.get("matmul") for mod in tg.ternary_modules(base).values()})
+        return step_fn(model, base, *args, **kwargs)
+
+    monkeypatch.setattr(tg, "train_step", watching_step)
+    base, h, _, _, _ = fit_in_process(shards, monkeypatch, FP8_MATMUL=1, MODEL_DIM=128, GROUP_SIZE=64, ITERATIONS=2)
+    assert len(seen) == 2 and all(s == {tg.FP8Matmul.apply} for s in seen)
+    assert all("matmul" not in mod.__dict__ for mod in tg.ternary_modules(base).values())
