@@ -897,9 +897,23 @@ def fp8_matmul(x, w):
     CUDA >= 12.9; both scale tensors outer-dim-major, as it wants them), its float emulation elsewhere."""
     (xq, xs), (wq, ws) = fp8_blocks(x), fp8_blocks(w)
     if x.is_cuda:
-        return torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t().contiguous(),
-                                out_dtype=torch.bfloat16)
+        return scaled_mm_op()(xq, xs, wq, ws)
     return (fp8_dequantize(xq, xs) @ fp8_dequantize(wq, ws).t()).to(torch.bfloat16)
+
+
+def scaled_mm_op():
+    """FP8_MATMUL's GEMM as a custom op, registered once per process, so that torch.compile calls it as it is
+    rather than lowering _scaled_mm, whose blockwise scales inductor's own kernels may not read."""
+    if not hasattr(torch.ops.ternary_golf, "scaled_mm_1x128"):
+        @torch.library.custom_op("ternary_golf::scaled_mm_1x128", mutates_args=())
+        def scaled_mm_1x128(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+            return torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t().contiguous(),
+                                    out_dtype=torch.bfloat16)
+
+        @scaled_mm_1x128.register_fake
+        def _(xq, xs, wq, ws):
+            return xq.new_empty((xq.size(0), wq.size(0)), dtype=torch.bfloat16)
+    return torch.ops.ternary_golf.scaled_mm_1x128
 
 
 class FP8Matmul(torch.autograd.Function):

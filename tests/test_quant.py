@@ -287,3 +287,21 @@ def test_set_fp8_matmuls_switches_only_ternary_layers_and_back():
     assert torch.equal(m(idx, idx).detach(), before)
     with pytest.raises(tg.ConfigError, match="not a multiple of 128"):
         tg.set_fp8_matmuls(tg.GPT(tg.Hyperparameters({**cfg, "MODEL_DIM": "64", "GROUP_SIZE": "32"})), True)
+
+
+def test_scaled_mm_op_registers_once_and_has_its_shape_for_the_compiler():
+    """The CUDA GEMM is a custom op (inductor calls it, rather than lowering _scaled_mm's blockwise scales): one
+    registration per process, however many copies of the trainer load, and a fake kernel with the product's shape."""
+    import importlib.util
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = tg.scaled_mm_op()
+    spec = importlib.util.spec_from_file_location("train_gpt_copy", tg.__file__)
+    copy_of = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy_of)
+    assert tg.scaled_mm_op() is op and copy_of.scaled_mm_op() is op
+    with FakeTensorMode():
+        y = op(torch.empty(64, 256, dtype=torch.float8_e4m3fn), torch.empty(64, 2),
+               torch.empty(32, 256, dtype=torch.float8_e4m3fn), torch.empty(32, 2))
+    assert y.shape == (64, 32) and y.dtype == torch.bfloat16
