@@ -305,3 +305,22 @@ def test_scaled_mm_op_registers_once_and_has_its_shape_for_the_compiler():
         y = op(torch.empty(64, 256, dtype=torch.float8_e4m3fn), torch.empty(64, 2),
                torch.empty(32, 256, dtype=torch.float8_e4m3fn), torch.empty(32, 2))
     assert y.shape == (64, 32) and y.dtype == torch.bfloat16
+
+
+def test_fp8_layer_compiles_into_one_graph_with_eager_numbers():
+    """torch.compile traces a TernaryLinear in FP8Matmul whole (fullgraph: no break at the autograd Function, the
+    e4m3 casts or the autocast query), and AOT autograd gives eager's loss and gradients."""
+    torch.manual_seed(0)
+    lin = tg.TernaryLinear(256, 128, 128)
+    lin.matmul = tg.FP8Matmul.apply
+    x = torch.randn(4, 16, 256)
+    grads = []
+    for fn in (lambda t: lin(t).square().sum(),
+               torch.compile(lambda t: lin(t).square().sum(), backend="aot_eager", fullgraph=True)):
+        lin.weight.grad = None
+        xi = x.clone().requires_grad_()
+        loss = fn(xi)
+        loss.backward()
+        grads.append((loss.detach(), xi.grad, lin.weight.grad))
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
