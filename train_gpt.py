@@ -233,6 +233,7 @@ class Hyperparameters:
     qat_start_frac = Knob("QAT_START_FRAC", 0.3, check=UNIT_OPEN)
     qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
     fp8_matmul = Knob("FP8_MATMUL", False)  # training's ternary forward matmuls in e4m3, 1x128 block scales (sm90)
+    fp8_dgrad = Knob("FP8_DGRAD", False)  # with FP8_MATMUL: their input gradients in e4m3 too (the weight's stay bf16)
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
@@ -346,6 +347,8 @@ class Hyperparameters:
                 raise ConfigError(f"TTT_MODE=lora with {knob}=1: not supported (documents are adapted side by side)")
 
     def _check_export(self):
+        if self.fp8_dgrad and not self.fp8_matmul:
+            raise ConfigError("FP8_DGRAD=1 puts FP8_MATMUL's input gradients in e4m3: it needs FP8_MATMUL=1")
         if self.hybrid_int and self.ternary_calib:
             raise ConfigError("HYBRID_INT=1 with TERNARY_CALIB=1: calibration would turn the int matrices ternary again")
         if self.scale_format == "log8" and self.ternary_calib:
@@ -920,6 +923,8 @@ class FP8Matmul(torch.autograd.Function):
     """FP8_MATMUL: F.linear(x, w) with the forward's product in e4m3 (fp8_matmul) and the backward in bf16, as
     under autocast: the gradients are the bf16 path's, at the activations the FP8 forward produced."""
 
+    blocked = ("in_features",)  # the layer's sides that must be whole blocks of FP8_BLOCK
+
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
@@ -935,18 +940,34 @@ class FP8Matmul(torch.autograd.Function):
         return gx.to(x.dtype), gw.to(w.dtype)
 
 
-def set_fp8_matmuls(model, on):
-    """FP8_MATMUL: the ternary layers (not HYBRID_INT's) multiply in e4m3 (on: training) or with F.linear again
-    (off: what is scored and exported). A layer whose input is not whole blocks of FP8_BLOCK is a ConfigError."""
+class FP8DgradMatmul(FP8Matmul):
+    """FP8_DGRAD: FP8Matmul whose input gradient gy @ w is an e4m3 product too, gy in blocks of 128 outputs and w
+    transposed into blocks of 128 rows (its trits are then rounded relative to each block's largest scale)."""
+
+    blocked = ("in_features", "out_features")
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        g = gy.to(torch.bfloat16)
+        gw = g.reshape(-1, g.size(-1)).t() @ x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        gx = fp8_matmul(g.reshape(-1, g.size(-1)), w.t().contiguous()).view(*g.shape[:-1], w.size(1))
+        return gx.to(x.dtype), gw.to(w.dtype)
+
+
+def set_fp8_matmuls(model, function):
+    """FP8_MATMUL: the ternary layers (not HYBRID_INT's) multiply with `function` (FP8Matmul, or FP8DgradMatmul
+    with FP8_DGRAD: training) or with F.linear again (None: what is scored and exported). A layer whose sides that
+    the function blocks are not whole blocks of FP8_BLOCK is a ConfigError."""
     for name, m in model.named_modules():
         if not (isinstance(m, TernaryLinear) and m.ternary):
             continue
-        if on and m.in_features % FP8_BLOCK:
-            raise ConfigError(f"FP8_MATMUL=1: {name} has {m.in_features} inputs, not a multiple of {FP8_BLOCK}")
-        if on:
-            m.matmul = FP8Matmul.apply
-        else:
+        if function is None:
             m.__dict__.pop("matmul", None)
+            continue
+        if any(getattr(m, side) % FP8_BLOCK for side in function.blocked):
+            raise ConfigError(f"FP8_MATMUL=1: {name} is {m.in_features}->{m.out_features}, not blocks of {FP8_BLOCK}")
+        m.matmul = function.apply
 
 
 def check_fp8_matmul(device):
@@ -2953,10 +2974,10 @@ def refuse_nonfinite(model, path):
 # knobs that may differ between the run that saved a checkpoint and one that scores it: what happens after training
 CHECKPOINT_FREE_PREFIXES = ("EVAL_", "TEMPERATURE_", "TTT_", "CHECKPOINT_")
 CHECKPOINT_FREE_KNOBS = {
-    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "COMPILE_MODE", "FP8_MATMUL", "ATTN_IMPL",
-    "WORLD_SIZE", "RANK", "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB", "CALIB_TOKENS",
-    "CALIB_MAX_EVALS", "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT", "BROTLI_QUALITY",
-    "EXPORT_EMBED",
+    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "COMPILE_MODE", "FP8_MATMUL", "FP8_DGRAD",
+    "ATTN_IMPL", "WORLD_SIZE", "RANK", "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB",
+    "CALIB_TOKENS", "CALIB_MAX_EVALS", "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT",
+    "BROTLI_QUALITY", "EXPORT_EMBED",
 }
 
 
@@ -3309,7 +3330,10 @@ def training_model(base, h, world, device, use_compile):
     if h.fp_phase:
         base.quant_mix = QuantMix(base)  # before compile and DDP, which must see the blending layers
     if h.fp8_matmul:
-        set_fp8_matmuls(base, True)
+        function = FP8Matmul
+        if h.fp8_dgrad:
+            function = FP8DgradMatmul
+        set_fp8_matmuls(base, function)
         if device.type == "cuda":
             check_fp8_matmul(device)
     mode = None if h.compile_mode == "default" else h.compile_mode
@@ -3334,7 +3358,7 @@ def fit(base, h, train_pattern, val, rank, world, device, log, use_compile):
     if h.fp_phase:
         base.quant_mix.finish()  # a run that stopped inside the ramp still exports (and scores) quantized weights
     if h.fp8_matmul:
-        set_fp8_matmuls(base, False)  # scoring and export multiply in bf16, as every evaluation path does
+        set_fp8_matmuls(base, None)  # scoring and export multiply in bf16, as every evaluation path does
     log(f"trit_zero_frac:{trit_zero_frac(base):.4f}")
     return calibrated
 

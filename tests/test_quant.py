@@ -276,17 +276,17 @@ def test_set_fp8_matmuls_switches_only_ternary_layers_and_back():
             torch.nn.init.normal_(mod.weight, std=mod.in_features**-0.5)  # no zero-init projection hides a matmul
     idx = torch.randint(0, 128, (2, 16))
     before = m(idx, idx).detach()
-    tg.set_fp8_matmuls(m, True)
+    tg.set_fp8_matmuls(m, tg.FP8Matmul)
     layers = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, tg.TernaryLinear)]
     assert layers and all(("matmul" in mod.__dict__) == mod.ternary for _, mod in layers)
     assert any(not mod.ternary for _, mod in layers)  # HYBRID_INT's k matrices stay in F.linear
     fp8 = m(idx, idx).detach()
     assert not torch.equal(fp8, before) and abs(float(fp8) - float(before)) < 0.05 * abs(float(before))
-    tg.set_fp8_matmuls(m, False)
+    tg.set_fp8_matmuls(m, None)
     assert all("matmul" not in mod.__dict__ for _, mod in layers)
     assert torch.equal(m(idx, idx).detach(), before)
-    with pytest.raises(tg.ConfigError, match="not a multiple of 128"):
-        tg.set_fp8_matmuls(tg.GPT(tg.Hyperparameters({**cfg, "MODEL_DIM": "64", "GROUP_SIZE": "32"})), True)
+    with pytest.raises(tg.ConfigError, match="64->64, not blocks of 128"):
+        tg.set_fp8_matmuls(tg.GPT(tg.Hyperparameters({**cfg, "MODEL_DIM": "64", "GROUP_SIZE": "32"})), tg.FP8Matmul)
 
 
 def test_scaled_mm_op_registers_once_and_has_its_shape_for_the_compiler():
@@ -324,3 +324,33 @@ def test_fp8_layer_compiles_into_one_graph_with_eager_numbers():
         grads.append((loss.detach(), xi.grad, lin.weight.grad))
     for eager, compiled in zip(*grads):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_fp8_dgrad_input_gradient_is_the_e4m3_product_and_weight_gradient_stays_bf16():
+    """FP8DgradMatmul: the forward as FP8Matmul's, the input gradient fp8_matmul(gy, w.T) (gy in blocks of 128
+    outputs, w.T in blocks of 128 rows), the weight gradient the bf16 path's. Switching it on needs whole blocks of
+    outputs too, and FP8_DGRAD needs FP8_MATMUL."""
+    g = torch.Generator().manual_seed(6)
+    w = ternary_weight(256, 384, seed=7).requires_grad_()
+    x = torch.randn(2, 5, 384, generator=g).requires_grad_()
+    y = tg.FP8DgradMatmul.apply(x, w)
+    torch.testing.assert_close(y, tg.FP8Matmul.apply(x.detach(), w.detach()), rtol=0, atol=0)
+    gy = torch.randn(2, 5, 256, generator=g)
+    y.backward(gy)
+    want = tg.fp8_matmul(gy.reshape(10, 256).bfloat16(), w.detach().t().contiguous()).float().reshape(2, 5, 384)
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+    exact = gy @ w.detach()
+    assert 0 < (x.grad - exact).abs().max() < 0.05 * exact.abs().max()  # rounded, and close
+    wb = w.detach().bfloat16().requires_grad_()
+    F.linear(x.detach().bfloat16(), wb).backward(gy.bfloat16())
+    torch.testing.assert_close(w.grad, wb.grad.float(), rtol=1e-2, atol=1e-2)
+    lin = tg.TernaryLinear(128, 64, 64)
+    tg.set_fp8_matmuls(lin, tg.FP8Matmul)
+    assert lin.matmul == tg.FP8Matmul.apply
+    with pytest.raises(tg.ConfigError, match="128->64, not blocks of 128"):
+        tg.set_fp8_matmuls(lin, tg.FP8DgradMatmul)
+    square = tg.TernaryLinear(128, 128, 64)
+    tg.set_fp8_matmuls(square, tg.FP8DgradMatmul)
+    assert square.matmul == tg.FP8DgradMatmul.apply
+    with pytest.raises(tg.ConfigError, match="FP8_DGRAD=1 .* needs FP8_MATMUL=1"):
+        tg.Hyperparameters({"FP8_DGRAD": "1"})

@@ -347,9 +347,11 @@ def test_train_sync_every_changes_no_step(shards, monkeypatch, one_thread):
     assert s1 - s4 == 12 - 7
 
 
-def test_fp8_matmul_is_on_for_every_training_step_and_off_after(shards, monkeypatch, one_thread):
-    """FP8_MATMUL=1: every step trains with the ternary layers in FP8Matmul, and fit hands back a model whose layers
-    multiply with F.linear again, as evaluation, LoRA TTT and the export expect."""
+@pytest.mark.parametrize("dgrad, fn", [("0", "FP8Matmul"), ("1", "FP8DgradMatmul")])
+def test_fp8_matmul_is_on_for_every_training_step_and_off_after(shards, monkeypatch, one_thread, dgrad, fn):
+    """FP8_MATMUL=1: every step trains with the ternary layers in FP8Matmul (FP8DgradMatmul with FP8_DGRAD=1), and
+    fit hands back a model whose layers multiply with F.linear again, as evaluation, LoRA TTT and the export
+    expect."""
     seen, step_fn = [], tg.train_step
 
     def watching_step(model, base, *args, **kwargs):
@@ -357,6 +359,7 @@ def test_fp8_matmul_is_on_for_every_training_step_and_off_after(shards, monkeypa
         return step_fn(model, base, *args, **kwargs)
 
     monkeypatch.setattr(tg, "train_step", watching_step)
-    base, h, _, _, _ = fit_in_process(shards, monkeypatch, FP8_MATMUL=1, MODEL_DIM=128, GROUP_SIZE=64, ITERATIONS=2)
-    assert len(seen) == 2 and all(s == {tg.FP8Matmul.apply} for s in seen)
+    base, h, _, _, _ = fit_in_process(shards, monkeypatch, FP8_MATMUL=1, FP8_DGRAD=dgrad, MODEL_DIM=128, GROUP_SIZE=64,
+                                      NUM_KV_HEADS=4, ITERATIONS=2)  # k and v 128 wide: whole blocks of outputs
+    assert len(seen) == 2 and all(s == {getattr(tg, fn).apply} for s in seen)
     assert all("matmul" not in mod.__dict__ for mod in tg.ternary_modules(base).values())
