@@ -234,6 +234,7 @@ class Hyperparameters:
     qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
     fp8_matmul = Knob("FP8_MATMUL", False)  # training's ternary forward matmuls in e4m3, 1x128 block scales (sm90)
     fp8_dgrad = Knob("FP8_DGRAD", False)  # with FP8_MATMUL: their input gradients in e4m3 too (the weight's stay bf16)
+    fp8_wgrad = Knob("FP8_WGRAD", False)  # with FP8_DGRAD: the weight gradients in e4m3 too (blocks of 128 tokens)
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)
@@ -349,6 +350,10 @@ class Hyperparameters:
     def _check_export(self):
         if self.fp8_dgrad and not self.fp8_matmul:
             raise ConfigError("FP8_DGRAD=1 puts FP8_MATMUL's input gradients in e4m3: it needs FP8_MATMUL=1")
+        if self.fp8_wgrad and not self.fp8_dgrad:
+            raise ConfigError("FP8_WGRAD=1 puts FP8_DGRAD's weight gradients in e4m3 too: it needs FP8_DGRAD=1")
+        if self.fp8_wgrad and self.train_seq_len % FP8_BLOCK:
+            raise ConfigError(f"FP8_WGRAD=1 needs TRAIN_SEQ_LEN={self.train_seq_len} in whole blocks of {FP8_BLOCK} tokens")
         if self.hybrid_int and self.ternary_calib:
             raise ConfigError("HYBRID_INT=1 with TERNARY_CALIB=1: calibration would turn the int matrices ternary again")
         if self.scale_format == "log8" and self.ternary_calib:
@@ -952,6 +957,19 @@ class FP8DgradMatmul(FP8Matmul):
         g = gy.to(torch.bfloat16)
         gw = g.reshape(-1, g.size(-1)).t() @ x.reshape(-1, x.size(-1)).to(torch.bfloat16)
         gx = fp8_matmul(g.reshape(-1, g.size(-1)), w.t().contiguous()).view(*g.shape[:-1], w.size(1))
+        return gx.to(x.dtype), gw.to(w.dtype)
+
+
+class FP8WgradMatmul(FP8DgradMatmul):
+    """FP8_WGRAD: FP8DgradMatmul whose weight gradient gy.T @ x is an e4m3 product too, both operands transposed
+    into blocks of 128 tokens (TRAIN_SEQ_LEN is whole blocks, so every micro-batch is): all three GEMMs in e4m3."""
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        g = gy.to(torch.bfloat16).reshape(-1, gy.size(-1))
+        gw = fp8_matmul(g.t().contiguous(), x.reshape(-1, x.size(-1)).t().contiguous())
+        gx = fp8_matmul(g, w.t().contiguous()).view(*gy.shape[:-1], w.size(1))
         return gx.to(x.dtype), gw.to(w.dtype)
 
 
@@ -2974,10 +2992,10 @@ def refuse_nonfinite(model, path):
 # knobs that may differ between the run that saved a checkpoint and one that scores it: what happens after training
 CHECKPOINT_FREE_PREFIXES = ("EVAL_", "TEMPERATURE_", "TTT_", "CHECKPOINT_")
 CHECKPOINT_FREE_KNOBS = {
-    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "COMPILE_MODE", "FP8_MATMUL", "FP8_DGRAD",
-    "ATTN_IMPL", "WORLD_SIZE", "RANK", "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS", "TERNARY_CALIB",
-    "CALIB_TOKENS", "CALIB_MAX_EVALS", "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES", "EXPORT_FLOAT",
-    "BROTLI_QUALITY", "EXPORT_EMBED",
+    "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "DEVICE", "COMPILE", "COMPILE_MODE", "FP8_MATMUL",
+    "FP8_DGRAD", "FP8_WGRAD", "ATTN_IMPL", "WORLD_SIZE", "RANK", "LOCAL_RANK", "VAL_BATCH_TOKENS", "MAX_VAL_TOKENS",
+    "TERNARY_CALIB", "CALIB_TOKENS", "CALIB_MAX_EVALS", "CALIB_SECONDS", "ARTIFACT_PATH", "ARTIFACT_CAP_BYTES",
+    "EXPORT_FLOAT", "BROTLI_QUALITY", "EXPORT_EMBED",
 }
 
 
@@ -3333,6 +3351,8 @@ def training_model(base, h, world, device, use_compile):
         function = FP8Matmul
         if h.fp8_dgrad:
             function = FP8DgradMatmul
+        if h.fp8_wgrad:
+            function = FP8WgradMatmul
         set_fp8_matmuls(base, function)
         if device.type == "cuda":
             check_fp8_matmul(device)

@@ -235,6 +235,7 @@ class Hyperparameters:
     qat_ramp_frac = Knob("QAT_RAMP_FRAC", 0.0, check=UNIT_OPEN)  # 0: switch at once; else blend in over this fraction
     fp8_matmul = Knob("FP8_MATMUL", False)  # read, unused: a CUDA GEMM (sm90); MLX multiplies in its own precision
     fp8_dgrad = Knob("FP8_DGRAD", False)  # read, unused, as FP8_MATMUL
+    fp8_wgrad = Knob("FP8_WGRAD", False)  # read, unused, as FP8_MATMUL
     # export
     artifact_path = Knob("ARTIFACT_PATH", "final_model.ternary.ptz")
     artifact_cap_bytes = Knob("ARTIFACT_CAP_BYTES", 16_000_000, check=POS)

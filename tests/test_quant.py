@@ -354,3 +354,25 @@ def test_fp8_dgrad_input_gradient_is_the_e4m3_product_and_weight_gradient_stays_
     assert square.matmul == tg.FP8DgradMatmul.apply
     with pytest.raises(tg.ConfigError, match="FP8_DGRAD=1 .* needs FP8_MATMUL=1"):
         tg.Hyperparameters({"FP8_DGRAD": "1"})
+
+
+def test_fp8_wgrad_weight_gradient_is_the_e4m3_product_over_token_blocks():
+    """FP8WgradMatmul: forward and input gradient as FP8DgradMatmul's, the weight gradient fp8_matmul(gy.T, x.T)
+    (both in blocks of 128 tokens); FP8_WGRAD needs FP8_DGRAD and a TRAIN_SEQ_LEN of whole blocks."""
+    g = torch.Generator().manual_seed(8)
+    w = ternary_weight(128, 256, seed=9).requires_grad_()
+    x = torch.randn(2, 128, 256, generator=g).requires_grad_()
+    gy = torch.randn(2, 128, 128, generator=g)
+    tg.FP8WgradMatmul.apply(x, w).backward(gy)
+    xd, wd = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    tg.FP8DgradMatmul.apply(xd, wd).backward(gy)
+    torch.testing.assert_close(x.grad, xd.grad, rtol=0, atol=0)
+    g2 = gy.reshape(256, 128).bfloat16()
+    want = tg.fp8_matmul(g2.t().contiguous(), x.detach().reshape(256, 256).t().contiguous()).float()
+    torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
+    exact = g2.float().t() @ x.detach().reshape(256, 256)
+    assert 0 < (w.grad - exact).abs().max() < 0.05 * exact.abs().max()  # rounded, and close
+    with pytest.raises(tg.ConfigError, match="FP8_WGRAD=1 .* needs FP8_DGRAD=1"):
+        tg.Hyperparameters({"FP8_MATMUL": "1", "FP8_WGRAD": "1"})
+    with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_LEN=96 in whole blocks of 128"):
+        tg.Hyperparameters({"FP8_MATMUL": "1", "FP8_DGRAD": "1", "FP8_WGRAD": "1", "TRAIN_SEQ_LEN": "96"})

@@ -347,8 +347,9 @@ def test_train_sync_every_changes_no_step(shards, monkeypatch, one_thread):
     assert s1 - s4 == 12 - 7
 
 
-@pytest.mark.parametrize("dgrad, fn", [("0", "FP8Matmul"), ("1", "FP8DgradMatmul")])
-def test_fp8_matmul_is_on_for_every_training_step_and_off_after(shards, monkeypatch, one_thread, dgrad, fn):
+@pytest.mark.parametrize("dgrad, wgrad, fn", [("0", "0", "FP8Matmul"), ("1", "0", "FP8DgradMatmul"),
+                                              ("1", "1", "FP8WgradMatmul")])
+def test_fp8_matmul_is_on_for_every_training_step_and_off_after(shards, monkeypatch, one_thread, dgrad, wgrad, fn):
     """FP8_MATMUL=1: every step trains with the ternary layers in FP8Matmul (FP8DgradMatmul with FP8_DGRAD=1), and
     fit hands back a model whose layers multiply with F.linear again, as evaluation, LoRA TTT and the export
     expect."""
@@ -359,7 +360,8 @@ def test_fp8_matmul_is_on_for_every_training_step_and_off_after(shards, monkeypa
         return step_fn(model, base, *args, **kwargs)
 
     monkeypatch.setattr(tg, "train_step", watching_step)
-    base, h, _, _, _ = fit_in_process(shards, monkeypatch, FP8_MATMUL=1, FP8_DGRAD=dgrad, MODEL_DIM=128, GROUP_SIZE=64,
-                                      NUM_KV_HEADS=4, ITERATIONS=2)  # k and v 128 wide: whole blocks of outputs
+    base, h, _, _, _ = fit_in_process(shards, monkeypatch, FP8_MATMUL=1, FP8_DGRAD=dgrad, FP8_WGRAD=wgrad,
+                                      MODEL_DIM=128, GROUP_SIZE=64, NUM_KV_HEADS=4, TRAIN_SEQ_LEN=128,
+                                      ITERATIONS=2)  # k and v 128 wide, sequences of 128: whole blocks
     assert len(seen) == 2 and all(s == {getattr(tg, fn).apply} for s in seen)
     assert all("matmul" not in mod.__dict__ for mod in tg.ternary_modules(base).values())
