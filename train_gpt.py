@@ -991,7 +991,8 @@ def set_fp8_matmuls(model, function):
 def check_fp8_matmul(device):
     """FP8_MATMUL on CUDA, before training: cuBLAS's blockwise GEMM against its emulation on a random problem, so
     that a GPU or torch without it (or a layout it reads differently) stops the run at start."""
-    x, w = torch.randn(256, 512, device=device), torch.randn(384, 512, device=device)
+    g = torch.Generator().manual_seed(0)  # not the device's generator: the run's random stream stays as without it
+    x, w = torch.randn(256, 512, generator=g).to(device), torch.randn(384, 512, generator=g).to(device)
     try:
         got = fp8_matmul(x, w).float().cpu()
     except (RuntimeError, NotImplementedError, ValueError) as e:

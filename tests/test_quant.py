@@ -376,3 +376,27 @@ def test_fp8_wgrad_weight_gradient_is_the_e4m3_product_over_token_blocks():
         tg.Hyperparameters({"FP8_MATMUL": "1", "FP8_WGRAD": "1"})
     with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_LEN=96 in whole blocks of 128"):
         tg.Hyperparameters({"FP8_MATMUL": "1", "FP8_DGRAD": "1", "FP8_WGRAD": "1", "TRAIN_SEQ_LEN": "96"})
+
+
+def test_check_fp8_matmul_stops_a_gemm_that_is_missing_or_off(monkeypatch):
+    """Before training, the device's product is checked against the emulation: a GEMM that raises, or one off by
+    more than bf16's rounding, is a ConfigError naming FP8_MATMUL; the emulation against itself passes. (On the CPU
+    both sides are the emulation; the fakes stand in for the device's first call.)"""
+    real, calls = tg.fp8_matmul, []
+
+    def device_then_real(fault):
+        def fn(x, w):
+            calls.append(1)
+            return fault(real(x, w)) if len(calls) % 2 == 1 else real(x, w)
+        return fn
+
+    tg.check_fp8_matmul(torch.device("cpu"))
+    monkeypatch.setattr(tg, "fp8_matmul", device_then_real(lambda y: y * 1.02))
+    with pytest.raises(tg.ConfigError, match="FP8_MATMUL=1: the GPU's FP8 GEMM is off its emulation by 0.02"):
+        tg.check_fp8_matmul(torch.device("cpu"))
+
+    def missing(y):
+        raise RuntimeError("blockwise scaling is not supported")
+    monkeypatch.setattr(tg, "fp8_matmul", device_then_real(missing))
+    with pytest.raises(tg.ConfigError, match="needs blockwise-scaled FP8 GEMMs .*: blockwise scaling is not supported"):
+        tg.check_fp8_matmul(torch.device("cpu"))
