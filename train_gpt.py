@@ -347,7 +347,7 @@ class Hyperparameters:
             if on:
                 raise ConfigError(f"TTT_MODE=lora with {knob}=1: not supported (documents are adapted side by side)")
 
-    def _check_export(self):
+    def _check_export(self):  # and the training precision knobs' dependencies
         if self.fp8_dgrad and not self.fp8_matmul:
             raise ConfigError("FP8_DGRAD=1 puts FP8_MATMUL's input gradients in e4m3: it needs FP8_MATMUL=1")
         if self.fp8_wgrad and not self.fp8_dgrad:
@@ -368,7 +368,7 @@ class Hyperparameters:
 
     @property
     def lora_global_rank(self):
-        return self.ttt_lora_global_rank or self.ttt_lora_rank
+        return (self.ttt_lora_global_rank or self.ttt_lora_rank) if self.ttt_lora_global else 0
 
     @property
     def head_dim(self):
@@ -974,9 +974,9 @@ class FP8WgradMatmul(FP8DgradMatmul):
 
 
 def set_fp8_matmuls(model, function):
-    """FP8_MATMUL: the ternary layers (not HYBRID_INT's) multiply with `function` (FP8Matmul, or FP8DgradMatmul
-    with FP8_DGRAD: training) or with F.linear again (None: what is scored and exported). A layer whose sides that
-    the function blocks are not whole blocks of FP8_BLOCK is a ConfigError."""
+    """FP8_MATMUL: the ternary layers (not HYBRID_INT's) multiply with `function` (FP8Matmul; FP8DgradMatmul with
+    FP8_DGRAD, FP8WgradMatmul with FP8_WGRAD: training) or with F.linear again (None: what is scored and exported).
+    A layer whose sides that the function blocks are not whole blocks of FP8_BLOCK is a ConfigError."""
     for name, m in model.named_modules():
         if not (isinstance(m, TernaryLinear) and m.ternary):
             continue
@@ -2304,15 +2304,20 @@ def lora_target_modules(model, targets):
     return found
 
 
+def piece_counts(first, last, size):
+    """How many pieces of `size` targets each run of targets first..last (inclusive) takes, the last one short."""
+    return -(-(last - first + 1) // size)
+
+
 def adapter_spans(first, last, h):
     """(first, last, floor) arrays of the spans one adapter each walks: the documents (first, last) cut into
     pieces of TTT_LORA_SPAN targets (0: whole documents). A span's windows may read its document back to `floor`:
     the document's BOS with EVAL_DOC_ISOLATED, else the split's start. Short spans trade the adaptation a long
     document could build for parallel rows: one 116k-token document would otherwise take 450 steps alone."""
     span = h.ttt_lora_span or int(max(last - first + 1, default=1))
-    pieces = -(-(last - first + 1) // span)
-    doc = np.repeat(np.arange(len(first)), pieces)
-    k = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    n = piece_counts(first, last, span)
+    doc = np.repeat(np.arange(len(first)), n)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(n) - n, n)
     start = first[doc] + k * span
     floor = first[doc] - 1 if h.eval_doc_isolated else np.zeros_like(start)
     return start, np.minimum(start + span - 1, last[doc]), floor
@@ -2356,7 +2361,7 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
         if h.ttt_lora_warm_a and start:
             bank.warm_start(last_a)
         opts = [lora_optimizer(bank.params, h.ttt_lora_lr, h), *shared_opts]
-        n_chunks = -(-(last[rows] - first[rows] + 1) // h.ttt_lora_chunk)
+        n_chunks = piece_counts(first[rows], last[rows], h.ttt_lora_chunk)
         for c in range(int(n_chunks.max())):
             live = rows[: int((n_chunks > c).sum())]
             batch = lora_chunk_batch(tokens, first[live], last[live], floor[live], c, h)
@@ -2412,7 +2417,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     spans = adapter_spans(first[mine], last[mine], h)
     with frozen_weights(model):
         nll_at, scored, adapted = lora_ttt_nll(model, tokens, h, spans, device, t0)
-    chunks = int((-(-(spans[1] - spans[0] + 1) // h.ttt_lora_chunk)).sum())  # what a pass inside its budget adapts
+    chunks = int(piece_counts(spans[0], spans[1], h.ttt_lora_chunk).sum())  # what a pass inside its budget adapts
     if scored != len(nll_at) or bool(torch.isnan(nll_at).any()):  # n positions, n scores, none missing: each once
         raise RuntimeError(f"LoRA TTT on rank {rank} scored {scored} times for {len(nll_at)} targets")
     totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -2424,7 +2429,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     if int(totals[1].item()) != len(tokens) - 1:
         raise RuntimeError(f"LoRA TTT scored {int(totals[1].item())} of the split's {len(tokens) - 1} targets")
     log(f"lora_ttt docs:{int(mine.sum())} span:{h.ttt_lora_span} rank:{h.ttt_lora_rank} targets:{h.ttt_lora_targets} chunk:{h.ttt_lora_chunk} "
-        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} global_lr:{h.ttt_lora_global_lr if h.ttt_lora_global else 0} global_rank:{h.lora_global_rank if h.ttt_lora_global else 0} global_targets:{h.lora_global_targets or '-'} warm_a:{int(h.ttt_lora_warm_a)} adapted_chunks:{adapted} chunks:{chunks} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
+        f"lr:{h.ttt_lora_lr} betas:{h.ttt_lora_beta1},{h.ttt_lora_beta2} wd:{h.ttt_lora_wd} global_lr:{h.ttt_lora_global_lr if h.ttt_lora_global else 0} global_rank:{h.lora_global_rank} global_targets:{h.lora_global_targets or '-'} warm_a:{int(h.ttt_lora_warm_a)} adapted_chunks:{adapted} chunks:{chunks} scored:{scored} seconds:{time.perf_counter() - t0:.1f}")
     if adapted < chunks:  # loud: a pass cut by the budget scores like plain sliding windows and looks like no gain
         log(f"lora_ttt WARNING: EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} ran out on rank {rank}: {chunks - adapted} of {chunks} chunks not adapted")
     return loss, bpb
