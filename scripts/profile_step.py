@@ -11,7 +11,8 @@ Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz
 through train_gpt.train_step, then writes to --out: profile_table.txt (the profiler's op table sorted by device
 time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
 memcpy, nccl, other; each bucket's heaviest kernel names; per-region totals forward+backward / optimizer; the GPU
-idle gap within the step, i.e. launch overhead). On the CPU there are no kernels, so the CPU ops (self time) are bucketed instead, through the same code.
+idle gap within the step, i.e. launch overhead). On the CPU there are no kernels, so the CPU ops (self time) are
+bucketed instead, through the same code.
 Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
 """
 import argparse
