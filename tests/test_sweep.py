@@ -618,9 +618,10 @@ def test_recipe_s12_manifest_validates_on_two_lanes():
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
     assert len(rows) == 16 and all("SCALE_FORMAT=log8 " in ln and "MUON_WD=0.04 " in ln for ln in rows)
-    assert sum("NUM_HEADS=6 NUM_KV_HEADS=2 " in ln for ln in rows) == 15 and "NUM_HEADS=3 NUM_KV_HEADS=1 " in rows[4]
-    assert "FP8_MATMUL=1 " in rows[1] and "FP8_MATMUL=1 FP8_DGRAD=1 " in rows[2]
-    assert "FP8_MATMUL=1 FP8_DGRAD=1 FP8_WGRAD=1 " in rows[3] and sum("FP8_MATMUL" in ln for ln in rows) == 3
+    assert sum("NUM_HEADS=6 NUM_KV_HEADS=2 " in ln for ln in rows) == 15 and "NUM_HEADS=3 NUM_KV_HEADS=1 " in rows[6]
+    assert "FP8_MATMUL=1 " in rows[1] and "FP8_MATMUL=1 FP8_DGRAD=1 " in rows[2]  # FP8 rows alternate with others
+    assert "ROPE_DIMS=64 " in rows[3] and "FP8_MATMUL=1 FP8_DGRAD=1 FP8_WGRAD=1 " in rows[4]
+    assert sum("FP8_MATMUL" in ln for ln in rows) == 3
     assert sum("(waits for h128s2024: same checkpoint)" in ln for ln in rows) == 7
     lora = [ln for ln in rows if "TTT_MODE=lora " in ln]
     assert len(lora) == 6 and all("TTT_LORA_GLOBAL_TARGETS=q,k,v,proj,up,down,head " in ln for ln in lora)
