@@ -232,9 +232,42 @@ H200_RUNS += [
     ("hd128s42_gwide", f"{ENV10}, {HD128} {WIDE}", "61e5859", "m65hd128s42"),
 ]
 H200_S11 = HERE / "h200_2026-11-30_s11"
+# session 12 (h200_2026-11-30_s12/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s12.toml s12`, five calls on
+# nvidia-h200-x2, two rows side by side; train_gpt.py as at a256127); every training row is session 11's default
+# (m65hd128's configuration) with one change. The re-scoring rows load h128s2024's or h128rope64s42's checkpoint,
+# with documents isolated, and all but the _iso rows run best_known_competition.env's LoRA pipeline of session 11
+# (ENV10 with the shared adapter on every block matrix) with the named change.
+H128 = "as m65hd128"
+ENV11 = f"{ENV10} {WIDE}"
+H200_RUNS += [
+    ("h128s2024", f"trains: {H128}, SEED=2024", "a256127", ""),
+    ("h128fp8", f"trains: {H128}, FP8_MATMUL=1", "a256127", ""),
+    ("h128rope64", f"trains: {H128}, ROPE_DIMS=64", "a256127", ""),
+    ("h128rope64s42", f"trains: {H128}, ROPE_DIMS=64 SEED=42", "a256127", ""),
+    ("h128rope32", f"trains: {H128}, ROPE_DIMS=32", "a256127", ""),
+    ("h128qs2", f"trains: {H128}, QAT_START_FRAC=0.2", "a256127", ""),
+    ("h128s2024_iso", ISO, "a256127", "h128s2024"),
+    ("h128s2024_env", ENV11, "a256127", "h128s2024"),
+    ("h128s2024_gr4", f"{ENV11}, TTT_LORA_GLOBAL_RANK=4", "a256127", "h128s2024"),
+    ("h128s2024_glr7", f"{ENV11}, TTT_LORA_GLOBAL_LR=0.0007", "a256127", "h128s2024"),
+    ("h128s2024_swide", f"{ENV11}, TTT_LORA_TARGETS=q,k,v,proj,up,down,head", "a256127", "h128s2024"),
+    ("h128s2024_c96", f"{ENV11}, TTT_LORA_CHUNK=96", "a256127", "h128s2024"),
+    ("h128s2024_lr2", f"{ENV11}, TTT_LORA_LR=0.002", "a256127", "h128s2024"),
+    ("h128s2024_c96lr2", f"{ENV11}, TTT_LORA_CHUNK=96 TTT_LORA_LR=0.002", "a256127", "h128s2024"),
+    ("h128s2024_c64lr2", f"{ENV11}, TTT_LORA_CHUNK=64 TTT_LORA_LR=0.002", "a256127", "h128s2024"),
+    ("rope64s42_iso", f"{ISO}, ROPE_DIMS=64", "a256127", "h128rope64s42"),
+    ("rope64s42_env", f"{ENV11}, ROPE_DIMS=64", "a256127", "h128rope64s42"),
+    ("rope64s42_c96lr2", f"{ENV11}, ROPE_DIMS=64 TTT_LORA_CHUNK=96 TTT_LORA_LR=0.002", "a256127", "h128rope64s42"),
+    ("rope64s42_c96lr15", f"{ENV11}, ROPE_DIMS=64 TTT_LORA_CHUNK=96 TTT_LORA_LR=0.0015", "a256127", "h128rope64s42"),
+    ("rope64s42_c64lr2", f"{ENV11}, ROPE_DIMS=64 TTT_LORA_CHUNK=64 TTT_LORA_LR=0.002", "a256127", "h128rope64s42"),
+    ("rope64s42_c48lr2", f"{ENV11}, ROPE_DIMS=64 TTT_LORA_CHUNK=48 TTT_LORA_LR=0.002", "a256127", "h128rope64s42"),
+]
+H200_S12 = HERE / "h200_2026-11-30_s12"
+H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
-               "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25"}  # not in the plot:
+               "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
+               "h128s2024", "h128fp8", "h128rope64", "h128rope32", "h128qs2"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
@@ -243,7 +276,8 @@ LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_t
           "r65": ", MLP 4, batch 65K, log8 scales", "m65m3": ", MLP 3, batch 65K, log8 scales, MUON_WD",
           "m65s42": ", MLP 4, batch 65K, log8 scales, MUON_WD: the recipe of session 10",
           "r65kv6": ", MLP 4, 6 kv heads, batch 65K, log8 scales",
-          "m65m3s42": ", MLP 3, seed 42", "m65hd128": ", head dim 128: the recipe of session 11"}
+          "m65m3s42": ", MLP 3, seed 42", "m65hd128": ", head dim 128: the recipe of session 11",
+          "h128rope64s42": ", RoPE on 64 of 128 dims: the recipe of session 12"}
 H200_KEYS = ["run", "what", "commit", "machine", "checkpoint_of", "seed", "final_val_bpb", "delta_vs_c1_train", "stride",
              "pre_export_val_bpb", "steps", "tok_s", "params", "model_bytes", "total_bytes", "final_eval_s",
              "challenge_eval_s"]
@@ -254,8 +288,8 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        path = find_log(run, (H200, H200_S6, H200_S7, H200_S8, H200_S9, H200_S10, H200_S11))
-        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11) else "nvidia-h200"
+        path = find_log(run, (H200, H200_S6) + H200_X2)
+        row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in H200_X2 else "nvidia-h200"
         rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
     for r in rows:
