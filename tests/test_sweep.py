@@ -611,17 +611,20 @@ def test_sweep_device_refuses_bad_input_before_anything_runs(tmp_path):
 
 
 def test_recipe_s12_manifest_validates_on_two_lanes():
-    """Session 12's plan: nine training rows at head dim 128 (the default since session 11) or with one change of
-    the attention's shape, the FP phase or FP8 matmuls, then seven re-scorings of the first row's checkpoint: isolated sliding,
-    then the competition env's LoRA pipeline (shared adapter on every block matrix), alone and with one change."""
+    """Session 12's plan as it ran: ten training rows at head dim 128 (the default since session 11) or with one
+    change of the attention's shape or RoPE, the FP phase or FP8 matmuls (the FP8 rows after the first moved last once
+    it lost), then fifteen re-scorings of two of those rows' checkpoints: isolated sliding, then the competition
+    env's LoRA pipeline (shared adapter on every block matrix), alone and with one or two changes."""
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s12.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 16 and all("SCALE_FORMAT=log8 " in ln and "MUON_WD=0.04 " in ln for ln in rows)
-    assert sum("NUM_HEADS=6 NUM_KV_HEADS=2 " in ln for ln in rows) == 15 and "NUM_HEADS=3 NUM_KV_HEADS=1 " in rows[6]
-    assert "FP8_MATMUL=1 " in rows[1] and "FP8_MATMUL=1 FP8_DGRAD=1 " in rows[2]  # FP8 rows alternate with others
-    assert "ROPE_DIMS=64 " in rows[3] and "FP8_MATMUL=1 FP8_DGRAD=1 FP8_WGRAD=1 " in rows[4]
-    assert sum("FP8_MATMUL" in ln for ln in rows) == 3
-    assert sum("(waits for h128s2024: same checkpoint)" in ln for ln in rows) == 7
+    assert len(rows) == 25 and all("SCALE_FORMAT=log8 " in ln and "MUON_WD=0.04 " in ln for ln in rows)
+    assert sum("NUM_HEADS=6 NUM_KV_HEADS=2 " in ln for ln in rows) == 24 and "NUM_HEADS=3 NUM_KV_HEADS=1 " in rows[7]
+    assert "FP8_MATMUL=1 " in rows[1] and "FP8_MATMUL=1 FP8_DGRAD=1 " in rows[8]
+    assert "FP8_MATMUL=1 FP8_DGRAD=1 FP8_WGRAD=1 " in rows[9] and sum("FP8_MATMUL" in ln for ln in rows) == 3
+    assert ["ROPE_DIMS=64 " in ln for ln in rows[2:5]] == [True, False, True] and "ROPE_DIMS=32 " in rows[5]
+    assert sum("(waits for h128s2024: same checkpoint)" in ln for ln in rows) == 9
+    assert sum("(waits for h128rope64s42: same checkpoint)" in ln for ln in rows) == 6
+    assert all("ROPE_DIMS=64 " in ln for ln in rows if "waits for h128rope64s42" in ln)
     lora = [ln for ln in rows if "TTT_MODE=lora " in ln]
-    assert len(lora) == 6 and all("TTT_LORA_GLOBAL_TARGETS=q,k,v,proj,up,down,head " in ln for ln in lora)
+    assert len(lora) == 13 and all("TTT_LORA_GLOBAL_TARGETS=q,k,v,proj,up,down,head " in ln for ln in lora)
