@@ -568,9 +568,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # TTT_LORA_GLOBAL, and the pass logs a budget cut: 0.6 KB, 0.16 KB wrapped, for 0.0022 bpb; 86,676 and 28,643
 # with the shared adapter's own rank and targets and TTT_LORA_WARM_A's knob, 0.21 KB wrapped, to be measured;
 # 86,797 and 28,693 with COMPILE_MODE, 50 bytes wrapped, for issue 12's throughput A/B; 87,012 and 28,763 with
-# FP8_MATMUL's, FP8_DGRAD's and FP8_WGRAD's knobs and the layers' matmul indirection, their whole cost when off);
+# FP8_MATMUL's, FP8_DGRAD's and FP8_WGRAD's knobs and the layers' matmul indirection, their whole cost when off;
+# 87,265 and 28,813 with ROPE_DIMS's default of 64 and its rule for narrower heads, 50 bytes wrapped, for 0.007);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 87_100, 28_900
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 87_350, 28_900
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):
