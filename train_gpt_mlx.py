@@ -170,7 +170,7 @@ class Hyperparameters:
     group_size = Knob("GROUP_SIZE", 128, check=POS)
     rope_base = Knob("ROPE_BASE", 10000.0, check=POS)
     # channels of each head that RoPE rotates, 0: all. 64 of 128 (s12: 1.2872 / 1.2849 on two seeds against full
-    # RoPE's 1.2925 / 1.2937); a head narrower than the default rotates whole
+    # RoPE's 1.2929 / 1.2937); a head narrower than the default rotates whole
     rope_dims = Knob("ROPE_DIMS", 64, check=NONNEG)
     qk_gain_init = Knob("QK_GAIN_INIT", 1.5, check=POS)
     logit_softcap = Knob("LOGIT_SOFTCAP", 30.0, check=NONNEG)  # 0: off
