@@ -150,6 +150,7 @@ class Hyperparameters:
     ttt_lora_global = Knob("TTT_LORA_GLOBAL", False)  # plus one adapter a rank's spans share, never reset: the split's domain
     ttt_lora_global_lr = Knob("TTT_LORA_GLOBAL_LR", 0.001, check=POS)  # its own AdamW (TTT_LORA_BETA1/2, TTT_LORA_WD)
     ttt_lora_warm_a = Knob("TTT_LORA_WARM_A", False)  # a batch of spans starts from the last batch's A, row for row (B at 0)
+    ttt_lora_bucket = Knob("TTT_LORA_BUCKET", False)  # pad each chunk step's batch to 128 tokens and 8 rows (few shapes)
     ttt_lora_global_rank = Knob("TTT_LORA_GLOBAL_RANK", 0, check=NONNEG)  # 0: TTT_LORA_RANK. It sees every scored token
     ttt_lora_global_targets = Knob("TTT_LORA_GLOBAL_TARGETS", "", check=(lambda v: not v or LORA_TARGET_LIST[0](v), LORA_TARGET_LIST[1]))  # "": TTT_LORA_TARGETS
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
@@ -2349,6 +2350,21 @@ def lora_chunk_batch(tokens, first, last, floor, chunk, h):
     return x, y, m, pos
 
 
+LORA_BUCKET_TOKENS, LORA_BUCKET_ROWS = 128, 8
+
+
+def lora_bucket_batch(batch, bank_rows):
+    """TTT_LORA_BUCKET: a chunk step's batch (lora_chunk_batch) padded to whole buckets of 128 tokens and of 8 rows
+    (at most the bank's), all masked out. Left alone, the window length and the live rows change at nearly
+    every step, and cuDNN's attention builds a plan for each new shape (hundreds of ms on a GPU). The padding is
+    on the right of the windows, which attention reads causally, and in rows of spans already done (each row's
+    loss is its own mean), so every score and update stays what it was."""
+    x = batch[0]
+    rows = min(-(-len(x) // LORA_BUCKET_ROWS) * LORA_BUCKET_ROWS, bank_rows)
+    cols = -(-x.shape[1] // LORA_BUCKET_TOKENS) * LORA_BUCKET_TOKENS
+    return tuple(np.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1]))) for a in batch)
+
+
 def lora_ttt_nll(model, tokens, h, spans, device, t0):
     """(per-target NLL, targets scored, adapted chunks) of the spans (first, last, floor) of adapter_spans, in
     target order from the first span's first target, by legal score-first LoRA TTT. Spans go TTT_LORA_DOCS at a
@@ -2373,6 +2389,8 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
         for c in range(int(n_chunks.max())):
             live = rows[: int((n_chunks > c).sum())]
             batch = lora_chunk_batch(tokens, first[live], last[live], floor[live], c, h)
+            if h.ttt_lora_bucket:
+                batch = lora_bucket_batch(batch, len(rows))
             x, y, m, pos = (torch.from_numpy(a).to(device) for a in batch)
             adapt = not (h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds)
             for epoch in range(h.ttt_epochs if adapt else 1):
@@ -2384,7 +2402,7 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
                 if adapt:
                     for opt in opts:
                         opt.zero_grad(set_to_none=True)
-                    ((nll * m).sum(1) / m.sum(1)).sum().backward()  # per-document means: rows stay independent
+                    ((nll * m).sum(1) / m.sum(1).clamp_min(1)).sum().backward()  # per-span means (a padded row: 0)
                     for opt in opts:
                         opt.step()
             adapted += int(adapt) * len(live)

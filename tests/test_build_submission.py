@@ -186,6 +186,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "HYBRID_INT": ({}, "class IntQATLinear"),
     "TTT_LORA_GLOBAL": ({"TTT_ENABLED": "1", "TTT_MODE": "lora", "TTT_LORA_CHUNK": "32"}, "def lora_shared"),
     "TTT_LORA_WARM_A": ({"TTT_ENABLED": "1", "TTT_MODE": "lora", "TTT_LORA_CHUNK": "32"}, "def warm_start"),
+    "TTT_LORA_BUCKET": ({"TTT_ENABLED": "1", "TTT_MODE": "lora", "TTT_LORA_CHUNK": "32"}, "def lora_bucket_batch"),
     "FP8_MATMUL": ({"MODEL_DIM": "128"}, "class FP8Matmul"),
     "FP8_DGRAD": ({"MODEL_DIM": "128", "FP8_MATMUL": "1"}, "class FP8DgradMatmul"),
     "FP8_WGRAD": ({"MODEL_DIM": "128", "FP8_MATMUL": "1", "FP8_DGRAD": "1", "TRAIN_SEQ_LEN": "128"},
@@ -569,9 +570,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # with the shared adapter's own rank and targets and TTT_LORA_WARM_A's knob, 0.21 KB wrapped, to be measured;
 # 86,797 and 28,693 with COMPILE_MODE, 50 bytes wrapped, for issue 12's throughput A/B; 87,012 and 28,763 with
 # FP8_MATMUL's, FP8_DGRAD's and FP8_WGRAD's knobs and the layers' matmul indirection, their whole cost when off;
-# 87,265 and 28,813 with ROPE_DIMS's default of 64 and its rule for narrower heads, 50 bytes wrapped, for 0.007);
+# 87,265 and 28,813 with ROPE_DIMS's default of 64 and its rule for narrower heads, 50 bytes wrapped, for 0.007;
+# 87,396 and 28,868 with TTT_LORA_BUCKET's knob, constants and the padded rows' guard, to be measured);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 87_350, 28_900
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 87_450, 28_900
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

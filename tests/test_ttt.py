@@ -523,6 +523,32 @@ def test_lora_global_canary_no_score_depends_on_a_token_not_yet_scored(monkeypat
     assert not torch.allclose(after[other_later], before[other_later], atol=1e-4)
 
 
+@pytest.mark.parametrize("opt", [{}, {"TTT_LORA_GLOBAL": 1, "TTT_LORA_GLOBAL_LR": 0.03}, {"EVAL_DOC_ISOLATED": 0},
+                                 {"TTT_LORA_SPAN": 7}])
+def test_lora_bucket_pads_to_few_shapes_and_scores_the_same(monkeypatch, opt):
+    """TTT_LORA_BUCKET=1 (with 5-token buckets here) over 13 documents of 1-39 targets in one batch: every chunk
+    step runs whole 5-token buckets and 8 rows, 16 or the bank's 13, so the pass meets fewer shapes; the padding is masked out, so every
+    score is the unpadded pass's (with the shared adapter too, which padded rows also add). Unmasking the padding,
+    or dropping the guard against a padded row's empty mean, fails it."""
+    tokens = np.random.default_rng(4).integers(2, 128, 140)
+    tokens[[0, 5, 9, 20, 22, 40, 47, 60, 61, 75, 90, 100, 118]] = 1
+    env = {"EVAL_DOC_ISOLATED": 1, "TRAIN_SEQ_LEN": 32, "TTT_LORA_CHUNK": 3, "TTT_LORA_DOCS": 16, **opt}
+    monkeypatch.setattr(tg, "LORA_BUCKET_TOKENS", 5)
+    runs = {}
+    for bucket in (0, 1):
+        m, seen = model(), []
+        real = m.token_nll
+        m.token_nll = lambda x, y, *rest, real=real, seen=seen: seen.append(tuple(x.shape)) or real(x, y, *rest)
+        runs[bucket] = (seen, *lora_nll(m, tokens, lora_h(TTT_LORA_BUCKET=bucket, **env)))
+    (plain, before, adapted), (padded, after, adapted_padded) = runs[0], runs[1]
+    assert len(plain) == len(padded) and adapted == adapted_padded > 0
+    spans = len(tg.adapter_spans(*tg.document_bounds(tokens, 1), lora_h(**env))[0])
+    banks = {min(16, spans - b) for b in range(0, spans, 16)}  # the rows of each batch of spans
+    assert all(t % 5 == 0 and r in {8, 16} | banks and r >= q for (r, t), (q, _) in zip(padded, plain))
+    assert len(set(padded)) < len(set(plain)) and 8 in {r for r, _ in padded}  # the 8-row bucket is used
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shared", [0, 1])
 def test_lora_ttt_leaves_the_model_as_it_was(shared):
     h = lora_h(TTT_LORA_GLOBAL=shared)
