@@ -151,6 +151,7 @@ class Hyperparameters:
     ttt_lora_global_lr = Knob("TTT_LORA_GLOBAL_LR", 0.001, check=POS)  # its own AdamW (TTT_LORA_BETA1/2, TTT_LORA_WD)
     ttt_lora_warm_a = Knob("TTT_LORA_WARM_A", False)  # a batch of spans starts from the last batch's A, row for row (B at 0)
     ttt_lora_bucket = Knob("TTT_LORA_BUCKET", False)  # pad each chunk step's batch to 128 tokens and 8 rows (few shapes)
+    ttt_lora_no_cudnn = Knob("TTT_LORA_NO_CUDNN", False)  # the pass's attention on SDPA's other kernels (no per-shape plans)
     ttt_lora_global_rank = Knob("TTT_LORA_GLOBAL_RANK", 0, check=NONNEG)  # 0: TTT_LORA_RANK. It sees every scored token
     ttt_lora_global_targets = Knob("TTT_LORA_GLOBAL_TARGETS", "", check=(lambda v: not v or LORA_TARGET_LIST[0](v), LORA_TARGET_LIST[1]))  # "": TTT_LORA_TARGETS
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution
@@ -2350,18 +2351,15 @@ def lora_chunk_batch(tokens, first, last, floor, chunk, h):
     return x, y, m, pos
 
 
-LORA_BUCKET_TOKENS, LORA_BUCKET_ROWS = 128, 8
-
-
-def lora_bucket_batch(batch, bank_rows):
+def lora_bucket_batch(batch, bank_rows, tokens=128, rows=8):
     """TTT_LORA_BUCKET: a chunk step's batch (lora_chunk_batch) padded to whole buckets of 128 tokens and of 8 rows
     (at most the bank's), all masked out. Left alone, the window length and the live rows change at nearly
     every step, and cuDNN's attention builds a plan for each new shape (hundreds of ms on a GPU). The padding is
     on the right of the windows, which attention reads causally, and in rows of spans already done (each row's
     loss is its own mean), so every score and update stays what it was."""
     x = batch[0]
-    rows = min(-(-len(x) // LORA_BUCKET_ROWS) * LORA_BUCKET_ROWS, bank_rows)
-    cols = -(-x.shape[1] // LORA_BUCKET_TOKENS) * LORA_BUCKET_TOKENS
+    rows = min(-(-len(x) // rows) * rows, bank_rows)
+    cols = -(-x.shape[1] // tokens) * tokens
     return tuple(np.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1]))) for a in batch)
 
 
@@ -2429,6 +2427,15 @@ def lora_shared(model, h, device):
     return bank, [lora_optimizer(bank.params, h.ttt_lora_global_lr, h)]
 
 
+def lora_attention_kernels():
+    """TTT_LORA_NO_CUDNN: the pass's SDPA on its flash, memory-efficient or math kernels, never cuDNN's, which builds
+    a plan for each new shape (hundreds of ms: a pass whose shapes keep changing pays it again and again). Where
+    FlashAttention-3 or -2 is installed the model calls it directly, and this changes nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
     """(val_loss, val_bpb) of LoRA TTT over the split: each rank adapts and scores a contiguous run of whole
     documents (those whose first target lies in its share of the targets). Every target must come back scored
@@ -2441,7 +2448,7 @@ def lora_ttt_evaluate(model, tokens, luts, h, rank, world, device, log):
         p.requires_grad_(False)  # the trained weights stay frozen: only the adapters learn
     model.eval()
     spans = adapter_spans(first[mine], last[mine], h)
-    with frozen_weights(model):
+    with frozen_weights(model), lora_attention_kernels() if h.ttt_lora_no_cudnn else contextlib.nullcontext():
         nll_at, scored, adapted = lora_ttt_nll(model, tokens, h, spans, device, t0)
     chunks = int(piece_counts(spans[0], spans[1], h.ttt_lora_chunk).sum())  # what a pass inside its budget adapts
     if scored != len(nll_at) or bool(torch.isnan(nll_at).any()):  # n positions, n scores, none missing: each once

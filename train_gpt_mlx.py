@@ -152,6 +152,7 @@ class Hyperparameters:
     ttt_lora_global_lr = Knob("TTT_LORA_GLOBAL_LR", 0.001, check=POS)
     ttt_lora_warm_a = Knob("TTT_LORA_WARM_A", False)
     ttt_lora_bucket = Knob("TTT_LORA_BUCKET", False)
+    ttt_lora_no_cudnn = Knob("TTT_LORA_NO_CUDNN", False)
     ttt_lora_global_rank = Knob("TTT_LORA_GLOBAL_RANK", 0, check=NONNEG)
     ttt_lora_global_targets = Knob("TTT_LORA_GLOBAL_TARGETS", "")
     # EvalEngram: an n-gram cache of already-scored validation tokens blended into the model's distribution

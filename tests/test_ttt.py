@@ -533,7 +533,7 @@ def test_lora_bucket_pads_to_few_shapes_and_scores_the_same(monkeypatch, opt):
     tokens = np.random.default_rng(4).integers(2, 128, 140)
     tokens[[0, 5, 9, 20, 22, 40, 47, 60, 61, 75, 90, 100, 118]] = 1
     env = {"EVAL_DOC_ISOLATED": 1, "TRAIN_SEQ_LEN": 32, "TTT_LORA_CHUNK": 3, "TTT_LORA_DOCS": 16, **opt}
-    monkeypatch.setattr(tg, "LORA_BUCKET_TOKENS", 5)
+    monkeypatch.setattr(tg, "lora_bucket_batch", functools.partial(tg.lora_bucket_batch, tokens=5))
     runs = {}
     for bucket in (0, 1):
         m, seen = model(), []
@@ -547,6 +547,25 @@ def test_lora_bucket_pads_to_few_shapes_and_scores_the_same(monkeypatch, opt):
     assert all(t % 5 == 0 and r in {8, 16} | banks and r >= q for (r, t), (q, _) in zip(padded, plain))
     assert len(set(padded)) < len(set(plain)) and 8 in {r for r, _ in padded}  # the 8-row bucket is used
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_no_cudnn_keeps_the_pass_off_cudnn_attention_and_scores_the_same():
+    """TTT_LORA_NO_CUDNN=1: while the pass runs, SDPA may not pick cuDNN's kernel (its flash, memory-efficient and
+    math kernels stay allowed), and afterwards every backend is as it was; the scores are the pass's without it."""
+    tokens = docs_stream(1)
+    runs = {}
+    for off in (0, 1):
+        m, seen = model(), []
+        real = m.token_nll
+        flags = torch.backends.cuda
+        m.token_nll = lambda x, y, *rest, real=real, seen=seen: seen.append(
+            (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.math_sdp_enabled())) or real(x, y, *rest)
+        loss, _ = tg.lora_ttt_evaluate(m, tokens, ONE_BYTE, lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_NO_CUDNN=off), 0, 1,
+                                       CPU, log=lambda line: None)
+        runs[off] = (set(seen), loss)
+        assert flags.cudnn_sdp_enabled() and flags.flash_sdp_enabled() and flags.math_sdp_enabled()
+    assert runs[0][0] == {(True, True, True)} and runs[1][0] == {(False, True, True)}
+    assert runs[1][1] == pytest.approx(runs[0][1], rel=1e-6)
 
 
 @pytest.mark.parametrize("shared", [0, 1])
