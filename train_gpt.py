@@ -2363,6 +2363,26 @@ def lora_bucket_batch(batch, bank_rows, tokens=128, rows=8):
     return tuple(np.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1]))) for a in batch)
 
 
+def lora_span_batches(spans, h):
+    """The spans (first, last, floor) of adapter_spans in batches of TTT_LORA_DOCS, longest first: the rows of each."""
+    first, last, _ = spans
+    order = np.argsort(-(last - first), kind="stable")
+    return [order[i : i + h.ttt_lora_docs] for i in range(0, len(order), h.ttt_lora_docs)]
+
+
+def lora_step_batches(tokens, spans, rows, h):
+    """(live rows, batch of lora_chunk_batch) of each chunk step of one batch of spans: step c scores chunk c of
+    every span that has one, a prefix of the rows (they are longest first)."""
+    first, last, floor = spans
+    n_chunks = piece_counts(first[rows], last[rows], h.ttt_lora_chunk)
+    for c in range(int(n_chunks.max())):
+        live = rows[: int((n_chunks > c).sum())]
+        batch = lora_chunk_batch(tokens, first[live], last[live], floor[live], c, h)
+        if h.ttt_lora_bucket:
+            batch = lora_bucket_batch(batch, len(rows))
+        yield live, batch
+
+
 def lora_ttt_nll(model, tokens, h, spans, device, t0):
     """(per-target NLL, targets scored, adapted chunks) of the spans (first, last, floor) of adapter_spans, in
     target order from the first span's first target, by legal score-first LoRA TTT. Spans go TTT_LORA_DOCS at a
@@ -2371,24 +2391,17 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
     loss on the chunk then makes one AdamW step (TTT_EPOCHS - 1 more on the same windows), so no target is ever
     scored by an adapter that has seen it. Past EVAL_BUDGET_SECONDS scoring goes on without updates. With
     TTT_LORA_GLOBAL one more adapter (lora_shared) scores and steps with every batch's rows."""
-    first, last, floor = spans
+    first, last, _ = spans
     lo = int(first[0]) if len(first) else 0
     nll_at = torch.full((int(last[-1]) - lo + 1 if len(first) else 0,), float("nan"), dtype=torch.float64, device=device)
-    order = np.argsort(-(last - first), kind="stable")
     scored, adapted = 0, 0
     shared, shared_opts = lora_shared(model, h, device) if h.ttt_lora_global else (None, [])
-    for start in range(0, len(order), h.ttt_lora_docs):
-        rows = order[start : start + h.ttt_lora_docs]
+    for i, rows in enumerate(lora_span_batches(spans, h)):
         bank = LoRABank(model, h, first[rows], device)
-        if h.ttt_lora_warm_a and start:
+        if h.ttt_lora_warm_a and i:
             bank.warm_start(last_a)
         opts = [lora_optimizer(bank.params, h.ttt_lora_lr, h), *shared_opts]
-        n_chunks = piece_counts(first[rows], last[rows], h.ttt_lora_chunk)
-        for c in range(int(n_chunks.max())):
-            live = rows[: int((n_chunks > c).sum())]
-            batch = lora_chunk_batch(tokens, first[live], last[live], floor[live], c, h)
-            if h.ttt_lora_bucket:
-                batch = lora_bucket_batch(batch, len(rows))
+        for live, batch in lora_step_batches(tokens, spans, rows, h):
             x, y, m, pos = (torch.from_numpy(a).to(device) for a in batch)
             adapt = not (h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds)
             for epoch in range(h.ttt_epochs if adapt else 1):

@@ -3,6 +3,7 @@ every target exactly once, the numbers against a hand-written loop, the time bud
 import copy
 import functools
 import re
+import sys
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import event_bpb, log_values, run_train
+from conftest import ROOT, event_bpb, log_values, run_train
 from test_model import BASE, model
 
 ONE_BYTE = (np.ones(512, np.int64), np.zeros(512, bool), np.zeros(512, bool))  # every target is one byte
@@ -527,9 +528,9 @@ def test_lora_global_canary_no_score_depends_on_a_token_not_yet_scored(monkeypat
                                  {"TTT_LORA_SPAN": 7}])
 def test_lora_bucket_pads_to_few_shapes_and_scores_the_same(monkeypatch, opt):
     """TTT_LORA_BUCKET=1 (with 5-token buckets here) over 13 documents of 1-39 targets in one batch: every chunk
-    step runs whole 5-token buckets and 8 rows, 16 or the bank's 13, so the pass meets fewer shapes; the padding is masked out, so every
-    score is the unpadded pass's (with the shared adapter too, which padded rows also add). Unmasking the padding,
-    or dropping the guard against a padded row's empty mean, fails it."""
+    step runs whole 5-token buckets and 8 rows, 16 or the bank's 13, so the pass meets fewer shapes; the padding
+    is masked out, so every score is the unpadded pass's (with the shared adapter too, which padded rows also
+    add). Unmasking the padding, or dropping the guard against a padded row's empty mean, fails it."""
     tokens = np.random.default_rng(4).integers(2, 128, 140)
     tokens[[0, 5, 9, 20, 22, 40, 47, 60, 61, 75, 90, 100, 118]] = 1
     env = {"EVAL_DOC_ISOLATED": 1, "TRAIN_SEQ_LEN": 32, "TTT_LORA_CHUNK": 3, "TTT_LORA_DOCS": 16, **opt}
@@ -547,6 +548,41 @@ def test_lora_bucket_pads_to_few_shapes_and_scores_the_same(monkeypatch, opt):
     assert all(t % 5 == 0 and r in {8, 16} | banks and r >= q for (r, t), (q, _) in zip(padded, plain))
     assert len(set(padded)) < len(set(plain)) and 8 in {r for r, _ in padded}  # the 8-row bucket is used
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bucket", [0, 1])
+def test_lora_shapes_replays_the_pass_and_reports_its_shapes(shards, monkeypatch, capsys, bucket):
+    """scripts/lora_shapes.py replays the pass's batching: its shapes are the ones the real pass (a tiny model)
+    runs, step for step; on the sample's validation shard its table counts the steps a reference computes from the
+    documents' lengths alone (each batch of spans, longest first, runs as many steps as its longest span has
+    chunks), and with buckets it meets fewer shapes over at least as many window tokens."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import lora_shapes
+
+    h = lora_h(EVAL_DOC_ISOLATED=1, TRAIN_SEQ_LEN=32, TTT_LORA_CHUNK=3, TTT_LORA_DOCS=4, TTT_LORA_SPAN=11,
+               TTT_LORA_BUCKET=bucket)
+    tokens = docs_stream(2, n=200)
+    tokens[[70, 71, 77, 120, 150, 160]] = 1
+    m, seen = model(), []
+    real = m.token_nll
+    m.token_nll = lambda x, y, *rest: seen.append(tuple(x.shape)) or real(x, y, *rest)
+    lora_nll(m, tokens, h)
+    assert [tuple(s) for s in lora_shapes.pass_shapes(tokens, h)] == seen and len(set(seen)) > (1 if bucket else 3)
+    for k, v in {"VOCAB_SIZE": "1024", "TTT_LORA_SPAN": "300", "TTT_LORA_DOCS": "3", "EVAL_DOC_ISOLATED": "1",
+                 "TRAIN_SEQ_LEN": "256"}.items():
+        monkeypatch.setenv(k, v)
+    lora_shapes.main([str(shards / "fineweb_val_*.bin"), "--chunks", "64,32"])
+    lines = capsys.readouterr().out.splitlines()
+    table = [ln.split("|")[1:-1] for ln in lines if ln.startswith("| ") and ln[2].isdigit()]
+    val = tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), 1024)
+    first, last = tg.document_bounds(val, 1)
+    spans = np.concatenate([np.minimum(300, n - np.arange(0, n, 300)) for n in last - first + 1])
+    spans = np.sort(spans)[::-1]
+    got = {(int(c), int(b)): (int(st), int(d), int(w.replace(",", ""))) for c, b, st, d, w in table}
+    for chunk in (64, 32):
+        steps = sum(int((-(-spans[i : i + 3] // chunk)).max()) for i in range(0, len(spans), 3))
+        assert got[chunk, 0][0] == got[chunk, 1][0] == steps
+        assert got[chunk, 1][1] <= got[chunk, 0][1] and got[chunk, 1][2] >= got[chunk, 0][2]
 
 
 def test_lora_no_cudnn_keeps_the_pass_off_cudnn_attention_and_scores_the_same():
