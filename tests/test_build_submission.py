@@ -572,9 +572,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # 86,797 and 28,693 with COMPILE_MODE, 50 bytes wrapped, for issue 12's throughput A/B; 87,012 and 28,763 with
 # FP8_MATMUL's, FP8_DGRAD's and FP8_WGRAD's knobs and the layers' matmul indirection, their whole cost when off;
 # 87,265 and 28,813 with ROPE_DIMS's default of 64 and its rule for narrower heads, 50 bytes wrapped, for 0.007;
-# 87,448 and 28,883 with the TTT_LORA_BUCKET and TTT_LORA_NO_CUDNN knobs and the padded rows' guard, to be measured);
+# 87,448 and 28,883 with the TTT_LORA_BUCKET and TTT_LORA_NO_CUDNN knobs and the padded rows' guard, to be measured;
+# 87,706 and 28,938 once the LoRA pass's batching became the two helpers scripts/lora_shapes.py replays);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 87_450, 28_900
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 87_750, 28_950
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):
