@@ -255,6 +255,15 @@ def docs_stream(seed=0, n=90):
     return tokens
 
 
+def recorded_model(what=lambda x: tuple(x.shape)):
+    """(a test model, a list): each token_nll call first appends what(its input) to the list, the batch shape by
+    default, so a test sees what the pass ran, step by step."""
+    m, seen = model(), []
+    real = m.token_nll
+    m.token_nll = lambda x, y, *rest: seen.append(what(x)) or real(x, y, *rest)
+    return m, seen
+
+
 def lora_nll(m, tokens, h):
     spans = tg.adapter_spans(*tg.document_bounds(tokens, 1), h)
     nll, scored, adapted = tg.lora_ttt_nll(m, tokens, h, spans, CPU, time.perf_counter())
@@ -537,9 +546,7 @@ def test_lora_bucket_pads_to_few_shapes_and_scores_the_same(monkeypatch, opt):
     monkeypatch.setattr(tg, "lora_bucket_batch", functools.partial(tg.lora_bucket_batch, tokens=5))
     runs = {}
     for bucket in (0, 1):
-        m, seen = model(), []
-        real = m.token_nll
-        m.token_nll = lambda x, y, *rest, real=real, seen=seen: seen.append(tuple(x.shape)) or real(x, y, *rest)
+        m, seen = recorded_model()
         runs[bucket] = (seen, *lora_nll(m, tokens, lora_h(TTT_LORA_BUCKET=bucket, **env)))
     (plain, before, adapted), (padded, after, adapted_padded) = runs[0], runs[1]
     assert len(plain) == len(padded) and adapted == adapted_padded > 0
@@ -563,9 +570,7 @@ def test_lora_shapes_replays_the_pass_and_reports_its_shapes(shards, monkeypatch
                TTT_LORA_BUCKET=bucket)
     tokens = docs_stream(2, n=200)
     tokens[[70, 71, 77, 120, 150, 160]] = 1
-    m, seen = model(), []
-    real = m.token_nll
-    m.token_nll = lambda x, y, *rest: seen.append(tuple(x.shape)) or real(x, y, *rest)
+    m, seen = recorded_model()
     lora_nll(m, tokens, h)
     assert [tuple(s) for s in lora_shapes.pass_shapes(tokens, h)] == seen and len(set(seen)) > (1 if bucket else 3)
     for k, v in {"VOCAB_SIZE": "1024", "TTT_LORA_SPAN": "300", "TTT_LORA_DOCS": "3", "EVAL_DOC_ISOLATED": "1",
@@ -591,11 +596,9 @@ def test_lora_no_cudnn_keeps_the_pass_off_cudnn_attention_and_scores_the_same():
     tokens = docs_stream(1)
     runs = {}
     for off in (0, 1):
-        m, seen = model(), []
-        real = m.token_nll
         flags = torch.backends.cuda
-        m.token_nll = lambda x, y, *rest, real=real, seen=seen: seen.append(
-            (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.math_sdp_enabled())) or real(x, y, *rest)
+        m, seen = recorded_model(lambda x: (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(),
+                                            flags.math_sdp_enabled()))
         loss, _ = tg.lora_ttt_evaluate(m, tokens, ONE_BYTE, lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_NO_CUDNN=off), 0, 1,
                                        CPU, log=lambda line: None)
         runs[off] = (set(seen), loss)
