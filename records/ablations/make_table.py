@@ -263,11 +263,46 @@ H200_RUNS += [
     ("rope64s42_c48lr2", f"{ENV11}, ROPE_DIMS=64 TTT_LORA_CHUNK=48 TTT_LORA_LR=0.002", "a256127", "h128rope64s42"),
 ]
 H200_S12 = HERE / "h200_2026-11-30_s12"
-H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12)  # two runs side by side on nvidia-h200-x2
+# session 13 (h200_2026-11-30_s13/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s13.toml s13`, four calls on
+# nvidia-h200-x2, two rows side by side; train_gpt.py as at e865f06); every training row is session 12's default
+# (h128rope64's configuration, ROPE_DIMS=64) with one change. The re-scoring rows load r64s2024's checkpoint, and
+# all but _chunked, _iso, _temp and _engram run best_known_competition.env's LoRA pipeline of session 12 (ENV11 with
+# chunk 96 and span lr 0.002, documents isolated) with the named change.
+R64 = "as h128rope64"
+ENV12 = f"{ENV11} TTT_LORA_CHUNK=96 TTT_LORA_LR=0.002"
+H200_RUNS += [
+    ("r64s2024", f"trains: {R64}, SEED=2024", "e865f06", ""),
+    ("r32s42", f"trains: {R64}, ROPE_DIMS=32 SEED=42", "e865f06", ""),
+    ("r16", f"trains: {R64}, ROPE_DIMS=16", "e865f06", ""),
+    ("r64rb50k", f"trains: {R64}, ROPE_BASE=50000", "e865f06", ""),
+    ("h256r64", f"trains: {R64}, NUM_HEADS=3 NUM_KV_HEADS=1", "e865f06", ""),
+    ("r64qs45", f"trains: {R64}, QAT_START_FRAC=0.45", "e865f06", ""),
+    ("r64s2024_chunked", "re-scores: EVAL_STRIDE=0", "e865f06", "r64s2024"),
+    ("r64s2024_iso", ISO, "e865f06", "r64s2024"),
+    ("r64s2024_temp", "re-scores: TEMPERATURE_SEARCH=1", "e865f06", "r64s2024"),
+    ("r64s2024_engram", "re-scores: EVAL_STRIDE=0 EVAL_ENGRAM=1 EVAL_ENGRAM_WEIGHT=0.1", "e865f06", "r64s2024"),
+    ("r64s2024_env", ENV12, "e865f06", "r64s2024"),
+    ("r64s2024_envb", f"{ENV12}, TTT_LORA_BUCKET=1", "e865f06", "r64s2024"),
+    ("r64s2024_envnc", f"{ENV12}, TTT_LORA_NO_CUDNN=1", "e865f06", "r64s2024"),
+    ("r64s2024_r16", f"{ENV12}, TTT_LORA_RANK=16", "e865f06", "r64s2024"),
+    ("r64s2024_s4k", f"{ENV12}, TTT_LORA_SPAN=4096", "e865f06", "r64s2024"),
+    ("r64s2024_c80", f"{ENV12}, TTT_LORA_CHUNK=80", "e865f06", "r64s2024"),
+    ("r64s2024_c64", f"{ENV12}, TTT_LORA_CHUNK=64", "e865f06", "r64s2024"),
+    ("r64s2024_c64b", f"{ENV12}, TTT_LORA_CHUNK=64 TTT_LORA_BUCKET=1", "e865f06", "r64s2024"),
+    ("r64s2024_c64nc", f"{ENV12}, TTT_LORA_CHUNK=64 TTT_LORA_NO_CUDNN=1", "e865f06", "r64s2024"),
+    ("r64s2024_c64bnc", f"{ENV12}, TTT_LORA_CHUNK=64 TTT_LORA_BUCKET=1 TTT_LORA_NO_CUDNN=1", "e865f06", "r64s2024"),
+    ("r64s2024_c64s4k", f"{ENV12}, TTT_LORA_CHUNK=64 TTT_LORA_SPAN=4096", "e865f06", "r64s2024"),
+    ("r64s2024_c64d128", f"{ENV12}, TTT_LORA_CHUNK=64 TTT_LORA_DOCS=128", "e865f06", "r64s2024"),
+    ("r64s2024_c48nc", f"{ENV12}, TTT_LORA_CHUNK=48 TTT_LORA_NO_CUDNN=1", "e865f06", "r64s2024"),
+    ("r64s2024_c32nc", f"{ENV12}, TTT_LORA_CHUNK=32 TTT_LORA_NO_CUDNN=1", "e865f06", "r64s2024"),
+]
+H200_S13 = HERE / "h200_2026-11-30_s13"
+H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
-               "h128s2024", "h128fp8", "h128rope64", "h128rope32", "h128qs2"}  # not in the plot:
+               "h128s2024", "h128fp8", "h128rope64", "h128rope32", "h128qs2",
+               "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
