@@ -573,9 +573,11 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # FP8_MATMUL's, FP8_DGRAD's and FP8_WGRAD's knobs and the layers' matmul indirection, their whole cost when off;
 # 87,265 and 28,813 with ROPE_DIMS's default of 64 and its rule for narrower heads, 50 bytes wrapped, for 0.007;
 # 87,448 and 28,883 with the TTT_LORA_BUCKET and TTT_LORA_NO_CUDNN knobs and the padded rows' guard, to be measured;
-# 87,706 and 28,938 once the LoRA pass's batching became the two helpers scripts/lora_shapes.py replays);
+# 87,706 and 28,938 once the LoRA pass's batching became the two helpers scripts/lora_shapes.py replays; 88,226
+# and 29,148 once the env took TTT_LORA_BUCKET and TTT_LORA_NO_CUDNN: 0.2 KB wrapped, for chunk 64 inside the
+# budget, 0.0013 below chunk 96);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 87_750, 28_950
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 88_250, 29_170
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):
