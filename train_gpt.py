@@ -2384,6 +2384,20 @@ def lora_step_batches(tokens, spans, rows, h):
         yield live, batch
 
 
+def lora_step_tensors(batch, lo, device):
+    """([x, y, mask, flat index of the scored targets, their places in the pass's NLL], how many) of a chunk step's
+    batch (lora_chunk_batch), on the device. The indices and the count come from the host's arrays, and the copies
+    leave pinned memory without blocking, so a step reads nothing back from the GPU: a boolean index or a count
+    taken there would make the host wait for the step before it queues the next, and the pass runs eagerly, so the
+    host's launches would add to the GPU's time instead of overlapping it."""
+    x, y, m, pos = batch
+    idx = np.flatnonzero(m)
+    arrays = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, y, m, idx, pos.ravel()[idx] - lo)]
+    if device.type == "cuda":
+        arrays = [a.pin_memory().to(device, non_blocking=True) for a in arrays]
+    return arrays, len(idx)
+
+
 def lora_ttt_nll(model, tokens, h, spans, device, t0):
     """(per-target NLL, targets scored, adapted chunks) of the spans (first, last, floor) of adapter_spans, in
     target order from the first span's first target, by legal score-first LoRA TTT. Spans go TTT_LORA_DOCS at a
@@ -2403,14 +2417,14 @@ def lora_ttt_nll(model, tokens, h, spans, device, t0):
             bank.warm_start(last_a)
         opts = [lora_optimizer(bank.params, h.ttt_lora_lr, h), *shared_opts]
         for live, batch in lora_step_batches(tokens, spans, rows, h):
-            x, y, m, pos = (torch.from_numpy(a).to(device) for a in batch)
+            (x, y, m, idx, at), n_scored = lora_step_tensors(batch, lo, device)
             adapt = not (h.eval_budget_seconds and time.perf_counter() - t0 > h.eval_budget_seconds)
             for epoch in range(h.ttt_epochs if adapt else 1):
                 with torch.set_grad_enabled(adapt), autocast(device):
                     nll = model.token_nll(x, y)[0].float()
                 if epoch == 0:
-                    nll_at[pos[m] - lo] = nll[m].detach().double()
-                    scored += int(m.sum())
+                    nll_at[at] = nll.flatten()[idx].detach().double()
+                    scored += n_scored
                 if adapt:
                     for opt in opts:
                         opt.zero_grad(set_to_none=True)

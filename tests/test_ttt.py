@@ -607,6 +607,34 @@ def test_lora_no_cudnn_keeps_the_pass_off_cudnn_attention_and_scores_the_same():
     assert runs[1][1] == pytest.approx(runs[0][1], rel=1e-6)
 
 
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero"}
+
+
+@pytest.mark.parametrize("opt", [{}, {"TTT_LORA_GLOBAL": 1}, {"TTT_LORA_BUCKET": 1, "TTT_LORA_SPAN": 4}])
+def test_lora_chunk_steps_read_nothing_back_from_the_device(monkeypatch, opt):
+    """The pass queues its chunk steps without waiting on the GPU: no op that hands the host a device value (.item()
+    or int() of a tensor, a count, a boolean index) runs inside lora_ttt_nll, model and adapters included. Seen at
+    ATen's dispatch, so it holds on CPU as on a GPU. SGD stands in for AdamW, whose step counters live on the host
+    and are read there. Indexing the scores by the mask on the device, or counting it there, fails it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            indices = [i for a in args if isinstance(a, (list, tuple)) for i in a if isinstance(i, torch.Tensor)]
+            if func._schema.name in HOST_READS or any(i.dtype == torch.bool for i in indices):
+                reads.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(tg, "lora_optimizer", lambda params, lr, h: torch.optim.SGD(params, lr=lr))
+    tokens, h = docs_stream(2), lora_h(EVAL_DOC_ISOLATED=1, **opt)
+    spans = tg.adapter_spans(*tg.document_bounds(tokens, 1), h)
+    with HostReads():
+        nll, scored, adapted = tg.lora_ttt_nll(model(), tokens, h, spans, CPU, time.perf_counter())
+    assert reads == [] and scored == len(tokens) - 1 and adapted > 3 and not torch.isnan(nll).any()
+
+
 @pytest.mark.parametrize("shared", [0, 1])
 def test_lora_ttt_leaves_the_model_as_it_was(shared):
     h = lora_h(TTT_LORA_GLOBAL=shared)
