@@ -237,32 +237,37 @@ def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES):
     return buckets, regions, busy, wall, tops
 
 
-def breakdown_markdown(res, steps, on_gpu, timing, h):
+def training_config(h):
+    return (f"config: TRAIN_BATCH_TOKENS={h.train_batch_tokens} GRAD_ACCUM_STEPS={h.grad_accum_steps} "
+            f"TRAIN_SEQ_LEN={h.train_seq_len} NUM_LAYERS={h.num_layers} MODEL_DIM={h.model_dim} "
+            f"MLP_MULT={h.mlp_mult} VOCAB_SIZE={h.vocab_size} FP_PHASE={int(h.fp_phase)} "
+            f"MUON_BATCHED={int(h.muon_batched)} TRAIN_SYNC_EVERY={h.train_sync_every}")
+
+
+def breakdown_markdown(res, steps, on_gpu, timing, h, title="Training step", config=None, regions_named=REGIONS):
+    """The breakdown as markdown, per profiled step (a training step here; profile_lora.py's whole pass)."""
     buckets, regions, busy, wall, tops = res
     total = sum(buckets.values())
     what = "GPU kernel time" if on_gpu else "CPU op self time (no CUDA: CPU ops bucketed)"
+    unit = title.split()[-1]
     ms = lambda us: us / steps / 1000  # noqa: E731
-    lines = [f"# Training step profile ({steps} profiled steps, {what})", "",
-             f"config: TRAIN_BATCH_TOKENS={h.train_batch_tokens} GRAD_ACCUM_STEPS={h.grad_accum_steps} "
-             f"TRAIN_SEQ_LEN={h.train_seq_len} NUM_LAYERS={h.num_layers} MODEL_DIM={h.model_dim} "
-             f"MLP_MULT={h.mlp_mult} VOCAB_SIZE={h.vocab_size} FP_PHASE={int(h.fp_phase)} "
-             f"MUON_BATCHED={int(h.muon_batched)} TRAIN_SYNC_EVERY={h.train_sync_every}", "",
+    lines = [f"# {title} profile ({steps} profiled {unit}{'s' * (steps != 1)}, {what})", "", config or training_config(h), "",
              f"timed (no profiler): {timing}", "",
-             "| bucket | ms/step | share |", "|---|---:|---:|"]
+             f"| bucket | ms/{unit} | share |", "|---|---:|---:|"]
     for b, us in sorted(buckets.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {b} | {ms(us):.3f} | {100 * us / total:.1f}% |")
     lines.append(f"| **total** | {ms(total):.3f} | 100.0% |")
-    lines += ["", "| region | ms/step | share |", "|---|---:|---:|"]
-    for r, label in REGIONS.items():
+    lines += ["", f"| region | ms/{unit} | share |", "|---|---:|---:|"]
+    for r, label in regions_named.items():
         lines.append(f"| {label} | {ms(regions[r]):.3f} | {100 * regions[r] / total:.1f}% |")
     if "optimizer_span" in regions:
         lines.append(f"| optimizer span on the GPU (first to last kernel, idle included) | {ms(regions['optimizer_span']):.3f} | |")
-    lines += [f"| step wall time (profiled, incl. synchronize) | {ms(wall):.3f} | |",
-              f"| busy (union of {'kernels' if on_gpu else 'ops'} within the step) | {ms(busy):.3f} | |",
-              f"| gap (idle within the step: launch overhead, syncs) | {ms(wall - busy):.3f} | "
+    lines += [f"| {unit} wall time (profiled, incl. synchronize) | {ms(wall):.3f} | |",
+              f"| busy (union of {'kernels' if on_gpu else 'ops'} within the {unit}) | {ms(busy):.3f} | |",
+              f"| gap (idle within the {unit}: launch overhead, syncs) | {ms(wall - busy):.3f} | "
               f"{100 * (wall - busy) / wall:.1f}% of wall |"]
     lines += ["", f"Each bucket's heaviest {'kernels' if on_gpu else 'ops'} (names cut at 120 characters):", "",
-              "| bucket | name | ms/step | share of the bucket |", "|---|---|---:|---:|"]
+              f"| bucket | name | ms/{unit} | share of the bucket |", "|---|---|---:|---:|"]
     for b, us_b in sorted(buckets.items(), key=lambda kv: -kv[1]):
         lines += [f"| {b} | `{n[:120]}` | {ms(us):.3f} | {100 * us / us_b:.1f}% |" for n, us in tops[b]]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
 """scripts/profile_step.py on the CPU (--allow-cpu): the same breakdown code path as on a GPU, with CPU ops bucketed."""
+import os
 import re
 import sys
 
@@ -111,3 +112,40 @@ def test_breakdown_lists_each_buckets_heaviest_kernels():
     rows = md.split("heaviest kernels", 1)[1]
     assert "| matmul | `nvjet_a` | 0.025 | 82.0% |" in rows and "`nvjet_c`" not in rows
     assert "| reductions/norm | `triton_per_fused_softmax_1` | 0.006 | 46.2% |" in rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/profile_lora.py: the LoRA TTT pass, profiled the same way
+
+import profile_lora  # noqa: E402
+from lora_shapes import pass_shapes  # noqa: E402
+
+
+@pytest.mark.parametrize("opt", [{}, {"TTT_LORA_GLOBAL": "1", "TTT_LORA_BUCKET": "1"}])
+def test_lora_profile_counts_the_pass_and_puts_adamw_in_its_region(tiny_env, monkeypatch, tmp_path, capsys, opt):
+    """On the CPU: the pass runs cold, warm and profiled; its chunk steps are the replay's (lora_shapes.py, from
+    the batching alone), AdamW's ops are the optimizer region, and the buckets add up to the pass."""
+    torch.set_num_threads(1)
+    env = {"TTT_LORA_CHUNK": "32", "EVAL_DOC_ISOLATED": "1", "MAX_VAL_TOKENS": "2048", **opt}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert profile_lora.main(["--allow-cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    h = profile_lora.tg.Hyperparameters({**os.environ, "TTT_ENABLED": "1", "TTT_MODE": "lora"})
+    tokens = profile_lora.load(h, torch.device("cpu"))[1][0]
+    steps = len(pass_shapes(tokens, h))
+    assert steps > 10 and f"chunk_steps:{steps} " in out and "lora_ttt docs:" in out
+    md = (tmp_path / "lora_breakdown.md").read_text()
+    assert md.startswith("# LoRA TTT pass profile (1 profiled pass,") and "TTT_LORA_CHUNK=32 " in md
+    bucket_rows = md.split("| bucket |", 1)[1].split("| **total**", 1)[0]
+    shares = [float(v) for v in re.findall(r"\| ([0-9.]+)% \|", bucket_rows)]
+    assert shares and abs(sum(shares) - 100) < 0.5
+    adamw = re.search(r"\| AdamW steps \| ([0-9.]+) \|", md)
+    assert adamw and float(adamw.group(1)) > 0 and profile_step.OPTIMIZER_BUCKET in bucket_rows
+    assert "aten::" in (tmp_path / "lora_table.txt").read_text()
+
+
+def test_lora_profile_refuses_a_config_the_trainer_refuses(tiny_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("TTT_LORA_CHUNK", "65")  # over TRAIN_SEQ_LEN=64
+    with pytest.raises(profile_lora.tg.ConfigError, match="TTT_LORA_CHUNK=65"):
+        profile_lora.main(["--allow-cpu", "--out", str(tmp_path)])
