@@ -1,7 +1,8 @@
 """Where a LoRA TTT pass's time goes (issue 14): the pass as train_gpt.py's final evaluation runs it
 (lora_ttt_evaluate on an uncompiled model), timed, then under torch.profiler, on one GPU.
 
-    DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=8192 <the run's TTT_LORA_* knobs> python3 scripts/profile_lora.py --out prof/
+    DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=8192 <the run's TTT_LORA_* knobs> \\
+        python3 scripts/profile_lora.py --out prof/
     options: --top N (rows of the op table, default 40), --trace (also write a chrome trace), --allow-cpu (run on
     the CPU: for tests)
 
@@ -11,8 +12,9 @@ initialised, whose pass meets the same shapes and kernels (its scores mean nothi
 times: cold (what a final evaluation pays, cuDNN's plans and the allocator's first blocks included), warm, and warm
 under the profiler. Writes to --out lora_table.txt (the profiler's op table by device time) and lora_breakdown.md:
 the pass's kernels bucketed as profile_step.py buckets a training step's, AdamW's steps as the optimizer region,
-and the pass's wall time against the union of its kernels. A pass whose GPU idles for much of its wall is bound by
-the host (eager launches, reads back from the GPU); one that stays busy is bound by its kernels.
+the kernels each chunk step launches (on the CPU: its ops, nested ones included), and the pass's wall time against
+the union of its kernels. A pass whose GPU idles for much of its wall is bound by the host (eager launches, reads
+back from the GPU); one that stays busy is bound by its kernels.
 """
 import argparse
 import contextlib
@@ -78,11 +80,12 @@ def one_pass(model, val, h, device, lines, region=False):
 
 
 def lora_config(h):
-    return (f"config: TTT_LORA_CHUNK={h.ttt_lora_chunk} TTT_LORA_SPAN={h.ttt_lora_span} TTT_LORA_DOCS={h.ttt_lora_docs} "
-            f"TTT_LORA_RANK={h.ttt_lora_rank} TTT_LORA_TARGETS={h.ttt_lora_targets} TTT_LORA_GLOBAL={int(h.ttt_lora_global)} "
-            f"TTT_LORA_GLOBAL_TARGETS={h.lora_global_targets or '-'} TTT_LORA_BUCKET={int(h.ttt_lora_bucket)} "
-            f"TTT_LORA_NO_CUDNN={int(h.ttt_lora_no_cudnn)} EVAL_DOC_ISOLATED={int(h.eval_doc_isolated)} "
-            f"TRAIN_SEQ_LEN={h.train_seq_len} NUM_LAYERS={h.num_layers} MODEL_DIM={h.model_dim} VOCAB_SIZE={h.vocab_size}")
+    return (f"config: TTT_LORA_CHUNK={h.ttt_lora_chunk} TTT_LORA_SPAN={h.ttt_lora_span} "
+            f"TTT_LORA_DOCS={h.ttt_lora_docs} TTT_LORA_RANK={h.ttt_lora_rank} TTT_LORA_TARGETS={h.ttt_lora_targets} "
+            f"TTT_LORA_GLOBAL={int(h.ttt_lora_global)} TTT_LORA_GLOBAL_TARGETS={h.lora_global_targets or '-'} "
+            f"TTT_LORA_BUCKET={int(h.ttt_lora_bucket)} TTT_LORA_NO_CUDNN={int(h.ttt_lora_no_cudnn)} "
+            f"EVAL_DOC_ISOLATED={int(h.eval_doc_isolated)} TRAIN_SEQ_LEN={h.train_seq_len} "
+            f"NUM_LAYERS={h.num_layers} MODEL_DIM={h.model_dim} VOCAB_SIZE={h.vocab_size}")
 
 
 def load(h, device):
@@ -120,6 +123,8 @@ def main(argv=None):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
             one_pass(model, val, h, device, lines, region=True)
+    items = ps.device_items(prof.events()) if on_gpu else ps.cpu_items(prof.events())
+    timing += f" {'kernels' if on_gpu else 'ops'}_per_step:{len(items) / max(n_steps, 1):.0f}"
     table = ps.op_table(prof, on_gpu, args.top)
     (out / "lora_table.txt").write_text(table + "\n")
     md = ps.breakdown_markdown(ps.breakdown(prof, 1, on_gpu), 1, on_gpu, timing, h, title="LoRA TTT pass",

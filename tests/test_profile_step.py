@@ -137,6 +137,7 @@ def test_lora_profile_counts_the_pass_and_puts_adamw_in_its_region(tiny_env, mon
     assert steps > 10 and f"chunk_steps:{steps} " in out and "lora_ttt docs:" in out
     md = (tmp_path / "lora_breakdown.md").read_text()
     assert md.startswith("# LoRA TTT pass profile (1 profiled pass,") and "TTT_LORA_CHUNK=32 " in md
+    assert int(re.search(r" ops_per_step:(\d+)", md).group(1)) > 100  # a 2-layer step: forward, backward, AdamW
     bucket_rows = md.split("| bucket |", 1)[1].split("| **total**", 1)[0]
     shares = [float(v) for v in re.findall(r"\| ([0-9.]+)% \|", bucket_rows)]
     assert shares and abs(sum(shares) - 100) < 0.5
