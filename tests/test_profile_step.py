@@ -121,12 +121,13 @@ import profile_lora  # noqa: E402
 from lora_shapes import pass_shapes  # noqa: E402
 
 
-@pytest.mark.parametrize("opt", [{}, {"TTT_LORA_GLOBAL": "1", "TTT_LORA_BUCKET": "1"}])
-def test_lora_profile_counts_the_pass_and_puts_adamw_in_its_region(tiny_env, monkeypatch, tmp_path, capsys, opt):
-    """On the CPU: the pass runs cold, warm and profiled; its chunk steps are the replay's (lora_shapes.py, from
-    the batching alone), AdamW's ops are the optimizer region, and the buckets add up to the pass."""
+def test_lora_profile_counts_the_pass_and_puts_adamw_in_its_region(tiny_env, monkeypatch, tmp_path, capsys):
+    """On the CPU, with the shared adapter and buckets: the pass runs cold, warm and profiled; its chunk steps are
+    the replay's (lora_shapes.py, from the batching alone), AdamW's ops are the optimizer region, and the buckets
+    add up to the pass."""
     torch.set_num_threads(1)
-    env = {"TTT_LORA_CHUNK": "32", "EVAL_DOC_ISOLATED": "1", "MAX_VAL_TOKENS": "2048", **opt}
+    env = {"TTT_LORA_CHUNK": "32", "EVAL_DOC_ISOLATED": "1", "MAX_VAL_TOKENS": "2048", "TTT_LORA_GLOBAL": "1",
+           "TTT_LORA_BUCKET": "1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert profile_lora.main(["--allow-cpu", "--out", str(tmp_path)]) == 0
