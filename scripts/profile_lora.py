@@ -125,14 +125,9 @@ def main(argv=None):
             one_pass(model, val, h, device, lines, region=True)
     items = ps.device_items(prof.events()) if on_gpu else ps.cpu_items(prof.events())
     timing += f" {'kernels' if on_gpu else 'ops'}_per_step:{len(items) / max(n_steps, 1):.0f}"
-    table = ps.op_table(prof, on_gpu, args.top)
-    (out / "lora_table.txt").write_text(table + "\n")
     md = ps.breakdown_markdown(ps.breakdown(prof, 1, on_gpu), 1, on_gpu, timing, h, title="LoRA TTT pass",
                                config=lora_config(h), regions_named=REGIONS)
-    print(md, flush=True)
-    (out / "lora_breakdown.md").write_text(md)
-    if args.trace:
-        prof.export_chrome_trace(str(out / "lora_trace.json"))
+    ps.write_reports(out, "lora", ps.op_table(prof, on_gpu, args.top), md, prof if args.trace else None)
     progress(f"phase:done out:{out}")
     return 0
 

@@ -283,6 +283,16 @@ def op_table(prof, on_gpu, top):
     return averages.table(row_limit=top)
 
 
+def write_reports(out, name, table, md, trace_of=None):
+    """<name>_table.txt and <name>_breakdown.md (printed too) under out, and the chrome trace of the profiler
+    `trace_of` as <name>_trace.json."""
+    (out / f"{name}_table.txt").write_text(table + "\n")
+    print(md, flush=True)
+    (out / f"{name}_breakdown.md").write_text(md)
+    if trace_of is not None:
+        trace_of.export_chrome_trace(str(out / f"{name}_trace.json"))
+
+
 def setup(h, allow_cpu):
     """The device as the trainer picks it, single process. None: no CUDA and no --allow-cpu."""
     if h.world_size != 1:
@@ -341,12 +351,8 @@ def main(argv=None):
     progress("phase:analyse")
     table = op_table(prof, on_gpu, args.top)
     print(table, flush=True)
-    (out / "profile_table.txt").write_text(table + "\n")
     md = breakdown_markdown(breakdown(prof, steps, on_gpu), steps, on_gpu, timing, h)
-    print(md, flush=True)
-    (out / "profile_breakdown.md").write_text(md)
-    if args.trace:
-        prof.export_chrome_trace(str(out / "profile_trace.json"))
+    write_reports(out, "profile", table, md, prof if args.trace else None)
     progress(f"phase:done out:{out} seconds:{time.perf_counter() - t0:.1f}")
     return 0
 
