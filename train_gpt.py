@@ -2392,7 +2392,7 @@ def lora_step_tensors(batch, lo, device):
     host's launches would add to the GPU's time instead of overlapping it."""
     x, y, m, pos = batch
     idx = np.flatnonzero(m)
-    arrays = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, y, m, idx, pos.ravel()[idx] - lo)]
+    arrays = [torch.from_numpy(a) for a in (x, y, m, idx, pos.ravel()[idx] - lo)]
     if device.type == "cuda":
         arrays = [a.pin_memory().to(device, non_blocking=True) for a in arrays]
     return arrays, len(idx)
