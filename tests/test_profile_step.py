@@ -133,7 +133,8 @@ def test_lora_profile_counts_the_pass_and_puts_adamw_in_its_region(tiny_env, mon
     assert profile_lora.main(["--allow-cpu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     h = profile_lora.tg.Hyperparameters({**os.environ, "TTT_ENABLED": "1", "TTT_MODE": "lora"})
-    tokens = profile_lora.load(h, torch.device("cpu"))[1][0]
+    tokens = profile_lora.tg.load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.vocab_size,
+                                                    h.max_val_tokens)  # the split the pass read, without a model
     steps = len(pass_shapes(tokens, h))
     assert steps > 10 and f"chunk_steps:{steps} " in out and "lora_ttt docs:" in out
     md = (tmp_path / "lora_breakdown.md").read_text()
