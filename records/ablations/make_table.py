@@ -297,12 +297,41 @@ H200_RUNS += [
     ("r64s2024_c32nc", f"{ENV12}, TTT_LORA_CHUNK=32 TTT_LORA_NO_CUDNN=1", "e865f06", "r64s2024"),
 ]
 H200_S13 = HERE / "h200_2026-11-30_s13"
-H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13)  # two runs side by side on nvidia-h200-x2
+# session 14 (h200_2026-11-30_s14/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s14.toml s14`, five calls on
+# nvidia-h200-x2, two rows side by side; train_gpt.py as at 022dc7c); every training row is session 12's default
+# with one change (r64 and r64s42 are the default itself). The re-scoring rows load r64's or r64s42's checkpoint,
+# and all but _iso run best_known_competition.env's LoRA pipeline of session 13 (ENV12 with chunk 64, buckets and no
+# cuDNN) with the named change; r64_env_e865f06 is r64_env run by train_gpt.py of e865f06 (scripts/sweeps/
+# recipe_s14_ab.toml), the A/B of session 13's sync-free chunk step and fused AdamW.
+ENV13 = f"{ENV12} TTT_LORA_CHUNK=64 TTT_LORA_BUCKET=1 TTT_LORA_NO_CUDNN=1"
+H200_RUNS += [
+    ("r64", f"trains: {R64}", "022dc7c", ""),
+    ("r64s42", f"trains: {R64}, SEED=42", "022dc7c", ""),
+    ("leaky", f"trains: {R64}, MLP_ACT=leaky_relu2", "022dc7c", ""),
+    ("gs64", f"trains: {R64}, GROUP_SIZE=64", "022dc7c", ""),
+    ("qramp", f"trains: {R64}, QAT_RAMP_FRAC=0.1", "022dc7c", ""),
+    ("cap20", f"trains: {R64}, LOGIT_SOFTCAP=20", "022dc7c", ""),
+    ("r64_iso", ISO, "022dc7c", "r64"),
+    ("r64_env", ENV13, "022dc7c", "r64"),
+    ("r64_env_e865f06", ENV13, "e865f06", "r64"),
+    ("r64_c48", f"{ENV13}, TTT_LORA_CHUNK=48", "022dc7c", "r64"),
+    ("r64_c40", f"{ENV13}, TTT_LORA_CHUNK=40", "022dc7c", "r64"),
+    ("r64_d32", f"{ENV13}, TTT_LORA_DOCS=32", "022dc7c", "r64"),
+    ("r64_d32c48", f"{ENV13}, TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48", "022dc7c", "r64"),
+    ("r64s42_env", ENV13, "022dc7c", "r64s42"),
+    ("r64s42_c48", f"{ENV13}, TTT_LORA_CHUNK=48", "022dc7c", "r64s42"),
+    ("r64s42_c40", f"{ENV13}, TTT_LORA_CHUNK=40", "022dc7c", "r64s42"),
+    ("r64s42_d32", f"{ENV13}, TTT_LORA_DOCS=32", "022dc7c", "r64s42"),
+    ("r64s42_d32c48", f"{ENV13}, TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48", "022dc7c", "r64s42"),
+]
+H200_S14 = HERE / "h200_2026-11-30_s14"
+H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
                "h128s2024", "h128fp8", "h128rope64", "h128rope32", "h128qs2",
-               "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45"}  # not in the plot:
+               "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45",
+               "r64", "r64s42", "leaky", "gs64", "qramp", "cap20"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
