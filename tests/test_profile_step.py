@@ -152,3 +152,50 @@ def test_lora_profile_refuses_a_config_the_trainer_refuses(tiny_env, monkeypatch
     monkeypatch.setenv("TTT_LORA_CHUNK", "65")  # over TRAIN_SEQ_LEN=64
     with pytest.raises(profile_lora.tg.ConfigError, match="TTT_LORA_CHUNK=65"):
         profile_lora.main(["--allow-cpu", "--out", str(tmp_path)])
+
+
+LORA_ENV = {"TTT_LORA_CHUNK": "32", "EVAL_DOC_ISOLATED": "1", "MAX_VAL_TOKENS": "2048", "TTT_LORA_GLOBAL": "1"}
+
+
+def test_lora_profile_of_some_steps_records_those_steps_only(tiny_env, monkeypatch):
+    """profiled() with steps=3, skip=2 on the CPU: three STEP regions, every op the profiler kept lies inside them
+    (the schedule recorded nothing before or after), each holds an AdamW step (the region spans the whole chunk
+    step, not only its forward), and the model's token_nll is the caller's again afterwards."""
+    torch.set_num_threads(1)
+    for k, v in LORA_ENV.items():
+        monkeypatch.setenv(k, v)
+    h = profile_lora.tg.Hyperparameters({**os.environ, "TTT_ENABLED": "1", "TTT_MODE": "lora"})
+    device = torch.device("cpu")
+    model, val = profile_lora.load(h, device)
+    calls = profile_lora.counted(model)
+    counting = model.token_nll
+    with profile_lora.regioned_optimizers():
+        prof = profile_lora.profiled(model, val, h, device, [], 3, 2, [torch.profiler.ProfilerActivity.CPU])
+    assert model.token_nll is counting and len(calls) == len(pass_shapes(val[0], h)) > 6
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    windows = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == profile_step.STEP)
+    assert len(windows) == 3
+    ops = [e for e in events if e.name.startswith("aten::")]
+    assert ops and all(any(w0 <= e.time_range.start and e.time_range.end <= w1 for w0, w1 in windows) for e in ops)
+    opt = [e.time_range.start for e in events if e.name == profile_step.OPT]
+    assert all(any(w0 <= t < w1 for t in opt) for w0, w1 in windows)
+
+
+def test_lora_profile_of_some_steps_writes_per_step_breakdown(tiny_env, monkeypatch, tmp_path):
+    torch.set_num_threads(1)
+    for k, v in LORA_ENV.items():
+        monkeypatch.setenv(k, v)
+    assert profile_lora.main(["--allow-cpu", "--steps", "2", "--skip", "3", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "lora_breakdown.md").read_text()
+    assert md.startswith("# LoRA TTT chunk step profile (2 profiled steps,") and " profiled_steps:3-4" in md
+    assert re.search(r"\| AdamW steps \| [0-9.]+ \|", md) and "| ms/step |" in md
+
+
+def test_lora_profile_refuses_more_steps_than_the_pass_has(tiny_env, monkeypatch, tmp_path):
+    for k, v in LORA_ENV.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(profile_lora.tg.ConfigError, match=r"--skip 10 --steps 500 needs 511 chunk steps; this pass has"):
+        profile_lora.main(["--allow-cpu", "--steps", "500", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        profile_lora.main(["--allow-cpu", "--steps", "5", "--skip", "0", "--out", str(tmp_path)])
+    assert not (tmp_path / "lora_breakdown.md").exists()
