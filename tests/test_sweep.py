@@ -657,8 +657,8 @@ def test_recipe_s13_manifest_validates_on_two_lanes():
 
 def test_recipe_s14_manifests_validate_on_two_lanes():
     """Session 14's plan: the default retrained on seeds 1337 and 42 (checkpoints for issue 14), four knobs no proxy
-    run has tried, then the env's LoRA pipeline and chunk 48 on both checkpoints, chunk 40 and 32 spans a batch;
-    and the A/B manifest, which runs e865f06's trainer (from .bench, carried) on r64's checkpoint with the same
+    run has tried, then the env's LoRA pipeline and chunk 48 on both checkpoints, chunk 40 and 32 spans a batch
+    (the session added both on r64s42, and 32 spans at chunk 48 on both); and the A/B manifest, which runs e865f06's trainer (from .bench, carried) on r64's checkpoint with the same
     env."""
     import tomllib
 
@@ -667,13 +667,15 @@ def test_recipe_s14_manifests_validate_on_two_lanes():
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s14.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 13 and all(" ROPE_DIMS=64 " in ln and "SCALE_FORMAT=log8 " in ln for ln in rows)
+    assert len(rows) == 17 and all(" ROPE_DIMS=64 " in ln and "SCALE_FORMAT=log8 " in ln for ln in rows)
     assert ["CHECKPOINT_SAVE=1 " in ln for ln in rows[:6]] == [True, True, False, False, False, False]
     assert sum("(waits for r64: same checkpoint)" in ln for ln in rows) == 5
-    assert sum("(waits for r64s42: same checkpoint)" in ln for ln in rows) == 2
+    assert sum("(waits for r64s42: same checkpoint)" in ln for ln in rows) == 5
     lora = [ln for ln in rows if "TTT_MODE=lora " in ln]
-    assert len(lora) == 6 and all("TTT_LORA_BUCKET=1 TTT_LORA_NO_CUDNN=1 " in ln for ln in lora)
-    assert sorted(re.findall(r" TTT_LORA_CHUNK=(\d+) ", " ".join(lora))) == ["40", "48", "48", "64", "64", "64"]
+    assert len(lora) == 10 and all("TTT_LORA_BUCKET=1 TTT_LORA_NO_CUDNN=1 " in ln for ln in lora)
+    assert sorted(re.findall(r" TTT_LORA_CHUNK=(\d+) ", " ".join(lora))) == ["40", "40", "48", "48", "48", "48",
+                                                                              "64", "64", "64", "64"]
+    assert sum(" TTT_LORA_DOCS=32" in ln for ln in lora) == 4
     ab = sweep(ROOT / "scripts" / "sweeps" / "recipe_s14_ab.toml", "--dry-run", "--gpus", "0,1")
     assert ab.returncode == 0, ab.stderr
     (line,) = ab.stdout.splitlines()[1:]
