@@ -669,7 +669,7 @@ def test_recipe_s14_manifests_validate_on_two_lanes():
     rows = r.stdout.splitlines()[1:]
     assert len(rows) == 17 and all(" ROPE_DIMS=64 " in ln and "SCALE_FORMAT=log8 " in ln for ln in rows)
     assert ["CHECKPOINT_SAVE=1 " in ln for ln in rows[:6]] == [True, True, False, False, False, False]
-    assert sum("(waits for r64: same checkpoint)" in ln for ln in rows) == 5
+    assert sum("(waits for r64: same checkpoint)" in ln for ln in rows) == 6
     assert sum("(waits for r64s42: same checkpoint)" in ln for ln in rows) == 5
     lora = [ln for ln in rows if "TTT_MODE=lora " in ln]
     assert len(lora) == 10 and all("TTT_LORA_BUCKET=1 TTT_LORA_NO_CUDNN=1 " in ln for ln in lora)
