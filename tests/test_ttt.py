@@ -590,6 +590,43 @@ def test_lora_shapes_replays_the_pass_and_reports_its_shapes(shards, monkeypatch
         assert got[chunk, 1][1] <= got[chunk, 0][1] and got[chunk, 1][2] >= got[chunk, 0][2]
 
 
+def test_lora_shapes_resample_draws_whole_documents(shards, monkeypatch, capsys):
+    """resample_documents: at least the tokens asked for, ending with a BOS, made of whole documents of the split
+    (tokens before its first BOS are none), the same for the same seed; lora_shapes.py --resample-tokens replays
+    that stream (its steps are the reference's from its documents' lengths); a split without a BOS is refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import lora_shapes
+
+    tokens = np.random.default_rng(5).integers(2, 128, 120)
+    tokens[[7, 30, 31, 52, 90]] = 1  # 7 tokens before the first BOS; documents of 23, 1, 21, 38 and 30 tokens
+    docs = {tuple(tokens[a:b]) for a, b in zip([7, 30, 31, 52, 90], [30, 31, 52, 90, 120])}
+    out = lora_shapes.resample_documents(tokens, 500, 1, seed=3)
+    assert len(out) >= 501 and out[-1] == 1 and out[0] == 1
+    bos = np.flatnonzero(out == 1)
+    pieces = [tuple(out[a:b]) for a, b in zip(bos[:-1], bos[1:])]
+    assert set(pieces) <= docs and len(set(pieces)) == len(docs) and sum(map(len, pieces)) == len(out) - 1
+    order, rng, ref = [(7, 30), (30, 31), (31, 52), (52, 90), (90, 120)], np.random.default_rng(3), []
+    while sum(map(len, ref)) < 500:  # the reference draw: documents by index, in the split's order
+        a, b = order[int(rng.integers(len(order)))]
+        ref.append(tokens[a:b])
+    assert np.array_equal(out, np.concatenate(ref + [np.array([1])]))
+    assert np.array_equal(out, lora_shapes.resample_documents(tokens, 500, 1, seed=3))
+    assert not np.array_equal(out[:200], lora_shapes.resample_documents(tokens, 500, 1, seed=4)[:200])
+    with pytest.raises(ValueError, match="no BOS"):
+        lora_shapes.resample_documents(np.full(50, 7), 100, 1)
+    for k, v in {"VOCAB_SIZE": "1024", "TTT_LORA_SPAN": "300", "TTT_LORA_DOCS": "3", "EVAL_DOC_ISOLATED": "1",
+                 "TRAIN_SEQ_LEN": "256"}.items():
+        monkeypatch.setenv(k, v)
+    lora_shapes.main([str(shards / "fineweb_val_*.bin"), "--chunks", "64", "--resample-tokens", "20000"])
+    lines = capsys.readouterr().out.splitlines()
+    val = lora_shapes.resample_documents(tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), 1024), 20000, 1)
+    assert lines[0].startswith(f"{len(val) - 1} targets,") and len(val) - 1 >= 20000
+    first, last = tg.document_bounds(val, 1)
+    spans = np.sort(np.concatenate([np.minimum(300, n - np.arange(0, n, 300)) for n in last - first + 1]))[::-1]
+    steps = sum(int((-(-spans[i : i + 3] // 64)).max()) for i in range(0, len(spans), 3))
+    assert [int(ln.split("|")[3]) for ln in lines if ln.startswith("| 64 |")] == [steps, steps]
+
+
 def test_lora_no_cudnn_keeps_the_pass_off_cudnn_attention_and_scores_the_same():
     """TTT_LORA_NO_CUDNN=1: while the pass runs, SDPA may not pick cuDNN's kernel (its flash, memory-efficient and
     math kernels stay allowed), and afterwards every backend is as it was; the scores are the pass's without it."""
