@@ -690,8 +690,9 @@ def test_recipe_s14_manifests_validate_on_two_lanes():
 
 
 def test_recipe_s15_manifest_validates_on_two_lanes():
-    """Session 15's plan: the second seeds of session 14's two leaders (softcap 20, a 10% ramp into ternary), both
-    together, softcap 15, then four schedule and optimizer knobs, each one change to the pinned default."""
+    """Session 15's plan: the second seeds of session 14's two leaders (softcap 20, a 10% ramp into ternary), an
+    int4 embedding alone and with an 11th layer, both leaders together, softcap 15, then four schedule and optimizer
+    knobs, each one change to the pinned default."""
     import tomllib
 
     import train_gpt as tg
@@ -700,8 +701,9 @@ def test_recipe_s15_manifest_validates_on_two_lanes():
     r = sweep(path, "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 8 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
+    assert len(rows) == 10 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
     assert [" SEED=42 " in ln for ln in rows[:3]] == [True, True, False]
+    assert [" EXPORT_EMBED=int4 EMBED_QAT=1 " in ln for ln in rows[2:5]] == [True, True, False]
     manifest = tomllib.loads(path.read_text())
     assert manifest["base"] == tomllib.loads((ROOT / "scripts" / "sweeps" / "recipe_s14.toml").read_text())["base"]
     for run in manifest["runs"]:  # every row is a valid configuration, checked here before a GPU is held
