@@ -23,6 +23,8 @@ FIELDS = {
     "calib_s": (rf"^calibration tensors:.*?seconds:{NUM}", float),
     "ttt_adapted": (r"^stream_eval ttt:1 .*?adapted:(\d+)", int),
     "lora_adapted_chunks": (r"^lora_ttt .*?adapted_chunks:(\d+)", int),
+    "lora_chunks": (r"^lora_ttt .*? chunks:(\d+)", int),
+    "lora_seconds": (rf"^lora_ttt docs:.*? seconds:{NUM}", float),
     "challenge_eval_s": (r"^final_roundtrip .*?challenge_eval_seconds:(\d+)", int),
     "pre_export_val_bpb": (rf"pre_export val_loss:\S+ val_bpb:{NUM}", float),
     "model_bytes": (r"artifact packing:\S+ model_bytes:(\d+)", int),

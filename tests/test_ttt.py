@@ -782,3 +782,48 @@ def test_two_process_lora_ttt_with_the_shared_adapter(shards, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world_size:2" in r.stdout and log_values(r.stdout, "global_lr")[0] == 0.001
     assert np.isfinite(event_bpb(r.stdout, "final_roundtrip"))
+
+
+def lora_cost_log(path, config, adapted, chunks, seconds):
+    """A train_gpt.py log with only what lora_cost.py reads: the banner, the config line and the lora_ttt line."""
+    items = " ".join(f"{k}={v}" for k, v in config.items())
+    path.write_text(f"run_id:{path.stem} world_size:1 device:cpu torch:x compile:False\nconfig {items}\n"
+                    f"lora_ttt docs:6 span:300 rank:8 adapted_chunks:{adapted} chunks:{chunks} scored:99 "
+                    f"seconds:{seconds}\n")
+
+
+def test_lora_cost_recovers_a_known_cost_model_and_predicts_the_share(shards, tmp_path, capsys):
+    """Passes whose seconds are 0.05 s a step plus 3 s per million window tokens of their own replay: lora_cost.py
+    fits exactly those two, reports each pass and predicts each setting (and a --predict one) on the resampled
+    share as the same model of that share's replay; a pass cut by the budget and a log without a pass are skipped
+    by name; passes of a single setting, or a bad --predict, are refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import lora_cost
+    import lora_shapes
+
+    base = {"VOCAB_SIZE": 1024, "TRAIN_SEQ_LEN": 256, "EVAL_DOC_ISOLATED": 1, "TTT_LORA_SPAN": 300, "TTT_LORA_BUCKET": 1}
+    split = tg.load_validation_tokens(str(shards / "fineweb_val_*.bin"), 1024)
+    cost = lambda shapes: 0.05 * len(shapes) + 3e-6 * sum(r * t for r, t in shapes)  # noqa: E731
+    logs = []
+    for docs, chunk in [(2, 32), (3, 64), (2, 64)]:
+        config = {**base, "TTT_LORA_DOCS": docs, "TTT_LORA_CHUNK": chunk}
+        logs.append(tmp_path / f"d{docs}c{chunk}.txt")
+        lora_cost_log(logs[-1], config, 5, 5, round(cost(lora_shapes.pass_shapes(split, lora_h(**config))), 9))
+    lora_cost_log(tmp_path / "cut.txt", {**base, "TTT_LORA_DOCS": 3, "TTT_LORA_CHUNK": 32}, 4, 5, 1.0)
+    (tmp_path / "train_only.txt").write_text("run_id:t world_size:1 device:cpu\nconfig VOCAB_SIZE=1024\n")
+    paths = [str(p) for p in logs + [tmp_path / "cut.txt", tmp_path / "train_only.txt"]]
+    lora_cost.main([str(shards / "fineweb_val_*.bin"), *paths, "--share-tokens", "30000", "--predict", "3:32"])
+    out = capsys.readouterr().out
+    assert out.startswith("fit over 3 passes: 0.0500 s a chunk step + 3.000 s per million window tokens")
+    assert "skipped: cut (cut by EVAL_BUDGET_SECONDS), train_only (no LoRA pass)" in out
+    share = lora_shapes.resample_documents(split, 30000, 1)
+    rows = {tuple(int(c) for c in ln.split("|")[1:3]): float(ln.split("|")[5]) for ln in out.splitlines()
+            if ln.startswith("| ") and ln[2].isdigit()}
+    assert set(rows) == {(2, 32), (3, 64), (2, 64), (3, 32)}
+    for (docs, chunk), predicted in rows.items():
+        want = cost(lora_shapes.pass_shapes(share, lora_h(**{**base, "TTT_LORA_DOCS": docs, "TTT_LORA_CHUNK": chunk})))
+        assert predicted == pytest.approx(want, abs=0.6)  # printed to whole seconds
+    with pytest.raises(SystemExit, match="fewer than two independent"):
+        lora_cost.main([str(shards / "fineweb_val_*.bin"), paths[0]])
+    with pytest.raises(SystemExit, match="expected DOCS:CHUNK"):
+        lora_cost.main([str(shards / "fineweb_val_*.bin"), *paths, "--predict", "3x32"])
