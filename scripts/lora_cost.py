@@ -41,10 +41,18 @@ def replay(tokens, h, world=1):
     return len(shapes), sum(r * t for r, t in shapes)
 
 
-def fitted_passes(paths, pattern):
+def split_of(pattern, h, splits):
+    """The validation split under h (its vocabulary and MAX_VAL_TOKENS), read once per such pair into `splits`."""
+    key = (h.vocab_size, h.max_val_tokens)
+    if key not in splits:
+        splits[key] = tg.load_validation_tokens(pattern, h.vocab_size, h.max_val_tokens)
+    return splits[key]
+
+
+def fitted_passes(paths, pattern, splits):
     """[(name, config, (docs, chunk), steps, window tokens, seconds)] of the logs' complete LoRA passes, and the
-    names of the logs skipped, with why."""
-    passes, skipped, splits = [], [], {}
+    names of the logs skipped, with why. The splits they scored are read into `splits` (split_of)."""
+    passes, skipped = [], []
     for path in paths:
         run = read_run_log(path)
         name = Path(path).stem
@@ -55,10 +63,7 @@ def fitted_passes(paths, pattern):
             skipped.append(f"{name} (cut by EVAL_BUDGET_SECONDS)")
             continue
         h = lora_h(run["config"])
-        key = (h.vocab_size, h.max_val_tokens)
-        if key not in splits:
-            splits[key] = tg.load_validation_tokens(pattern, h.vocab_size, h.max_val_tokens)
-        steps, window = replay(splits[key], h, run["world_size"] or 1)
+        steps, window = replay(split_of(pattern, h, splits), h, run["world_size"] or 1)
         passes.append((name, run["config"], (h.ttt_lora_docs, h.ttt_lora_chunk), steps, window, run["lora_seconds"]))
     return passes, skipped
 
@@ -117,12 +122,13 @@ def main(argv=None):
         predict = parse_predict(args.predict)
         if args.share_tokens < 1:
             raise ValueError(f"--share-tokens {args.share_tokens}: must be positive")
-        passes, skipped = fitted_passes(args.logs, args.pattern)
+        splits = {}
+        passes, skipped = fitted_passes(args.logs, args.pattern, splits)
         if not passes:
             raise ValueError("no log has a complete LoRA pass: " + ", ".join(skipped))
         per_step, per_token, residuals = fit(passes)
         h = lora_h(passes[0][1])
-        split = tg.load_validation_tokens(args.pattern, h.vocab_size, h.max_val_tokens)
+        split = split_of(args.pattern, h, splits)  # the first fitted pass's, read already
         share = resample_documents(split, args.share_tokens, h.bos_id)
         print("\n".join(report(passes, skipped, per_step, per_token, residuals, split, share, predict)))
     except (ValueError, LogError, tg.ConfigError, tg.DataError) as e:
