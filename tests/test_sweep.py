@@ -630,6 +630,19 @@ def test_recipe_s12_manifest_validates_on_two_lanes():
     assert len(lora) == 13 and all("TTT_LORA_GLOBAL_TARGETS=q,k,v,proj,up,down,head " in ln for ln in lora)
 
 
+def valid_manifest(name):
+    """scripts/sweeps/<name> parsed, once train_gpt.py has accepted every row of it (its base and its env): a row
+    it would refuse is found here, before a GPU is held."""
+    import tomllib
+
+    import train_gpt as tg
+
+    manifest = tomllib.loads((ROOT / "scripts" / "sweeps" / name).read_text())
+    for run in manifest["runs"]:
+        tg.Hyperparameters({k: str(v) for k, v in {**manifest["base"], **run["env"]}.items()})
+    return manifest
+
+
 def test_recipe_s13_manifest_validates_on_two_lanes():
     """Session 13's plan: six training rows at session 12's default (head dim 128, RoPE on 64 channels) or with one
     change of RoPE, the heads or the FP phase, then eighteen re-scorings of the first row's checkpoint: issue 14's
@@ -646,24 +659,14 @@ def test_recipe_s13_manifest_validates_on_two_lanes():
     assert len(lora) == 14 and all("TTT_LORA_GLOBAL_TARGETS=q,k,v,proj,up,down,head " in ln for ln in lora)
     assert all("TTT_LORA_LR=0.002 " in ln for ln in lora) and sum("TTT_LORA_BUCKET=1 " in ln for ln in lora) == 3
     assert sum("TTT_LORA_NO_CUDNN=1 " in ln for ln in lora) == 5
-    import tomllib
-
-    import train_gpt as tg
-
-    manifest = tomllib.loads((ROOT / "scripts" / "sweeps" / "recipe_s13.toml").read_text())
-    for run in manifest["runs"]:  # every row is a valid configuration, checked here before a GPU is held
-        tg.Hyperparameters({k: str(v) for k, v in {**manifest["base"], **run["env"]}.items()})
+    valid_manifest("recipe_s13.toml")
 
 
 def test_recipe_s14_manifests_validate_on_two_lanes():
     """Session 14's plan: the default retrained on seeds 1337 and 42 (checkpoints for issue 14), four knobs no proxy
     run has tried, then the env's LoRA pipeline and chunk 48 on both checkpoints, chunk 40 and 32 spans a batch
-    (the session added both on r64s42, and 32 spans at chunk 48 on both); and the A/B manifest, which runs e865f06's trainer (from .bench, carried) on r64's checkpoint with the same
-    env."""
-    import tomllib
-
-    import train_gpt as tg
-
+    (the session added both on r64s42, and 32 spans at chunk 48 on both); and the A/B manifest, which runs
+    e865f06's trainer (from .bench, carried) on r64's checkpoint with the same env."""
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s14.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
@@ -680,13 +683,9 @@ def test_recipe_s14_manifests_validate_on_two_lanes():
     assert ab.returncode == 0, ab.stderr
     (line,) = ab.stdout.splitlines()[1:]
     assert line.endswith(".bench/train_gpt_e865f06.py") and "/tmp/b/ckpt_r64.pt " in line
-    new, old = (tomllib.loads((ROOT / "scripts" / "sweeps" / n).read_text()) for n in ("recipe_s14.toml",
-                                                                                       "recipe_s14_ab.toml"))
+    new, old = valid_manifest("recipe_s14.toml"), valid_manifest("recipe_s14_ab.toml")
     r64_env = next(run for run in new["runs"] if run["name"] == "r64_env")
     assert old["base"] == new["base"] and old["runs"][0]["env"] == r64_env["env"]  # the same row, on the old code
-    for manifest in (new, old):
-        for run in manifest["runs"]:  # every row is a valid configuration, checked here before a GPU is held
-            tg.Hyperparameters({k: str(v) for k, v in {**manifest["base"], **run["env"]}.items()})
 
 
 def test_recipe_s15_manifest_validates_on_two_lanes():
@@ -694,12 +693,7 @@ def test_recipe_s15_manifest_validates_on_two_lanes():
     int4 embedding alone and with an 11th layer, both leaders together, softcap 15, then four schedule and optimizer
     knobs, each one change to the pinned default; then the env's LoRA pipeline and two variants on the first row's
     checkpoint."""
-    import tomllib
-
-    import train_gpt as tg
-
-    path = ROOT / "scripts" / "sweeps" / "recipe_s15.toml"
-    r = sweep(path, "--dry-run", "--gpus", "0,1")
+    r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s15.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
     assert len(rows) == 13 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
@@ -709,7 +703,4 @@ def test_recipe_s15_manifest_validates_on_two_lanes():
     assert [re.findall(r" TTT_LORA_(DOCS|CHUNK)=(\d+)", ln) for ln in lora] == [
         [("DOCS", "32"), ("CHUNK", "48")], [("DOCS", "32"), ("CHUNK", "40")], [("DOCS", "24"), ("CHUNK", "48")]]
     assert [" EXPORT_EMBED=int4 EMBED_QAT=1 " in ln for ln in rows[2:5]] == [True, True, False]
-    manifest = tomllib.loads(path.read_text())
-    assert manifest["base"] == tomllib.loads((ROOT / "scripts" / "sweeps" / "recipe_s14.toml").read_text())["base"]
-    for run in manifest["runs"]:  # every row is a valid configuration, checked here before a GPU is held
-        tg.Hyperparameters({k: str(v) for k, v in {**manifest["base"], **run["env"]}.items()})
+    assert valid_manifest("recipe_s15.toml")["base"] == valid_manifest("recipe_s14.toml")["base"]
