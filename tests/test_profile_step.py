@@ -121,15 +121,22 @@ import profile_lora  # noqa: E402
 from lora_shapes import pass_shapes  # noqa: E402
 
 
-def test_lora_profile_counts_the_pass_and_puts_adamw_in_its_region(tiny_env, monkeypatch, tmp_path, capsys):
+LORA_ENV = {"TTT_LORA_CHUNK": "32", "EVAL_DOC_ISOLATED": "1", "MAX_VAL_TOKENS": "2048", "TTT_LORA_GLOBAL": "1"}
+
+
+@pytest.fixture
+def lora_env(tiny_env, monkeypatch):
+    """The tiny model's LoRA pass over 2048 validation tokens, chunk 32, with the shared adapter; one CPU thread."""
+    torch.set_num_threads(1)
+    for k, v in LORA_ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_lora_profile_counts_the_pass_and_puts_adamw_in_its_region(lora_env, monkeypatch, tmp_path, capsys):
     """On the CPU, with the shared adapter and buckets: the pass runs cold, warm and profiled; its chunk steps are
     the replay's (lora_shapes.py, from the batching alone), AdamW's ops are the optimizer region, and the buckets
     add up to the pass."""
-    torch.set_num_threads(1)
-    env = {"TTT_LORA_CHUNK": "32", "EVAL_DOC_ISOLATED": "1", "MAX_VAL_TOKENS": "2048", "TTT_LORA_GLOBAL": "1",
-           "TTT_LORA_BUCKET": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TTT_LORA_BUCKET", "1")
     assert profile_lora.main(["--allow-cpu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     h = profile_lora.tg.Hyperparameters({**os.environ, "TTT_ENABLED": "1", "TTT_MODE": "lora"})
@@ -154,16 +161,10 @@ def test_lora_profile_refuses_a_config_the_trainer_refuses(tiny_env, monkeypatch
         profile_lora.main(["--allow-cpu", "--out", str(tmp_path)])
 
 
-LORA_ENV = {"TTT_LORA_CHUNK": "32", "EVAL_DOC_ISOLATED": "1", "MAX_VAL_TOKENS": "2048", "TTT_LORA_GLOBAL": "1"}
-
-
-def test_lora_profile_of_some_steps_records_those_steps_only(tiny_env, monkeypatch):
+def test_lora_profile_of_some_steps_records_those_steps_only(lora_env):
     """profiled() with steps=3, skip=2 on the CPU: three STEP regions, every op the profiler kept lies inside them
     (the schedule recorded nothing before or after), each holds an AdamW step (the region spans the whole chunk
     step, not only its forward), and the model's token_nll is the caller's again afterwards."""
-    torch.set_num_threads(1)
-    for k, v in LORA_ENV.items():
-        monkeypatch.setenv(k, v)
     h = profile_lora.tg.Hyperparameters({**os.environ, "TTT_ENABLED": "1", "TTT_MODE": "lora"})
     device = torch.device("cpu")
     model, val = profile_lora.load(h, device)
@@ -181,19 +182,14 @@ def test_lora_profile_of_some_steps_records_those_steps_only(tiny_env, monkeypat
     assert all(any(w0 <= t < w1 for t in opt) for w0, w1 in windows)
 
 
-def test_lora_profile_of_some_steps_writes_per_step_breakdown(tiny_env, monkeypatch, tmp_path):
-    torch.set_num_threads(1)
-    for k, v in LORA_ENV.items():
-        monkeypatch.setenv(k, v)
+def test_lora_profile_of_some_steps_writes_per_step_breakdown(lora_env, tmp_path):
     assert profile_lora.main(["--allow-cpu", "--steps", "2", "--skip", "3", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "lora_breakdown.md").read_text()
     assert md.startswith("# LoRA TTT chunk step profile (2 profiled steps,") and " profiled_steps:3-4" in md
     assert re.search(r"\| AdamW steps \| [0-9.]+ \|", md) and "| ms/step |" in md
 
 
-def test_lora_profile_refuses_more_steps_than_the_pass_has(tiny_env, monkeypatch, tmp_path):
-    for k, v in LORA_ENV.items():
-        monkeypatch.setenv(k, v)
+def test_lora_profile_refuses_more_steps_than_the_pass_has(lora_env, tmp_path):
     with pytest.raises(profile_lora.tg.ConfigError, match=r"--skip 10 --steps 500 needs 511 chunk steps; this pass has"):
         profile_lora.main(["--allow-cpu", "--steps", "500", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
