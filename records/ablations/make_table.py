@@ -312,18 +312,11 @@ H200_RUNS += [
     ("qramp", f"trains: {R64}, QAT_RAMP_FRAC=0.1", "022dc7c", ""),
     ("cap20", f"trains: {R64}, LOGIT_SOFTCAP=20", "022dc7c", ""),
     ("r64_iso", ISO, "022dc7c", "r64"),
-    ("r64_env", ENV13, "022dc7c", "r64"),
     ("r64_env_e865f06", ENV13, "e865f06", "r64"),
-    ("r64_c48", f"{ENV13}, TTT_LORA_CHUNK=48", "022dc7c", "r64"),
-    ("r64_c40", f"{ENV13}, TTT_LORA_CHUNK=40", "022dc7c", "r64"),
-    ("r64_d32", f"{ENV13}, TTT_LORA_DOCS=32", "022dc7c", "r64"),
-    ("r64_d32c48", f"{ENV13}, TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48", "022dc7c", "r64"),
-    ("r64s42_env", ENV13, "022dc7c", "r64s42"),
-    ("r64s42_c48", f"{ENV13}, TTT_LORA_CHUNK=48", "022dc7c", "r64s42"),
-    ("r64s42_c40", f"{ENV13}, TTT_LORA_CHUNK=40", "022dc7c", "r64s42"),
-    ("r64s42_d32", f"{ENV13}, TTT_LORA_DOCS=32", "022dc7c", "r64s42"),
-    ("r64s42_d32c48", f"{ENV13}, TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48", "022dc7c", "r64s42"),
 ]
+S14_LORA = [("env", ""), ("c48", ", TTT_LORA_CHUNK=48"), ("c40", ", TTT_LORA_CHUNK=40"), ("d32", ", TTT_LORA_DOCS=32"),
+            ("d32c48", ", TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48")]  # each re-scoring on both checkpoints
+H200_RUNS += [(f"{ckpt}_{name}", ENV13 + change, "022dc7c", ckpt) for ckpt in ("r64", "r64s42") for name, change in S14_LORA]
 H200_S14 = HERE / "h200_2026-11-30_s14"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
