@@ -689,18 +689,19 @@ def test_recipe_s14_manifests_validate_on_two_lanes():
 
 
 def test_recipe_s15_manifest_validates_on_two_lanes():
-    """Session 15's plan: the second seeds of session 14's two leaders (softcap 20, a 10% ramp into ternary), an
-    int4 embedding alone and with an 11th layer, both leaders together, softcap 15, then four schedule and optimizer
-    knobs, each one change to the pinned default; then the env's LoRA pipeline and two variants on the first row's
-    checkpoint."""
+    """Session 15's plan: the second seeds of session 14's two leaders (softcap 20, a 10% ramp into ternary), both
+    leaders together on both seeds (moved up after call 1), an int4 embedding alone and with an 11th layer, softcap
+    15, then four schedule and optimizer knobs, each one change to the pinned default; then the env's LoRA pipeline
+    and two variants on the first row's checkpoint."""
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s15.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 13 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
-    assert [" SEED=42 " in ln for ln in rows[:3]] == [True, True, False] and "CHECKPOINT_SAVE=1 " in rows[0]
-    lora = rows[10:]  # the env's pipeline and two cheaper-at-scale settings, on cap20s42's checkpoint
+    assert len(rows) == 14 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
+    assert [" SEED=42 " in ln for ln in rows[:5]] == [True, True, False, True, False] and "CHECKPOINT_SAVE=1 " in rows[0]
+    assert [" LOGIT_SOFTCAP=20 QAT_RAMP_FRAC=0.1 " in ln for ln in rows[1:5]] == [False, True, True, False]
+    lora = rows[11:]  # the env's pipeline and two cheaper-at-scale settings, on cap20s42's checkpoint
     assert all("(waits for cap20s42: same checkpoint)" in ln and " TTT_LORA_BUCKET=1 " in ln for ln in lora)
     assert [re.findall(r" TTT_LORA_(DOCS|CHUNK)=(\d+)", ln) for ln in lora] == [
         [("DOCS", "32"), ("CHUNK", "48")], [("DOCS", "32"), ("CHUNK", "40")], [("DOCS", "24"), ("CHUNK", "48")]]
-    assert [" EXPORT_EMBED=int4 EMBED_QAT=1 " in ln for ln in rows[2:5]] == [True, True, False]
+    assert [" EXPORT_EMBED=int4 EMBED_QAT=1 " in ln for ln in rows[3:7]] == [False, True, True, False]
     assert valid_manifest("recipe_s15.toml")["base"] == valid_manifest("recipe_s14.toml")["base"]
