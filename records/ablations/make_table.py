@@ -318,13 +318,32 @@ S14_LORA = [("env", ""), ("c48", ", TTT_LORA_CHUNK=48"), ("c40", ", TTT_LORA_CHU
             ("d32c48", ", TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48")]  # each re-scoring on both checkpoints
 H200_RUNS += [(f"{ckpt}_{name}", ENV13 + change, "022dc7c", ckpt) for ckpt in ("r64", "r64s42") for name, change in S14_LORA]
 H200_S14 = HERE / "h200_2026-11-30_s14"
-H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14)  # two runs side by side on nvidia-h200-x2
+# session 15 (h200_2026-11-30_s15/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s15.toml s15`, three calls on
+# nvidia-h200-x2, two rows side by side; train_gpt.py as at 022dc7c); every training row is session 12's default
+# with the named changes. The re-scoring rows load cap20s42's checkpoint (so LOGIT_SOFTCAP=20) and run
+# best_known_competition.env's LoRA pipeline of session 14 (ENV13 with 32 spans a batch at chunk 48) with the named
+# change.
+ENV14 = f"{ENV13} TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 LOGIT_SOFTCAP=20"
+H200_RUNS += [
+    ("cap20s42", f"trains: {R64}, LOGIT_SOFTCAP=20 SEED=42", "022dc7c", ""),
+    ("qramps42", f"trains: {R64}, QAT_RAMP_FRAC=0.1 SEED=42", "022dc7c", ""),
+    ("capramp", f"trains: {R64}, LOGIT_SOFTCAP=20 QAT_RAMP_FRAC=0.1", "022dc7c", ""),
+    ("capramps42", f"trains: {R64}, LOGIT_SOFTCAP=20 QAT_RAMP_FRAC=0.1 SEED=42", "022dc7c", ""),
+    ("eq4", f"trains: {R64}, EXPORT_EMBED=int4 EMBED_QAT=1", "022dc7c", ""),
+    ("l11eq4", f"trains: {R64}, NUM_LAYERS=11 EXPORT_EMBED=int4 EMBED_QAT=1", "022dc7c", ""),
+    ("cap20s42_env", ENV14, "022dc7c", "cap20s42"),
+    ("cap20s42_d32c40", f"{ENV14}, TTT_LORA_CHUNK=40", "022dc7c", "cap20s42"),
+    ("cap20s42_d24c48", f"{ENV14}, TTT_LORA_DOCS=24", "022dc7c", "cap20s42"),
+]
+H200_S15 = HERE / "h200_2026-11-30_s15"
+H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
+           H200_S15)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
                "h128s2024", "h128fp8", "h128rope64", "h128rope32", "h128qs2",
                "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45",
-               "r64", "r64s42", "leaky", "gs64", "qramp", "cap20"}  # not in the plot:
+               "r64", "r64s42", "leaky", "gs64", "qramp", "cap20", "cap20s42", "qramps42", "capramp", "capramps42"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
