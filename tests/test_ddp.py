@@ -107,24 +107,27 @@ tg.main()
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("sync_every", ["1", "4"])
-def test_two_ranks_leave_the_fp_phase_at_the_same_step(shards, tmp_path, sync_every):
+@pytest.mark.parametrize("sync_every,ramp", [("1", "0"), ("4", "0"), ("4", "0.2")])
+def test_two_ranks_leave_the_fp_phase_at_the_same_step(shards, tmp_path, sync_every, ramp):
     """FP_PHASE on the wall clock: rank 1 starts its clock 0.5 s late, yet both ranks turn the quantizer on at
     the same step (the one the log names), because the schedule reads the slowest rank's clock; also when they
-    read it only every 4 steps (TRAIN_SYNC_EVERY), and both stop on the same step."""
+    read it only every 4 steps (TRAIN_SYNC_EVERY), and both stop on the same step. With QAT_RAMP_FRAC (the
+    default's 0.1) the ranks blend the quantizer in through the same values, rising from 0 to 1."""
     from conftest import ROOT
 
     probe = tmp_path / "probe.py"
     probe.write_text(PHASE_PROBE.format(root=str(ROOT)))
-    r = run_train(shards, tmp_path, nproc=2, script=probe, FP_PHASE=1, QAT_START_FRAC=0.5, ITERATIONS=100000,
-                  MAX_WALLCLOCK_SECONDS=4, PROBE_OUT=tmp_path / "rank", TRAIN_SYNC_EVERY=sync_every)
+    r = run_train(shards, tmp_path, nproc=2, script=probe, FP_PHASE=1, QAT_START_FRAC=0.5, QAT_RAMP_FRAC=ramp,
+                  ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=4, PROBE_OUT=tmp_path / "rank", TRAIN_SYNC_EVERY=sync_every)
     assert r.returncode == 0, r.stdout + r.stderr
     records = [(tmp_path / f"rank{k}").read_text().splitlines() for k in (0, 1)]
     assert records[0] == records[1]  # step, shared clock and quant_mix, line for line
     mix = [float(line.split()[2]) for line in records[0]]
-    switch = mix.index(1.0)
-    assert 3 <= switch < len(mix) - 3 and set(mix[:switch]) == {0.0} and set(mix[switch:]) == {1.0}
-    assert log_values(r.stdout, "qat_start step") == [switch]
+    start, full = next(i for i, m in enumerate(mix) if m > 0), mix.index(1.0)
+    assert 3 <= start and full < len(mix) - 3 and set(mix[:start]) == {0.0} and set(mix[full:]) == {1.0}
+    ramping = mix[start:full]
+    assert (ramping == []) if ramp == "0" else (len(ramping) >= 2 and ramping == sorted(set(ramping)))
+    assert log_values(r.stdout, "qat_start step") == [start]
 
 
 MUON_SHAPES = [(48, 32), (32, 64), (64, 64), (96, 32), (32, 32)]  # odd count: the ranks' shares differ in size

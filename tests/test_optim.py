@@ -209,7 +209,8 @@ def test_phases_and_compile_variants():
 def test_qat_switches_at_the_right_step():
     """FP_PHASE: quant_mix is 0 before QAT_START_FRAC of the run, 1 from the first step at or past it (by steps
     or by the wall clock, whichever is further along), or ramps linearly over QAT_RAMP_FRAC."""
-    env = {"FP_PHASE": "1", "QAT_START_FRAC": "0.3", "ITERATIONS": "10", "MAX_WALLCLOCK_SECONDS": "0"}
+    env = {"FP_PHASE": "1", "QAT_START_FRAC": "0.3", "QAT_RAMP_FRAC": "0", "ITERATIONS": "10",
+           "MAX_WALLCLOCK_SECONDS": "0"}
     sched = tg.TrainingSchedule(tg.Hyperparameters(env))
     assert [sched.quant_mix(s, 1e9) for s in range(10)] == [0.0] * 3 + [1.0] * 7
     ramp = tg.TrainingSchedule(tg.Hyperparameters({**env, "QAT_RAMP_FRAC": "0.4"}))

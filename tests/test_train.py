@@ -229,8 +229,8 @@ def test_fp_phase_switches_inside_one_compiled_graph(one_thread):
     from test_model import BASE
     from test_optim import OneBatchLoader
 
-    h = tg.Hyperparameters({**BASE, "NUM_LAYERS": "2", "FP_PHASE": "1", "QAT_START_FRAC": "0.5", "ITERATIONS": "4",
-                            "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "MATRIX_LR": "0.05"})
+    h = tg.Hyperparameters({**BASE, "NUM_LAYERS": "2", "FP_PHASE": "1", "QAT_START_FRAC": "0.5", "QAT_RAMP_FRAC": "0",
+                            "ITERATIONS": "4", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "MATRIX_LR": "0.05"})
     torch.manual_seed(0)
     base = tg.GPT(h)
     with torch.no_grad():  # away from the zero-init projections, so that quantizing changes the loss visibly
