@@ -697,7 +697,8 @@ def test_recipe_s15_manifest_validates_on_two_lanes():
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
     assert len(rows) == 14 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
-    assert [" SEED=42 " in ln for ln in rows[:5]] == [True, True, False, True, False] and "CHECKPOINT_SAVE=1 " in rows[0]
+    assert [" SEED=42 " in ln for ln in rows[:5]] == [True, True, False, True, False]
+    assert "CHECKPOINT_SAVE=1 " in rows[0]
     assert [" LOGIT_SOFTCAP=20 QAT_RAMP_FRAC=0.1 " in ln for ln in rows[1:5]] == [False, True, True, False]
     lora = rows[11:]  # the env's pipeline and two cheaper-at-scale settings, on cap20s42's checkpoint
     assert all("(waits for cap20s42: same checkpoint)" in ln and " TTT_LORA_BUCKET=1 " in ln for ln in lora)
@@ -705,3 +706,22 @@ def test_recipe_s15_manifest_validates_on_two_lanes():
         [("DOCS", "32"), ("CHUNK", "48")], [("DOCS", "32"), ("CHUNK", "40")], [("DOCS", "24"), ("CHUNK", "48")]]
     assert [" EXPORT_EMBED=int4 EMBED_QAT=1 " in ln for ln in rows[3:7]] == [False, True, True, False]
     assert valid_manifest("recipe_s15.toml")["base"] == valid_manifest("recipe_s14.toml")["base"]
+
+
+def test_recipe_s16_manifest_validates_on_two_lanes():
+    """Session 16's plan, on session 15's default (softcap 20, a 10% ramp): a tighter cap and a longer ramp, the new
+    and the old default at 150 s (the scale check), a third seed whose checkpoint the env's LoRA pipeline re-scores,
+    then four schedule and optimizer knobs, each one change to the pinned default."""
+    r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s16.toml", "--dry-run", "--gpus", "0,1")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert len(rows) == 10 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
+    caps = [re.findall(r" LOGIT_SOFTCAP=(\d+) ", ln) + re.findall(r" QAT_RAMP_FRAC=([0-9.]+) ", ln) for ln in rows]
+    assert caps[:4] == [["15", "0.1"], ["20", "0.2"], ["20", "0.1"], ["30", "0"]]
+    assert all(c == ["20", "0.1"] for c in caps[4:])
+    seconds = [re.findall(r" MAX_WALLCLOCK_SECONDS=(\d+) ", ln) for ln in rows[:5]]
+    assert seconds == [["300"]] * 2 + [["150"]] * 2 + [["300"]]
+    assert "CHECKPOINT_SAVE=1 " in rows[4] and "(waits for d15s2024: same checkpoint)" in rows[9]
+    assert " TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 " in rows[9] and " SEED=2024 " in rows[9]
+    base = valid_manifest("recipe_s16.toml")["base"]
+    assert base == {**valid_manifest("recipe_s15.toml")["base"], "LOGIT_SOFTCAP": 20, "QAT_RAMP_FRAC": 0.1}
