@@ -1074,9 +1074,11 @@ def causal_attention(q, k, v, flash):
 
 def exclusive_self_attention(y, v):
     """XSA: drop from each head's output its component along the token's own value vector, so attention carries
-    what the other positions say (the residual stream already holds the token itself). y: (B,T,H,D), v: (B,T,Hkv,D)."""
-    vn = F.normalize(v.repeat_interleave(y.size(2) // v.size(2), dim=2).float(), dim=-1).to(y.dtype)
-    return y - (y * vn).sum(dim=-1, keepdim=True) * vn
+    what the other positions say (the residual stream already holds the token itself). y: (B,T,H,D), v: (B,T,Hkv,D).
+    Each kv head's value is normalized once and broadcast over its group of query heads, not repeated per head."""
+    vn = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)  # (B, T, Hkv, 1, D)
+    g = y.unflatten(2, (v.size(2), -1))  # (B, T, Hkv, H / Hkv, D): query head h reads kv head h // (H / Hkv)
+    return (g - (g * vn).sum(dim=-1, keepdim=True) * vn).flatten(2, 3)
 
 
 class CausalSelfAttention(nn.Module):

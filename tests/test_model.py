@@ -309,6 +309,20 @@ def test_exclusive_self_attention_output_is_orthogonal_to_own_value():
     torch.testing.assert_close(y - out, (y * F.normalize(own, dim=-1)).sum(-1, keepdim=True) * F.normalize(own, dim=-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_exclusive_self_attention_matches_the_repeated_values_bit_for_bit(dtype, kv_heads):
+    """XSA normalizes each kv head's value once for its group of query heads: the same numbers, bit for bit, as
+    repeating the values per query head first (the formula it replaced), with grouped and with plain heads, on the
+    transposed layout attention returns."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 6, 16, 32, dtype=dtype).transpose(1, 2)  # (B, T, H, D), not contiguous
+    v = torch.randn(2, 16, kv_heads, 32, dtype=dtype)
+    vn = F.normalize(v.repeat_interleave(6 // kv_heads, dim=2).float(), dim=-1).to(dtype)
+    out = tg.exclusive_self_attention(y, v)
+    assert out.shape == y.shape and torch.equal(out, y - (y * vn).sum(dim=-1, keepdim=True) * vn)
+
+
 def test_value_residual_mixes_the_first_layers_values():
     h = tg.Hyperparameters({**BASE, "VALUE_RESIDUAL": "1"})
     torch.manual_seed(0)
