@@ -644,10 +644,14 @@ def causal_attention(q, k, v):
 
 def exclusive_self_attention(y, v):
     """XSA: drop from each head's output its component along the token's own value vector, so attention carries
-    what the other positions say (the residual stream already holds the token itself). y: (B,T,H,D), v: (B,T,Hkv,D)."""
-    v = mx.repeat(v, y.shape[2] // v.shape[2], axis=2).astype(mx.float32)
+    what the other positions say (the residual stream already holds the token itself). y: (B,T,H,D), v: (B,T,Hkv,D).
+    Each kv head's value is normalized once and broadcast over its group of query heads (train_gpt.py's form)."""
+    B, T, H, D = y.shape
+    v = v.astype(mx.float32)
     vn = (v / mx.maximum(mx.linalg.norm(v, axis=-1, keepdims=True), 1e-12)).astype(y.dtype)  # F.normalize
-    return y - (y * vn).sum(axis=-1, keepdims=True) * vn
+    vn = vn[:, :, :, None]  # (B, T, Hkv, 1, D)
+    g = y.reshape(B, T, v.shape[2], H // v.shape[2], D)  # query head h reads kv head h // (H / Hkv)
+    return (g - (g * vn).sum(axis=-1, keepdims=True) * vn).reshape(B, T, H, D)
 
 
 class CausalSelfAttention(nn.Module):
