@@ -709,19 +709,21 @@ def test_recipe_s15_manifest_validates_on_two_lanes():
 
 
 def test_recipe_s16_manifest_validates_on_two_lanes():
-    """Session 16's plan, on session 15's default (softcap 20, a 10% ramp): a tighter cap and a longer ramp, the new
-    and the old default at 150 s (the scale check), a third seed whose checkpoint the env's LoRA pipeline re-scores,
-    then four schedule and optimizer knobs, each one change to the pinned default."""
+    """Session 16's plan, on session 15's default (softcap 20, a 10% ramp), as it ran: a tighter cap and a longer
+    ramp, then (added after call 1, cap15 having won) cap15's second seed and cap 10, the new default (now softcap 15)
+    and the old one at 150 s (the scale check), a third seed whose checkpoint the env's LoRA pipeline re-scores, and
+    four schedule and optimizer knobs, each one change to the pinned default."""
     r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s16.toml", "--dry-run", "--gpus", "0,1")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()[1:]
-    assert len(rows) == 10 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
+    assert len(rows) == 12 and all(" ROPE_DIMS=64 " in ln and " MUON_WD=0.04 " in ln for ln in rows)
     caps = [re.findall(r" LOGIT_SOFTCAP=(\d+) ", ln) + re.findall(r" QAT_RAMP_FRAC=([0-9.]+) ", ln) for ln in rows]
-    assert caps[:4] == [["15", "0.1"], ["20", "0.2"], ["20", "0.1"], ["30", "0"]]
-    assert all(c == ["20", "0.1"] for c in caps[4:])
-    seconds = [re.findall(r" MAX_WALLCLOCK_SECONDS=(\d+) ", ln) for ln in rows[:5]]
-    assert seconds == [["300"]] * 2 + [["150"]] * 2 + [["300"]]
-    assert "CHECKPOINT_SAVE=1 " in rows[4] and "(waits for d15s2024: same checkpoint)" in rows[9]
-    assert " TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 " in rows[9] and " SEED=2024 " in rows[9]
+    assert caps[:6] == [["15", "0.1"], ["20", "0.2"], ["15", "0.1"], ["10", "0.1"], ["15", "0.1"], ["30", "0"]]
+    assert all(c == ["20", "0.1"] for c in caps[6:])
+    assert " SEED=42 " in rows[2] and all(" SEED=" not in ln for ln in rows[:2] + rows[3:6])
+    seconds = [re.findall(r" MAX_WALLCLOCK_SECONDS=(\d+) ", ln) for ln in rows[:7]]
+    assert seconds == [["300"]] * 4 + [["150"]] * 2 + [["300"]]
+    assert "CHECKPOINT_SAVE=1 " in rows[6] and "(waits for d15s2024: same checkpoint)" in rows[11]
+    assert " TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 " in rows[11] and " SEED=2024 " in rows[11]
     base = valid_manifest("recipe_s16.toml")["base"]
     assert base == {**valid_manifest("recipe_s15.toml")["base"], "LOGIT_SOFTCAP": 20, "QAT_RAMP_FRAC": 0.1}
