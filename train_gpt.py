@@ -1513,25 +1513,25 @@ class GPT(nn.Module):
                 break
         return x, aux, state
 
-    def hidden(self, idx, state=None, recur=True):
-        """(final hidden states, auxiliary loss, capsule state after the window)."""
+    def head_inputs(self, idx, state=None, recur=True):
+        """(the LM head's input: final hidden states, through embed_out if any; the head's weight; auxiliary loss;
+        capsule state after the window). The logits are x @ weight.T, which a fused loss can take on itself."""
         h = self.h
         x0 = self.embed(idx)
         x, aux, new_state, read = self.run_layers(x0, idx, state, recur)
         x = self.final_norm(x)
         if h.feedback_enabled:
             x, aux, new_state = self.feedback_passes(x0, idx, x, aux, state, new_state, read, recur)
-        return x, aux, new_state
-
-    def logits(self, idx, state=None, recur=True):
-        """(logits fp32, auxiliary loss, capsule state after the window)."""
-        x, aux, state = self.hidden(idx, state, recur)
         if self.embed_out is not None:
             x = self.embed_out(x)
-        h = self.h
         weight = self.tok_emb.weight
         if h.embed_qat:
             weight = self.embedding_weight()
+        return x, weight, aux, new_state
+
+    def logits(self, idx, state=None, recur=True):
+        """(logits fp32, auxiliary loss, capsule state after the window)."""
+        x, weight, aux, state = self.head_inputs(idx, state, recur)
         logits = F.linear(x, weight.to(x.dtype)).float()
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
