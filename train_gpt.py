@@ -176,6 +176,9 @@ class Hyperparameters:
     qk_gain_init = Knob("QK_GAIN_INIT", 1.5, check=POS)
     logit_softcap = Knob("LOGIT_SOFTCAP", 20.0, check=NONNEG)  # 0: off (session 15: 20 beat 30 on two seeds)
     z_loss = Knob("Z_LOSS", 0.0, check=NONNEG)
+    # the training loss by FusedSoftcapCrossEntropy: head GEMM, softcap, cross-entropy (+ z-loss) and their gradients
+    # in one pass, chunk by chunk, instead of inductor's reductions over the whole logits; unmeasured on GPU
+    fused_loss = Knob("FUSED_LOSS", False)
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})
     bos_id = Knob("BOS_ID", 1, check=NONNEG)  # document-start token of the shards (SmearGate masks it)
@@ -1386,6 +1389,47 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# FUSED_LOSS: rows of tokens per chunk. Big enough that a chunk's three GEMMs (16384 rows by 8192 logits at the
+# default vocabulary) fill an H100, small enough that its fp32 logits are 512 MiB, not a 65536-token batch's 2 GiB
+FUSED_LOSS_CHUNK = 16384
+
+
+class FusedSoftcapCrossEntropy(torch.autograd.Function):
+    """FUSED_LOSS: mean cross-entropy (+ z_loss * mean lse^2) of the logits cap * tanh(x @ weight.T / cap) (no cap at
+    0) against targets, x (N, D). The forward computes the gradients too, a chunk of rows at a time, so the (N, V)
+    logits are never whole nor kept for the backward, which only scales them by the loss's gradient (Liger's fused
+    linear cross-entropy). The GEMMs run in the dtype F.linear gives (bf16 under autocast), the rest in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, cap, z_loss, chunk=FUSED_LOSS_CHUNK):
+        n = x.size(0)
+        loss, gxs, gw = 0.0, [], torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, n, chunk):
+            xc, tc = x[i : i + chunk], targets[i : i + chunk]
+            logits = F.linear(xc, weight.to(x.dtype))  # under autocast the plain path's bf16 GEMM
+            z = logits.float()
+            if cap:
+                t = torch.tanh(z / cap)
+                z = cap * t
+            lse = torch.logsumexp(z, dim=-1)
+            loss = loss + (lse - z.gather(1, tc[:, None])[:, 0] + z_loss * lse.square()).sum()
+            # d/dz of lse - z[target] + z_loss * lse^2: softmax(z) (1 + 2 z_loss lse) - onehot(target)
+            onehot = torch.arange(z.size(1), device=z.device) == tc[:, None]
+            gz = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - onehot.float()
+            if cap:
+                gz = gz * (1 - t * t)  # through cap * tanh(l / cap)
+            gl = (gz / n).to(logits.dtype)
+            gxs.append(gl @ weight.to(gl.dtype))
+            gw = gw + (gl.t() @ xc.to(gl.dtype)).float()  # chunks summed in fp32
+        ctx.save_for_backward(torch.cat(gxs).to(x.dtype), gw.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, g):
+        gx, gw = ctx.saved_tensors
+        return gx * g, gw * g, None, None, None, None
+
+
 class GPT(nn.Module):
     """U-Net transformer: the first half of the layers push their outputs, the second half pops them in reverse
     and adds them with learned per-channel weights. The embedding is tied and factored through EMBED_DIM.
@@ -1515,7 +1559,7 @@ class GPT(nn.Module):
 
     def head_inputs(self, idx, state=None, recur=True):
         """(the LM head's input: final hidden states, through embed_out if any; the head's weight; auxiliary loss;
-        capsule state after the window). The logits are x @ weight.T, which a fused loss can take on itself."""
+        capsule state after the window). The logits are x @ weight.T: logits() and FUSED_LOSS both start here."""
         h = self.h
         x0 = self.embed(idx)
         x, aux, new_state, read = self.run_layers(x0, idx, state, recur)
@@ -1539,6 +1583,12 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets, recur=True):
         """Training objective: mean cross-entropy (+ z-loss) + the features' auxiliary losses."""
+        h = self.h
+        if h.fused_loss:
+            x, weight, aux, _ = self.head_inputs(idx, recur=recur)
+            loss = FusedSoftcapCrossEntropy.apply(x.flatten(0, -2), weight, targets.reshape(-1), self.logit_softcap,
+                                                  self.z_loss)
+            return loss + aux
         logits, aux, _ = self.logits(idx, recur=recur)
         logits = logits.view(-1, self.tok_emb.num_embeddings)
         loss = F.cross_entropy(logits, targets.reshape(-1))

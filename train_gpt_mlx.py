@@ -177,6 +177,7 @@ class Hyperparameters:
     qk_gain_init = Knob("QK_GAIN_INIT", 1.5, check=POS)
     logit_softcap = Knob("LOGIT_SOFTCAP", 20.0, check=NONNEG)  # 0: off (session 15: 20 beat 30 on two seeds)
     z_loss = Knob("Z_LOSS", 0.0, check=NONNEG)
+    fused_loss = Knob("FUSED_LOSS", False)  # read, unused: a CUDA throughput path; MLX differentiates the loss itself
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})  # read, unused: mx.fast SDPA
     bos_id = Knob("BOS_ID", 1, check=NONNEG)  # document-start token of the shards (SmearGate masks it)

@@ -118,6 +118,67 @@ def test_losses_match_definitions_and_all_params_get_gradients(layers):
     assert not missing  # DDP needs every parameter in the graph, odd depth included
 
 
+def plain_softcap_loss(x, weight, targets, cap, z_loss):
+    """The unfused objective, as GPT.logits and GPT.forward compute it, differentiated by autograd."""
+    logits = F.linear(x, weight.to(x.dtype)).float()
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return F.cross_entropy(logits, targets) + z_loss * torch.logsumexp(logits, -1).square().mean()
+
+
+@pytest.mark.parametrize("cap, z_loss", [(5.0, 0.0), (0.0, 0.0), (5.0, 0.01)])
+def test_fused_loss_matches_the_plain_loss_and_its_gradients(cap, z_loss):
+    """FusedSoftcapCrossEntropy against autograd through the plain path: 37 rows in chunks of 8 (a short last
+    chunk), logits of a few units so the cap bends them, and a loss scaled by 3 (the backward scales by it)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    tgt = torch.randint(0, 50, (37,))
+    ref = plain_softcap_loss(x, w, tgt, cap, z_loss)
+    want = torch.autograd.grad(3 * ref, (x, w))
+    got = tg.FusedSoftcapCrossEntropy.apply(x, w, tgt, cap, z_loss, 8)
+    grads = torch.autograd.grad(3 * got, (x, w))
+    assert got.dtype == torch.float32 and [g.dtype for g in grads] == [torch.float32] * 2
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_keeps_the_inputs_dtypes_and_the_bf16_gemms_under_autocast():
+    """Under bf16 autocast (CPU's, standing in for training's CUDA one) the GEMMs run in bf16 as F.linear's do: the
+    loss and x's gradient match the plain path's to rounding, the weight's (fp32 over chunks, where the plain path
+    rounds its one GEMM to bf16) to bf16's precision; the gradients come back in the inputs' dtypes."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 64, dtype=torch.bfloat16, requires_grad=True)
+    w, tgt = (torch.randn(256, 64) * 0.3).requires_grad_(), torch.randint(0, 256, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = plain_softcap_loss(x, w, tgt, 20.0, 0.0)
+        got = tg.FusedSoftcapCrossEntropy.apply(x, w, tgt, 20.0, 0.0, 128)
+    want, grads = torch.autograd.grad(ref, (x, w)), torch.autograd.grad(got, (x, w))
+    assert got.dtype == torch.float32 and (grads[0].dtype, grads[1].dtype) == (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], want[0], rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grads[1], want[1], rtol=1e-2, atol=2e-2 * want[1].abs().max().item())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"EMBED_DIM": "0", "LOGIT_SOFTCAP": "0", "Z_LOSS": "0.01"},
+                                       {"EMBED_QAT": "1", "EXPORT_EMBED": "int6", "LOGIT_SOFTCAP": "2"}])
+def test_fused_loss_trains_the_same_model(overrides):
+    """FUSED_LOSS=1 gives GPT.forward's loss and every parameter's gradient as FUSED_LOSS=0 does (same init), with
+    the factored head (embed_out), without cap and with z-loss, and through EMBED_QAT's rounded weight."""
+    idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    losses, grads = [], []
+    for fused in ("0", "1"):
+        m = model(FUSED_LOSS=fused, **overrides)
+        loss = m(idx, tgt)
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_param_count_and_ternary_share():
     m = model()
     total, ternary = tg.count_params(m)
