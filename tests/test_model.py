@@ -161,10 +161,12 @@ def test_fused_loss_keeps_the_inputs_dtypes_and_the_bf16_gemms_under_autocast():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"EMBED_DIM": "0", "LOGIT_SOFTCAP": "0", "Z_LOSS": "0.01"},
-                                       {"EMBED_QAT": "1", "EXPORT_EMBED": "int6", "LOGIT_SOFTCAP": "2"}])
+                                       {"EMBED_QAT": "1", "EXPORT_EMBED": "int6", "LOGIT_SOFTCAP": "2"},
+                                       {"MOE_ENABLED": "1", "MOE_EXPERTS": "4"}])
 def test_fused_loss_trains_the_same_model(overrides):
     """FUSED_LOSS=1 gives GPT.forward's loss and every parameter's gradient as FUSED_LOSS=0 does (same init), with
-    the factored head (embed_out), without cap and with z-loss, and through EMBED_QAT's rounded weight."""
+    the factored head (embed_out), without cap and with z-loss, through EMBED_QAT's rounded weight, and with an
+    auxiliary loss (MoE's balance) added."""
     idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
     losses, grads = [], []
     for fused in ("0", "1"):
