@@ -195,3 +195,33 @@ def test_lora_profile_refuses_more_steps_than_the_pass_has(lora_env, tmp_path):
     with pytest.raises(SystemExit):
         profile_lora.main(["--allow-cpu", "--steps", "5", "--skip", "0", "--out", str(tmp_path)])
     assert not (tmp_path / "lora_breakdown.md").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/bench_loss.py: the plain loss head against FUSED_LOSS's, on the CPU uncompiled
+
+import bench_loss  # noqa: E402
+
+
+def test_bench_loss_prints_a_line_per_variant_and_their_differences(capsys):
+    """One line per variant in key:value form; the fused loss and gradients against the plain path's, both in bf16
+    GEMMs (here without autocast): the loss to fp32 rounding, the gradients to bf16's (2 chunks, a short last one)."""
+    torch.set_num_threads(1)
+    assert bench_loss.main(["--allow-cpu", "--tokens", "100", "--dim", "32", "--vocab", "256", "--iters", "2",
+                            "--chunk", "64"]) == 0
+    plain, fused, shapes = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"bench_loss variant:plain ms:[0-9.]+ peak_mib:\d+", plain), plain
+    m = re.fullmatch(r"bench_loss variant:fused ms:[0-9.]+ peak_mib:\d+ max_loss_diff:(\S+) max_gx_diff:(\S+) "
+                     r"max_gw_diff:(\S+)", fused)
+    assert m, fused
+    loss_diff, gx_diff, gw_diff = map(float, m.groups())
+    scale = dict(kv.split(":", 1) for kv in shapes.split()[1:])
+    assert scale["tokens"] == "100" and scale["chunk"] == "64"
+    assert loss_diff < 1e-4 and gx_diff <= 2e-2 * float(scale["max_gx"]) and gw_diff <= 2e-2 * float(scale["max_gw"])
+
+
+def test_bench_loss_without_cuda_refuses_unless_allowed(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the error on a machine without CUDA")
+    assert bench_loss.main([]) == 2
+    assert "--allow-cpu" in capsys.readouterr().err
