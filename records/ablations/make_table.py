@@ -336,14 +336,28 @@ H200_RUNS += [
     ("cap20s42_d24c48", f"{ENV14}, TTT_LORA_DOCS=24", "022dc7c", "cap20s42"),
 ]
 H200_S15 = HERE / "h200_2026-11-30_s15"
+# session 16 (h200_2026-11-30_s16/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s16.toml s16`, three calls on
+# nvidia-h200-x2, two rows side by side; train_gpt.py as at 2f0f631); every row is session 15's default (r64's with
+# LOGIT_SOFTCAP=20 QAT_RAMP_FRAC=0.1) with the named changes; t150old is session 14's default at 150 s.
+S15 = f"{R64}, LOGIT_SOFTCAP=20 QAT_RAMP_FRAC=0.1"
+H200_RUNS += [
+    ("cap15", f"trains: {S15}, LOGIT_SOFTCAP=15", "2f0f631", ""),
+    ("ramp2", f"trains: {S15}, QAT_RAMP_FRAC=0.2", "2f0f631", ""),
+    ("cap15s42", f"trains: {S15}, LOGIT_SOFTCAP=15 SEED=42", "2f0f631", ""),
+    ("cap10", f"trains: {S15}, LOGIT_SOFTCAP=10", "2f0f631", ""),
+    ("t150", f"trains 150 s: {S15}, LOGIT_SOFTCAP=15", "2f0f631", ""),
+    ("t150old", f"trains 150 s: {S15}, LOGIT_SOFTCAP=30 QAT_RAMP_FRAC=0", "2f0f631", ""),
+]
+H200_S16 = HERE / "h200_2026-11-30_s16"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
-           H200_S15)  # two runs side by side on nvidia-h200-x2
+           H200_S15, H200_S16)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
                "h128s2024", "h128fp8", "h128rope64", "h128rope32", "h128qs2",
                "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45",
-               "r64", "r64s42", "leaky", "gs64", "qramp", "cap20", "cap20s42", "qramps42", "capramp", "capramps42"}  # not in the plot:
+               "r64", "r64s42", "leaky", "gs64", "qramp", "cap20", "cap20s42", "qramps42", "capramp", "capramps42",
+               "cap15", "ramp2", "cap15s42", "cap10"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
