@@ -175,7 +175,7 @@ class Hyperparameters:
     # RoPE's 1.2929 / 1.2937); a head narrower than the default rotates whole
     rope_dims = Knob("ROPE_DIMS", 64, check=NONNEG)
     qk_gain_init = Knob("QK_GAIN_INIT", 1.5, check=POS)
-    logit_softcap = Knob("LOGIT_SOFTCAP", 20.0, check=NONNEG)  # 0: off (session 15: 20 beat 30 on two seeds)
+    logit_softcap = Knob("LOGIT_SOFTCAP", 15.0, check=NONNEG)  # 0: off (s15: 20 beat 30, s16: 15 beat 20, two seeds each)
     z_loss = Knob("Z_LOSS", 0.0, check=NONNEG)
     fused_loss = Knob("FUSED_LOSS", False)  # read, unused: a CUDA throughput path; MLX differentiates the loss itself
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)

@@ -443,7 +443,9 @@ def test_fp8_matmul_trains_close_to_the_bf16_run(shards, tmp_path):
     bf16 run of the same seed, close to them."""
     from conftest import log_values, run_train
 
-    shape = dict(MODEL_DIM=128, GROUP_SIZE=64, ITERATIONS=4, QAT_START_FRAC=0.5)  # inputs in whole blocks of 128
+    # inputs in whole blocks of 128; the quantizer on at once from step 3 of 6, so that the FP8 forward steers
+    # several updates (on four steps, under softcap 15, the losses differed by 0.0005 at the last step only)
+    shape = dict(MODEL_DIM=128, GROUP_SIZE=64, ITERATIONS=6, QAT_START_FRAC=0.5, QAT_RAMP_FRAC=0)
     runs = {}
     for fp8 in (0, 1):
         (tmp_path / str(fp8)).mkdir()
@@ -451,6 +453,6 @@ def test_fp8_matmul_trains_close_to_the_bf16_run(shards, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         runs[fp8] = r.stdout
     plain, fp8 = log_values(runs[0], "train_loss"), log_values(runs[1], "train_loss")
-    assert len(fp8) == len(plain) >= 4 and fp8 != plain
+    assert len(fp8) == len(plain) >= 6 and fp8 != plain
     assert max(abs(a - b) for a, b in zip(fp8, plain)) < 0.05 * max(plain)
     assert "final_roundtrip" in runs[1]
