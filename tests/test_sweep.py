@@ -727,3 +727,18 @@ def test_recipe_s16_manifest_validates_on_two_lanes():
     assert " TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 " in rows[11] and " SEED=2024 " in rows[11]
     base = valid_manifest("recipe_s16.toml")["base"]
     assert base == {**valid_manifest("recipe_s15.toml")["base"], "LOGIT_SOFTCAP": 20, "QAT_RAMP_FRAC": 0.1}
+
+
+def test_recipe_s17_manifest_validates_on_two_lanes():
+    """Session 17's plan, on session 16's default (softcap 15, a 10% ramp): a third seed whose checkpoint the env's
+    LoRA pipeline re-scores, then the four schedule and optimizer knobs recipe_s16 left, each one change."""
+    r = sweep(ROOT / "scripts" / "sweeps" / "recipe_s17.toml", "--dry-run", "--gpus", "0,1")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert len(rows) == 6 and all(" LOGIT_SOFTCAP=15 QAT_RAMP_FRAC=0.1 " in ln for ln in rows)
+    assert "CHECKPOINT_SAVE=1 " in rows[0] and "(waits for d16s2024: same checkpoint)" in rows[5]
+    assert " TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 " in rows[5] and all(" SEED=2024 " in rows[k] for k in (0, 5))
+    changes = [" WARMDOWN_SHAPE=cosine ", " Z_LOSS=0.0001 ", " GRAD_CLIP_NORM=1.0 ", " EMBED_LR=0.04 "]
+    assert all(c in ln for c, ln in zip(changes, rows[1:5])) and all(" SEED=" not in ln for ln in rows[1:5])
+    base = valid_manifest("recipe_s17.toml")["base"]
+    assert base == {**valid_manifest("recipe_s16.toml")["base"], "LOGIT_SOFTCAP": 15}
