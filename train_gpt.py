@@ -181,6 +181,10 @@ class Hyperparameters:
     fused_loss = Knob("FUSED_LOSS", False)
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})
+    # q, k and v as one GEMM of output width (NUM_HEADS + 2 NUM_KV_HEADS) x head dim, forward and both backward
+    # GEMMs alike: the thin k/v weight gradients (K = the batch's tokens) run far below peak alone. The same outputs
+    # and gradients up to GEMM rounding (tests); unmeasured on GPU
+    fused_qkv = Knob("FUSED_QKV", False)
     bos_id = Knob("BOS_ID", 1, check=NONNEG)  # document-start token of the shards (SmearGate masks it)
     # architecture family: each feature is off by default and costs nothing when off
     skc_enabled = Knob("SKC_ENABLED", False)  # SKC token mixer in the layers SKC_PATTERN marks S
@@ -357,6 +361,9 @@ class Hyperparameters:
                 raise ConfigError(f"TTT_MODE=lora with {knob}=1: not supported (documents are adapted side by side)")
 
     def _check_export(self):  # and the training precision knobs' dependencies
+        if self.fused_qkv and self.fp8_matmul:
+            raise ConfigError("FUSED_QKV=1 with FP8_MATMUL=1: the fused q/k/v GEMM is F.linear, it would bypass the e4m3 "
+                              "matmul that FP8_MATMUL puts on each layer")
         if self.fp8_dgrad and not self.fp8_matmul:
             raise ConfigError("FP8_DGRAD=1 puts FP8_MATMUL's input gradients in e4m3: it needs FP8_MATMUL=1")
         if self.fp8_wgrad and not self.fp8_dgrad:
@@ -1098,13 +1105,30 @@ class CausalSelfAttention(nn.Module):
         if h.value_residual:
             self.value_mix = nn.Parameter(torch.tensor(0.5))
 
+    def qkv(self, x):
+        """FUSED_QKV: (q, k, v) = x @ [Wq; Wk; Wv]^T in one GEMM, each W the layer's own quantized_weight() (whatever
+        its quantizer, FP-phase blend or frozen copy), so the gradient reaches each latent weight straight through and
+        the three parameters stay separate for the optimizer and the export."""
+        layers = (self.q, self.k, self.v)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
+            # LoRA TTT adds its adapters by forward hooks, which only a module's own call runs: the fused GEMM would
+            # drop them silently. (Training's model has no hooks, and dynamo guards on the empty dicts: one graph.)
+            return tuple(m(x) for m in layers)
+        # cast, then cat: the cast is elementwise, so the bits are the same either way, each weight is cast as
+        # TernaryLinear.forward casts it, and with bf16 x the cat copies half of fp32's bytes (with fp32 x under
+        # autocast the casts are no-ops and F.linear casts the one cat weight); inductor fuses all of it anyway
+        w = torch.cat([m.quantized_weight().to(x.dtype) for m in layers])
+        return F.linear(x, w).split([m.out_features for m in layers], dim=-1)
+
     def forward(self, x, v_first=None):
         """(output, this layer's values before mixing: the first attention layer's feed the value residual)."""
         h = self.h
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if h.fused_qkv:
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # NUM_HEADS, NUM_KV_HEADS, NUM_KV_HEADS heads
         v_own = v
         if h.value_residual:
             # ResFormer: later layers add a learned share of the first attention layer's values. The first layer

@@ -180,6 +180,7 @@ class Hyperparameters:
     fused_loss = Knob("FUSED_LOSS", False)  # read, unused: a CUDA throughput path; MLX differentiates the loss itself
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})  # read, unused: mx.fast SDPA
+    fused_qkv = Knob("FUSED_QKV", False)  # read, unused: a CUDA throughput path (one q/k/v GEMM)
     bos_id = Knob("BOS_ID", 1, check=NONNEG)  # document-start token of the shards (SmearGate masks it)
     # architecture family: the UNPORTED ones must stay off here
     skc_enabled = Knob("SKC_ENABLED", False)

@@ -169,6 +169,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "ENGRAM_ENABLED": ({}, "class EngramHash"),
     "MOE_ENABLED": ({"MOE_EXPERTS": "4"}, "class MoEMLP"),
     "FUSED_LOSS": ({}, "class FusedSoftcapCrossEntropy"),
+    "FUSED_QKV": ({}, "def qkv"),
     "XSA_ENABLED": ({}, "def exclusive_self_attention"),
     "VALUE_RESIDUAL": ({}, "value_mix"),
     "SMEAR_GATE": ({}, "class SmearGate"),

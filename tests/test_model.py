@@ -181,6 +181,74 @@ def test_fused_loss_trains_the_same_model(overrides):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("overrides, mix", [({}, None), ({"SCALE_FORMAT": "log8"}, None),
+                                             ({"HYBRID_INT": "1", "HYBRID_FAMILIES": "q,k"}, None),
+                                             ({"HYBRID_INT": "1", "HYBRID_FAMILIES": "k", "SCALE_FORMAT": "log8"}, 0.5),
+                                             ({}, 0.5)])
+def test_fused_qkv_trains_the_same_model(overrides, mix):
+    """FUSED_QKV=1 gives GPT.forward's loss and every parameter's gradient as FUSED_QKV=0 does (same init, fp32), with
+    log8 scales, with int (HYBRID_INT) q and k next to a ternary v, and through FP_PHASE's blend at q=0.5; and the
+    attention's q, k, v are each x @ W^T of that layer's own quantized weight (a reference independent of the code)."""
+    idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    losses, grads = [], []
+    for fused in ("0", "1"):
+        m = model(FUSED_QKV=fused, **overrides)
+        if mix is not None:
+            tg.QuantMix(m).set(mix)
+        attn = m.blocks[1].mixer
+        kinds = {type(attn.q), type(attn.k), type(attn.v)}
+        assert len(kinds) == 1 + ("HYBRID_INT" in overrides)  # int and ternary quantizers side by side
+        assert all(issubclass(c, tg.FPPhaseLinear) for c in kinds) == (mix is not None)
+        loss = m(idx, tgt)
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        want = [x @ lin.quantized_weight().T for lin in (attn.q, attn.k, attn.v)]
+        got = attn.qkv(x)
+    assert [g.shape for g in got] == [(2, 5, 64), (2, 5, 32), (2, 5, 32)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_fused_qkv_runs_one_gemm_for_q_k_v_forward_and_backward(fused):
+    """What FUSED_QKV is for: the products ATen runs for an attention's forward and backward, seen at its dispatch.
+    Fused, q, k and v are one x @ W^T of width 64 + 32 + 32 = 128, and one weight-gradient GEMM of 128 rows, with
+    no 32-wide k or v product left; unfused, k's and v's own products (and no 128-wide one)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                shapes.append(tuple(out.shape))
+            return out
+
+    attn = model(FUSED_QKV=fused).blocks[0].mixer
+    x = torch.randn(2, 5, 64)
+    with Products():
+        attn(x)[0].sum().backward()
+    if fused == "1":
+        assert (10, 128) in shapes and (128, 64) in shapes and not any(32 in s for s in shapes), shapes
+    else:
+        assert (10, 32) in shapes and (32, 64) in shapes and not any(128 in s for s in shapes), shapes
+
+
+def test_fused_qkv_with_fp8_matmul_is_refused():
+    """The fused GEMM is F.linear: it would bypass the e4m3 matmul FP8_MATMUL puts on each layer."""
+    with pytest.raises(tg.ConfigError, match="FUSED_QKV=1 with FP8_MATMUL=1"):
+        tg.Hyperparameters({"FUSED_QKV": "1", "FP8_MATMUL": "1"})
+    assert tg.Hyperparameters({"FUSED_QKV": "1"}).fused_qkv and tg.Hyperparameters({"FP8_MATMUL": "1"}).fp8_matmul
+
+
 def test_param_count_and_ternary_share():
     m = model()
     total, ternary = tg.count_params(m)
@@ -225,9 +293,10 @@ FEATURES = {
     "value_residual": {"VALUE_RESIDUAL": "1"},
     "smear": {"SMEAR_GATE": "1"},
     "layer_scale": {"LAYER_SCALE": "1"},
+    "fused_qkv": {"FUSED_QKV": "1"},  # not architecture, a throughput path: with the rest, it must compile as one graph
 }
 ALL_ON = {k: v for f in ("skc", "parallel", "recur", "capsules", "feedback_halt", "engram", "moe", "xsa",
-                         "value_residual", "smear", "layer_scale") for k, v in FEATURES[f].items()}
+                         "value_residual", "smear", "layer_scale", "fused_qkv") for k, v in FEATURES[f].items()}
 ALL_ON.update(SHARED_BLOCKS="1", SHARED_BLOCK_COUNT="3", NUM_LAYERS="5")
 FEATURES["all"] = ALL_ON
 

@@ -376,6 +376,25 @@ def test_lora_ttt_on_log8_scales_matches_the_loop():
     assert nll.sum().item() == pytest.approx(lora_reference(m, tokens, h, a_init), rel=1e-5)
 
 
+@pytest.mark.parametrize("targets", ["q,k,v,down", "v"])
+def test_lora_ttt_adapts_a_fused_qkv_model_exactly_as_an_unfused_one(targets):
+    """LoRA TTT's adapters are forward hooks on q, k, v: FUSED_QKV's one GEMM would skip them, so a hooked layer's
+    attention computes q, k, v through the modules' own calls. The same scores, bit for bit, as FUSED_QKV=0, with
+    every projection adapted and with v alone (the fused GEMM then also drops v's hook unless it falls back)."""
+    tokens = docs_stream(2)
+    scores = []
+    for fused in ("0", "1"):
+        h = lora_h(TTT_LORA_TARGETS=targets, FUSED_QKV=fused)
+        m = model(FUSED_QKV=fused)
+        assert m.h.fused_qkv == (fused == "1")
+        nll, adapted = lora_nll(m, tokens, h)
+        assert adapted > 0
+        scores.append(nll)
+    assert torch.equal(scores[1], scores[0])
+    plain = lora_nll(model(), tokens, lora_h(TTT_LORA_TARGETS=targets, EVAL_BUDGET_SECONDS=1e-9))[0]
+    assert not torch.allclose(scores[0], plain, atol=1e-4)  # the adapters did move the scores
+
+
 @pytest.mark.parametrize("kw", [{}, {"SCALE_FORMAT": "log8"}, {"HYBRID_INT": "1", "HYBRID_BITS": "4"}, {"calib": 1}])
 def test_frozen_weights_score_bit_for_bit_and_leave_the_model_as_it_was(kw):
     """frozen_weights (LoRA TTT's reloaded model): the same per-token NLL exactly, for every quantizer; the weight
