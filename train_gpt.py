@@ -1426,11 +1426,12 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, cap, z_loss, chunk=FUSED_LOSS_CHUNK):
-        n = x.size(0)
+        n, w = x.size(0), weight.to(x.dtype)  # cast once for every chunk's GEMM
+        vocab = torch.arange(weight.size(0), device=x.device)
         loss, gxs, gw = 0.0, [], torch.zeros_like(weight, dtype=torch.float32)
         for i in range(0, n, chunk):
             xc, tc = x[i : i + chunk], targets[i : i + chunk]
-            logits = F.linear(xc, weight.to(x.dtype))  # under autocast the plain path's bf16 GEMM
+            logits = F.linear(xc, w)  # under autocast the plain path's bf16 GEMM
             z = logits.float()
             if cap:
                 t = torch.tanh(z / cap)
@@ -1438,7 +1439,7 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             loss = loss + (lse - z.gather(1, tc[:, None])[:, 0] + z_loss * lse.square()).sum()
             # d/dz of lse - z[target] + z_loss * lse^2: softmax(z) (1 + 2 z_loss lse) - onehot(target)
-            onehot = torch.arange(z.size(1), device=z.device) == tc[:, None]
+            onehot = vocab == tc[:, None]
             gz = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - onehot.float()
             if cap:
                 gz = gz * (1 - t * t)  # through cap * tanh(l / cap)
