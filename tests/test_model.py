@@ -160,6 +160,21 @@ def test_fused_loss_keeps_the_inputs_dtypes_and_the_bf16_gemms_under_autocast():
     torch.testing.assert_close(grads[1], want[1], rtol=1e-2, atol=2e-2 * want[1].abs().max().item())
 
 
+def loss_and_grads(m, idx, tgt):
+    """GPT.forward's loss and every parameter's gradient after its backward."""
+    loss = m(idx, tgt)
+    loss.backward()
+    return loss, {n: p.grad for n, p in m.named_parameters()}
+
+
+def assert_same_loss_and_grads(got, want):
+    """Two (loss, gradients) of loss_and_grads: the same loss and the same gradient for every parameter."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert want[1].keys() == got[1].keys()
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"EMBED_DIM": "0", "LOGIT_SOFTCAP": "0", "Z_LOSS": "0.01"},
                                        {"EMBED_QAT": "1", "EXPORT_EMBED": "int6", "LOGIT_SOFTCAP": "2"},
                                        {"MOE_ENABLED": "1", "MOE_EXPERTS": "4"}])
@@ -168,17 +183,8 @@ def test_fused_loss_trains_the_same_model(overrides):
     the factored head (embed_out), without cap and with z-loss, through EMBED_QAT's rounded weight, and with an
     auxiliary loss (MoE's balance) added."""
     idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
-    losses, grads = [], []
-    for fused in ("0", "1"):
-        m = model(FUSED_LOSS=fused, **overrides)
-        loss = m(idx, tgt)
-        loss.backward()
-        losses.append(loss)
-        grads.append({n: p.grad for n, p in m.named_parameters()})
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    runs = [loss_and_grads(model(FUSED_LOSS=fused, **overrides), idx, tgt) for fused in ("0", "1")]
+    assert_same_loss_and_grads(runs[1], runs[0])
 
 
 @pytest.mark.parametrize("overrides, mix", [({}, None), ({"SCALE_FORMAT": "log8"}, None),
@@ -190,7 +196,7 @@ def test_fused_qkv_trains_the_same_model(overrides, mix):
     log8 scales, with int (HYBRID_INT) q and k next to a ternary v, and through FP_PHASE's blend at q=0.5; and the
     attention's q, k, v are each x @ W^T of that layer's own quantized weight (a reference independent of the code)."""
     idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
-    losses, grads = [], []
+    runs = []
     for fused in ("0", "1"):
         m = model(FUSED_QKV=fused, **overrides)
         if mix is not None:
@@ -199,10 +205,7 @@ def test_fused_qkv_trains_the_same_model(overrides, mix):
         kinds = {type(attn.q), type(attn.k), type(attn.v)}
         assert len(kinds) == 1 + ("HYBRID_INT" in overrides)  # int and ternary quantizers side by side
         assert all(issubclass(c, tg.FPPhaseLinear) for c in kinds) == (mix is not None)
-        loss = m(idx, tgt)
-        loss.backward()
-        losses.append(loss)
-        grads.append({n: p.grad for n, p in m.named_parameters()})
+        runs.append(loss_and_grads(m, idx, tgt))
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         want = [x @ lin.quantized_weight().T for lin in (attn.q, attn.k, attn.v)]
@@ -210,10 +213,7 @@ def test_fused_qkv_trains_the_same_model(overrides, mix):
     assert [g.shape for g in got] == [(2, 5, 64), (2, 5, 32), (2, 5, 32)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_loss_and_grads(runs[1], runs[0])
 
 
 @pytest.mark.parametrize("fused", ["0", "1"])
