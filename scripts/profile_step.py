@@ -11,7 +11,8 @@ Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz
 through train_gpt.train_step, then writes to --out: profile_table.txt (the profiler's op table sorted by device
 time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
 memcpy, nccl, other; each bucket's heaviest kernel names; per-region totals forward+backward / optimizer; the GPU
-idle gap within the step, i.e. launch overhead). On the CPU there are no kernels, so the CPU ops (self time) are
+idle gap within the step, split into the latency between back-to-back kernels and longer gaps; the kernels
+launched per step, and how many of them run under 10 us). On the CPU there are no kernels, so the CPU ops (self time) are
 bucketed instead, through the same code.
 Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
 """
@@ -62,6 +63,7 @@ ATEN_ELEMENTWISE = {"add", "mul", "sub", "div", "where", "sign", "abs", "clamp",
                     "index_add", "masked_fill", "floor", "ceil", "log", "erf"}
 OPTIMIZER_BUCKET = "optimizer (Muon Newton-Schulz, Adam)"  # every kernel launched inside an optimizer step
 TOP_NAMES = 8  # kernel names listed per bucket in the breakdown
+SHORT_KERNEL_US, SHORT_GAP_US = 10, 5  # launch_stats: a kernel this short is launch-bound; a gap this short, latency
 
 
 def parse_args(argv):
@@ -211,9 +213,29 @@ def union_us(spans):
     return total
 
 
+def launch_stats(items, windows):
+    """{"kernels": count, "short_kernels": count, "short_kernels_us", "short_gaps_us"} of the kernels within the
+    windows: those under SHORT_KERNEL_US (launch-bound work), and the idle gaps under SHORT_GAP_US between one kernel's
+    end and the next one's start (the GPU's own latency between back-to-back kernels, which only fewer kernels or a
+    CUDA graph shorten). The rest of a window's idle time is longer gaps: the CPU behind the GPU, or syncs."""
+    stats = dict.fromkeys(("kernels", "short_kernels", "short_kernels_us", "short_gaps_us"), 0.0)
+    for w in windows:
+        end = None
+        for _, t0, t1, us, _ in sorted(i for i in items if w.start <= i[1] < w.end):
+            stats["kernels"] += 1
+            if us < SHORT_KERNEL_US:
+                stats["short_kernels"] += 1
+                stats["short_kernels_us"] += us
+            if end is not None and 0 < t0 - end < SHORT_GAP_US:
+                stats["short_gaps_us"] += t0 - end
+            end = t1 if end is None else max(end, t1)
+    return stats
+
+
 def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES):
     """{bucket: us}, {region: us}, busy us within the steps, wall us of the steps, and each bucket's `top_names`
-    heaviest kernel (op) names {bucket: [(name, us)]}, heaviest first: what a bucket's total is made of."""
+    heaviest kernel (op) names {bucket: [(name, us)]}, heaviest first: what a bucket's total is made of. On the GPU
+    the region dict also holds the optimizer's span and launch_stats' counts and times (over all steps)."""
     events = prof.events()
     items = device_items(events) if on_gpu else cpu_items(events)
     windows = [e.time_range for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
@@ -233,6 +255,7 @@ def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES):
     if on_gpu:  # the optimizer's GPU span, idle gaps included: launch-bound when well above its kernels' sum
         regions["optimizer_span"] = union_us([(e.time_range.start, e.time_range.end) for e in events if
                                               e.device_type == DeviceType.CUDA and is_optimizer_annotation(e)])
+        regions.update(launch_stats(items, windows))
     tops = {b: sorted(n.items(), key=lambda kv: -kv[1])[:top_names] for b, n in names.items()}
     return buckets, regions, busy, wall, tops
 
@@ -266,6 +289,12 @@ def breakdown_markdown(res, steps, on_gpu, timing, h, title="Training step", con
               f"| busy (union of {'kernels' if on_gpu else 'ops'} within the {unit}) | {ms(busy):.3f} | |",
               f"| gap (idle within the {unit}: launch overhead, syncs) | {ms(wall - busy):.3f} | "
               f"{100 * (wall - busy) / wall:.1f}% of wall |"]
+    if "kernels" in regions:
+        short_gaps = regions["short_gaps_us"]
+        lines += [f"| gap between back-to-back kernels (under {SHORT_GAP_US} us each) | {ms(short_gaps):.3f} | |",
+                  f"| longer gaps (the CPU behind the GPU, syncs) | {ms(wall - busy - short_gaps):.3f} | |",
+                  f"| kernels launched per {unit} (under {SHORT_KERNEL_US} us: count, ms) | {regions['kernels'] / steps:.0f} "
+                  f"| {regions['short_kernels'] / steps:.0f}, {ms(regions['short_kernels_us']):.3f} |"]
     lines += ["", f"Each bucket's heaviest {'kernels' if on_gpu else 'ops'} (names cut at 120 characters):", "",
               f"| bucket | name | ms/{unit} | share of the bucket |", "|---|---|---:|---:|"]
     for b, us_b in sorted(buckets.items(), key=lambda kv: -kv[1]):
