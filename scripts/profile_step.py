@@ -12,8 +12,8 @@ through train_gpt.train_step, then writes to --out: profile_table.txt (the profi
 time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
 memcpy, nccl, other; each bucket's heaviest kernel names; per-region totals forward+backward / optimizer; the GPU
 idle gap within the step, split into the latency between back-to-back kernels and longer gaps; the kernels
-launched per step, and how many of them run under 10 us). On the CPU there are no kernels, so the CPU ops (self time) are
-bucketed instead, through the same code.
+launched per step, and how many of them run under 10 us). On the CPU there are no kernels, so the CPU ops (self
+time) are bucketed instead, through the same code.
 Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
 """
 import argparse
@@ -293,8 +293,9 @@ def breakdown_markdown(res, steps, on_gpu, timing, h, title="Training step", con
         short_gaps = regions["short_gaps_us"]
         lines += [f"| gap between back-to-back kernels (under {SHORT_GAP_US} us each) | {ms(short_gaps):.3f} | |",
                   f"| longer gaps (the CPU behind the GPU, syncs) | {ms(wall - busy - short_gaps):.3f} | |",
-                  f"| kernels launched per {unit} (under {SHORT_KERNEL_US} us: count, ms) | {regions['kernels'] / steps:.0f} "
-                  f"| {regions['short_kernels'] / steps:.0f}, {ms(regions['short_kernels_us']):.3f} |"]
+                  f"| kernels launched per {unit} (under {SHORT_KERNEL_US} us: count, ms) | "
+                  f"{regions['kernels'] / steps:.0f} | {regions['short_kernels'] / steps:.0f}, "
+                  f"{ms(regions['short_kernels_us']):.3f} |"]
     lines += ["", f"Each bucket's heaviest {'kernels' if on_gpu else 'ops'} (names cut at 120 characters):", "",
               f"| bucket | name | ms/{unit} | share of the bucket |", "|---|---|---:|---:|"]
     for b, us_b in sorted(buckets.items(), key=lambda kv: -kv[1]):
