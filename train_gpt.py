@@ -1709,8 +1709,7 @@ class Muon(torch.optim.Optimizer):
         for i, update in owned:
             chunks[i].copy_(update.flatten())
         dist.all_reduce(flat)
-        # in the parameters' dtype: one cast for every matrix, so that apply() adds without casting each one
-        return [c.view_as(p) for c, p in zip(flat.to(params[0].dtype).split(sizes), params)]
+        return [c.view_as(p) for c, p in zip(chunks, params)]
 
     def sharded_updates(self, params, group, ns_dtype):
         """Rank r computes the updates of matrices r, r + world, ... (and keeps only their momentum)."""
@@ -1729,22 +1728,18 @@ class Muon(torch.optim.Optimizer):
             lr = group["lr"]
             ns_dtype = torch.bfloat16 if group["params"][0].is_cuda else torch.float32
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self.apply(params, self.updates(params, group, ns_dtype), lr, group["weight_decay"])
-
-    @staticmethod
-    def apply(params, updates, lr, weight_decay):
-        """p <- p (1 - lr wd) - lr update, one matrix at a time (Muon's updates come lazily, one alive at a time)."""
-        for p, update in zip(params, updates):
-            if weight_decay:
-                decay = lr * weight_decay
-                if getattr(p, "sparse_decay", False):
-                    # MoE experts: only rows and columns that got gradient this step (an expert nobody was
-                    # routed to has exactly-zero rows/columns) are decayed, so idle experts do not shrink
-                    g = p.grad.ne(0)
-                    decay = decay * (g.any(dim=1, keepdim=True) & g.any(dim=0, keepdim=True))
-                p.mul_(1 - decay)
-            p.add_(update.to(p.dtype), alpha=-lr)
+            if not params:
+                continue
+            for p, update in zip(params, self.updates(params, group, ns_dtype)):
+                if group["weight_decay"]:
+                    decay = lr * group["weight_decay"]
+                    if getattr(p, "sparse_decay", False):
+                        # MoE experts: only rows and columns that got gradient this step (an expert nobody was
+                        # routed to has exactly-zero rows/columns) are decayed, so idle experts do not shrink
+                        g = p.grad.ne(0)
+                        decay = decay * (g.any(dim=1, keepdim=True) & g.any(dim=0, keepdim=True))
+                    p.mul_(1 - decay)
+                p.add_(update.to(p.dtype), alpha=-lr)
 
 
 class RowNormMuon(Muon):
@@ -1772,28 +1767,14 @@ class BatchedMuon:
         for idx in shapes.values():
             mine = idx[self.rank :: self.world]
             if mine:
-                stack = self.batched_update([params[i] for i in mine], group, ns_dtype)
-                if self.world == 1:
-                    stack = stack.to(params[mine[0]].dtype)  # one cast a stack: apply() adds in the parameters' dtype
-                owned += zip(mine, stack.unbind(0))
+                owned += zip(mine, self.batched_update([params[i] for i in mine], group, ns_dtype).unbind(0))
         if self.world > 1:
             return self.share(params, owned, ns_dtype)
         return [u for _, u in sorted(owned, key=lambda iu: iu[0])]
 
-    @staticmethod
-    def apply(params, updates, lr, weight_decay):
-        """Muon.apply in two foreach ops over every matrix: per matrix, its decay, cast and add were three launches
-        of a few microseconds each (the H200 trace of session 17: 124 of them a step, about 1 ms)."""
-        if any(getattr(p, "sparse_decay", False) for p in params):
-            return Muon.apply(params, updates, lr, weight_decay)
-        if weight_decay:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-lr)
-
     def batched_update(self, ps, group, ns_dtype):
-        """The orthogonalized Nesterov updates of the same-shape matrices ps, stacked (advances their momentum, whose
-        buffers are made at the first step only)."""
-        for p in ps:
+        """The orthogonalized Nesterov updates of the same-shape matrices ps, stacked (advances their momentum)."""
+        for p in ps:  # not setdefault: its zeros_like default would be made and zero-filled at every step
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         bufs = [self.state[p]["momentum_buffer"] for p in ps]

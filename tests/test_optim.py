@@ -79,30 +79,25 @@ def test_muon_batched_steps_like_muon(row_norm):
     assert not torch.equal(got[0], torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))  # moved
 
 
-def test_batched_muon_makes_momentum_buffers_once_and_applies_in_foreach_ops(monkeypatch):
-    """MUON_BATCHED launches a few kernels a step, not a few per matrix: the momentum buffers are made at the first
-    step only (a setdefault whose default was zeros_like made and zero-filled one per matrix at every step), and the
-    decay and the update reach the parameters through foreach ops, never a per-matrix mul_ or add_."""
+def test_batched_muon_makes_momentum_buffers_once(monkeypatch):
+    """MUON_BATCHED makes each matrix's momentum buffer at its first step only: a setdefault whose default was
+    zeros_like made and zero-filled a new one for every matrix at every step (session 17's H200 trace: 62 a step)."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(8, 16, generator=gen)) for _ in range(3)]
     params.append(torch.nn.Parameter(torch.randn(16, 8, generator=gen)))
     opt = tg.batched_muon_class(tg.Muon)(params, lr=0.05, momentum=0.9, backend_steps=2, weight_decay=0.1)
-    zeros, inplace = [], []
+    zeros = []
     zeros_like = torch.zeros_like
     monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: zeros.append(1) or zeros_like(*a, **k))
-    for name in ("add_", "mul_"):
-        method = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _m=method, _n=name, **k: inplace.append(_n) or _m(self, *a, **k))
+    buffers = None
     for _ in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
         assert len(zeros) == len(params)
-    assert inplace == []
-    params[0].sparse_decay = True  # MoE experts' masked decay takes the per-matrix path
-    opt.step()
-    assert inplace.count("mul_") == len(params) and inplace.count("add_") == len(params)
+        now = [opt.state[p]["momentum_buffer"] for p in params]
+        assert buffers is None or all(a is b for a, b in zip(now, buffers))  # the same tensors, advanced in place
+        buffers = now
 
 
 def test_build_optimizers_batches_muon_by_default():
