@@ -4,7 +4,8 @@
         python3 scripts/profile_step.py --out prof/          # every knob from the env, as the trainer reads it
     options: --warmup N (compile + autotune steps, default 8), --steps N (profiled, default 5), --timed N (timed
     without the profiler, default 20), --top N (rows of the op table, default 40), --quant-mix Q (FP_PHASE's blend,
-    default 1: the ternary phase most of a run trains in), --trace (also write a chrome trace), --allow-cpu (run on
+    default 1: the ternary phase most of a run trains in), --trace (also write a chrome trace), --shapes (also write
+    profile_shapes.txt: the op table by op and input shapes, e.g. each GEMM's), --allow-cpu (run on
     the CPU, uncompiled, with 1/1/2 steps: for tests)
 
 Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz like `fit`, runs the warmup steps
@@ -75,6 +76,8 @@ def parse_args(argv):
     p.add_argument("--quant-mix", type=float, default=1.0, help="FP_PHASE blend q (1: ternary, 0: unquantized)")
     p.add_argument("--out", default=".", help="folder for profile_table.txt, profile_breakdown.md, the trace")
     p.add_argument("--trace", action="store_true", help="also export a chrome trace (profile_trace.json)")
+    p.add_argument("--shapes", action="store_true",
+                   help="record input shapes and write profile_shapes.txt, the op table by op and shapes")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no CUDA (tests)")
     a = p.parse_args(argv)
     for k in ("warmup", "steps", "timed", "top"):
@@ -303,8 +306,10 @@ def breakdown_markdown(res, steps, on_gpu, timing, h, title="Training step", con
     return "\n".join(lines) + "\n"
 
 
-def op_table(prof, on_gpu, top):
-    averages = prof.key_averages()
+def op_table(prof, on_gpu, top, by_shape=False):
+    """The profiler's op table, heaviest first; by_shape: one row per op and input shapes (needs record_shapes), so
+    that each GEMM's time shows against its (tokens x in, in x out) operands."""
+    averages = prof.key_averages(group_by_input_shape=by_shape)
     for key in (("self_device_time_total", "self_cuda_time_total") if on_gpu else ("self_cpu_time_total",)):
         try:
             return averages.table(sort_by=key, row_limit=top)
@@ -373,7 +378,7 @@ def main(argv=None):
 
         progress(f"phase:profile steps:{steps}")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-        with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=args.shapes) as prof:
             run_steps(steps, ctx, step, region=True)
     finally:
         loader.close()
@@ -383,6 +388,8 @@ def main(argv=None):
     print(table, flush=True)
     md = breakdown_markdown(breakdown(prof, steps, on_gpu), steps, on_gpu, timing, h)
     write_reports(out, "profile", table, md, prof if args.trace else None)
+    if args.shapes:
+        (out / "profile_shapes.txt").write_text(op_table(prof, on_gpu, args.top, by_shape=True) + "\n")
     progress(f"phase:done out:{out} seconds:{time.perf_counter() - t0:.1f}")
     return 0
 

@@ -36,6 +36,23 @@ def test_cpu_profile_writes_table_and_breakdown(tiny_env, tmp_path, capsys):
     assert "| gap (idle within the step" in md
 
 
+def test_shapes_table_lists_each_gemm_with_its_operands(tiny_env, tmp_path):
+    """--shapes: profile_shapes.txt holds the op table by op and input shapes, so the MLP's up projection shows as an
+    mm of (tokens x model_dim) by (model_dim x hidden); without the flag no such file is written."""
+    torch.set_num_threads(1)
+    h = profile_step.tg.Hyperparameters()
+    for flag, folder in ((["--shapes"], tmp_path / "s"), ([], tmp_path / "n")):
+        rc = profile_step.main(["--allow-cpu", "--warmup", "0", "--steps", "1", "--timed", "1", "--out", str(folder)]
+                               + flag)
+        assert rc == 0
+    table = (tmp_path / "s" / "profile_shapes.txt").read_text()
+    assert "Input Shapes" in table.splitlines()[1]
+    tokens = h.train_batch_tokens // h.grad_accum_steps
+    up = re.compile(rf"aten::mm .*\[\[{tokens}, {h.model_dim}\], \[{h.model_dim}, {h.mlp_hidden}\]\]")
+    assert any(up.search(line) for line in table.splitlines()), table
+    assert not (tmp_path / "n" / "profile_shapes.txt").exists()
+
+
 @pytest.mark.parametrize("every, syncs", [("1", 7), ("4", 2)])
 def test_timed_steps_sync_as_train_reads_its_clock(tiny_env, monkeypatch, every, syncs):
     """7 timed steps: a synchronize after each by default; with TRAIN_SYNC_EVERY=4 after the 4th and the last."""
