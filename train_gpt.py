@@ -182,8 +182,8 @@ class Hyperparameters:
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})
     # q, k and v as one GEMM of output width (NUM_HEADS + 2 NUM_KV_HEADS) x head dim, forward and both backward
-    # GEMMs alike: the thin k/v weight gradients (K = the batch's tokens) run far below peak alone. The same outputs
-    # and gradients up to GEMM rounding (tests); unmeasured on GPU
+    # GEMMs alike, meant for the thin k/v weight gradients (K = the batch's tokens). The same outputs and gradients up
+    # to GEMM rounding (tests); session 17: a step of 82.54 ms against 81.68 (H200), slower, so off
     fused_qkv = Knob("FUSED_QKV", False)
     bos_id = Knob("BOS_ID", 1, check=NONNEG)  # document-start token of the shards (SmearGate masks it)
     # architecture family: each feature is off by default and costs nothing when off
@@ -1689,12 +1689,16 @@ class Muon(torch.optim.Optimizer):
         # an RMS of 1/sqrt(fan_in) for the orthogonalized update, whatever the matrix's aspect ratio
         return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
-    def update(self, p, group, ns_dtype):
-        """The orthogonalized Nesterov-momentum update of p (advances its momentum buffer)."""
+    def momentum_buffer(self, p):
+        """p's momentum buffer, made (zeros) at its first step only."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
+        return state["momentum_buffer"]
+
+    def update(self, p, group, ns_dtype):
+        """The orthogonalized Nesterov-momentum update of p (advances its momentum buffer)."""
+        buf = self.momentum_buffer(p)
         buf.mul_(group["momentum"]).add_(p.grad)
         update = self.orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"], ns_dtype)
         return self.scale(update, p)
@@ -1774,10 +1778,8 @@ class BatchedMuon:
 
     def batched_update(self, ps, group, ns_dtype):
         """The orthogonalized Nesterov updates of the same-shape matrices ps, stacked (advances their momentum)."""
-        for p in ps:  # not setdefault: its zeros_like default would be made and zero-filled at every step
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        bufs = [self.state[p]["momentum_buffer"] for p in ps]
+        # not setdefault: its zeros_like default would be made and zero-filled at every step
+        bufs = [self.momentum_buffer(p) for p in ps]
         grads = [p.grad for p in ps]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
