@@ -1097,19 +1097,17 @@ def exclusive_self_attention(y, v):
 XSA_TOKENS = (32, 16)  # XSA_KERNEL: the tokens one program takes, forward and backward
 
 
-def xsa_kernels():
-    """XSA_KERNEL: exclusive_self_attention as two Triton kernels, registered once a process as the custom op
-    ternary_golf::xsa with its backward. A program reads a block of tokens of one kv head and its group of query
-    heads once, in fp32 registers: inductor splits the forward into a reduction and an elementwise pass, and the two
-    with the backward took 3.2 ms of session 17's 81.7 ms step. On the CPU only under TRITON_INTERPRET=1 (tests)."""
-    if hasattr(torch.ops.ternary_golf, "xsa"):
-        return
+def xsa_triton_kernels():
+    """XSA_KERNEL's two Triton kernels, (forward, backward). A program takes XSA_TOKENS tokens of one kv head: it
+    reads their v and the y of that kv head's group of query heads once, in fp32 registers, and writes the output
+    (or the gradients of y and v). Inductor splits XSA's forward into a reduction and an elementwise pass, and the
+    two with the backward took 3.2 ms of session 17's 81.7 ms step."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def forward(y, v, out, T, H_KV, syb, syt, syh, svb, svt, svh,
-                G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    def xsa_forward_kernel(y, v, out, T, H_KV, syb, syt, syh, svb, svt, svh,
+                           G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
         b, j = (tl.program_id(1) // H_KV).to(tl.int64), tl.program_id(1) % H_KV
         t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
         mask = (t < T)[:, None] & (d < D)[None, :]
@@ -1122,8 +1120,8 @@ def xsa_kernels():
             tl.store(out + ((b * T + t[:, None]) * H_KV * G + j * G + i) * D + d[None, :], o, mask=mask)
 
     @triton.jit
-    def backward(y, v, go, gy, gv, T, H_KV, syb, syt, syh, svb, svt, svh, sob, sot, soh,
-                 G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    def xsa_backward_kernel(y, v, go, gy, gv, T, H_KV, syb, syt, syh, svb, svt, svh, sob, sot, soh,
+                            G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
         b, j = (tl.program_id(1) // H_KV).to(tl.int64), tl.program_id(1) % H_KV
         t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
         mask = (t < T)[:, None] & (d < D)[None, :]
@@ -1143,34 +1141,42 @@ def xsa_kernels():
         g_v = (g_vn - along * vn) / tl.maximum(norm, 1e-12)[:, None]
         tl.store(gv + ((b * T + t[:, None]) * H_KV + j) * D + d[None, :], g_v, mask=mask)
 
-    def launch(kernel, tokens, inputs, outputs):  # inputs (y, v, ...) by their strides; outputs contiguous
-        y, v = inputs[:2]
-        grid = (triton.cdiv(y.size(1), tokens), y.size(0) * v.size(2))
-        kernel[grid](*inputs, *outputs, y.size(1), v.size(2), *[s for x in inputs for s in x.stride()[:3]],
-                     G=y.size(2) // v.size(2), D=y.size(3), BD=triton.next_power_of_2(y.size(3)), BT=tokens)
+    return xsa_forward_kernel, xsa_backward_kernel
 
-    def dense(*tensors):  # what the kernels index: unit stride along the head dim, any other strides
-        return [x if x.stride(-1) == 1 else x.contiguous() for x in tensors]
 
-    def empty(x):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def empty_contiguous(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def xsa_launch(kernel, tokens, inputs, like):
+    """Runs one of xsa_triton_kernels over inputs (y, v[, the output's gradient]), each read by its own strides
+    (unit stride along the head dim), into new contiguous tensors shaped like `like`, which it returns."""
+    inputs = [x if x.stride(-1) == 1 else x.contiguous() for x in inputs]
+    outputs = [empty_contiguous(x) for x in like]
+    (B, T, H, D), kv_heads = inputs[0].shape, inputs[1].size(2)
+    strides = [s for x in inputs for s in x.stride()[:3]]
+    kernel[(-(-T // tokens), B * kv_heads)](*inputs, *outputs, T, kv_heads, *strides, G=H // kv_heads, D=D,
+                                            BD=1 << (D - 1).bit_length(), BT=tokens)
+    return outputs
+
+
+def xsa_kernels():
+    """XSA_KERNEL: exclusive_self_attention as the custom op ternary_golf::xsa, with its backward, registered once a
+    process (torch.compile calls it as it is). On the CPU only under TRITON_INTERPRET=1 (tests)."""
+    if hasattr(torch.ops.ternary_golf, "xsa"):
+        return
+    forward, backward = xsa_triton_kernels()
 
     @torch.library.custom_op("ternary_golf::xsa", mutates_args=())
     def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        y, v = dense(y, v)
-        out = empty(y)
-        launch(forward, XSA_TOKENS[0], (y, v), (out,))
-        return out
+        return xsa_launch(forward, XSA_TOKENS[0], (y, v), (y,))[0]
 
     @torch.library.custom_op("ternary_golf::xsa_backward", mutates_args=())
     def xsa_backward(y: torch.Tensor, v: torch.Tensor, go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, v, go = dense(y, v, go)
-        gy, gv = empty(y), empty(v)
-        launch(backward, XSA_TOKENS[1], (y, v, go), (gy, gv))
-        return gy, gv
+        return tuple(xsa_launch(backward, XSA_TOKENS[1], (y, v, go), (y, v)))
 
-    xsa.register_fake(lambda y, v: empty(y))
-    xsa_backward.register_fake(lambda y, v, go: (empty(y), empty(v)))
+    xsa.register_fake(lambda y, v: empty_contiguous(y))
+    xsa_backward.register_fake(lambda y, v, go: (empty_contiguous(y), empty_contiguous(v)))
     xsa.register_autograd(lambda ctx, go: xsa_backward(*ctx.saved_tensors, go),
                           setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 

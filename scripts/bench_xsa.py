@@ -27,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import train_gpt as tg  # noqa: E402
 
+if not torch.cuda.is_available():  # Triton reads it when it first defines a kernel: before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 WARMUP = 5
 CPU_SHAPES = {"batch": 2, "seq": 40, "heads": 6, "kv_heads": 2, "head_dim": 24, "iters": 1}  # --allow-cpu's
 
@@ -48,10 +51,13 @@ def parse_args(argv):
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     try:
-        args.tokens = [tuple(int(n) for n in pair.split("/")) for pair in args.tokens.split(",")]
+        pairs = [tuple(int(n) for n in pair.split("/")) for pair in args.tokens.split(",")]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError
     except ValueError:
         p.error(f"--tokens {args.tokens!r}: pairs like 32/16, comma-separated")
-    if any(len(pair) != 2 or min(pair) < 1 or any(n & (n - 1) for n in pair) for pair in args.tokens):
+    args.tokens = pairs
+    if any(min(pair) < 1 or any(n & (n - 1) for n in pair) for pair in args.tokens):
         p.error(f"--tokens {args.tokens}: each pair two powers of two (Triton's block sizes)")
     if not torch.cuda.is_available() and not args.allow_cpu:
         p.error("no CUDA device (--allow-cpu runs tiny shapes, interpreted)")
@@ -112,8 +118,6 @@ def measure(name, xsa, y, v, go, reference, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
     tg.xsa_kernels()
     y, v, go = inputs(args, device)
     y64, v64 = (t.detach().double().requires_grad_() for t in (y, v))
@@ -125,10 +129,15 @@ def main(argv=None):
     if device.type == "cuda":
         plain = torch.compile(plain, dynamic=False)
     measure("compiled" if device.type == "cuda" else "eager", plain, y, v, go, reference, args, device)
-    for pair in args.tokens:
-        tg.XSA_TOKENS = pair
-        measure(f"kernel_{pair[0]}/{pair[1]}", torch.ops.ternary_golf.xsa, y, v, go, reference, args, device)
+    before = tg.XSA_TOKENS
+    try:
+        for pair in args.tokens:
+            tg.XSA_TOKENS = pair
+            measure(f"kernel_{pair[0]}/{pair[1]}", torch.ops.ternary_golf.xsa, y, v, go, reference, args, device)
+    finally:
+        tg.XSA_TOKENS = before
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,6 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# XSA_KERNEL's Triton kernels run on this CPU under Triton's interpreter. Triton reads the switch when it first
+# defines a kernel, its own library's included (tl.sum is one), so it is set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

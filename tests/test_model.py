@@ -2,6 +2,7 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -453,6 +454,83 @@ def test_exclusive_self_attention_matches_the_repeated_values_bit_for_bit(dtype,
     vn = F.normalize(v.repeat_interleave(6 // kv_heads, dim=2).float(), dim=-1).to(dtype)
     out = tg.exclusive_self_attention(y, v)
     assert out.shape == y.shape and torch.equal(out, y - (y * vn).sum(dim=-1, keepdim=True) * vn)
+
+
+@pytest.fixture
+def xsa_op():
+    """XSA_KERNEL's op, its Triton kernels run by Triton's interpreter on the CPU (conftest.py switches it on)."""
+    tg.xsa_kernels()
+    return torch.ops.ternary_golf.xsa
+
+
+def xsa_numpy(y, v, go):
+    """XSA and its gradients in float64 numpy, a loop over tokens and query heads, from the formula
+    out = y - (y . u) u with u = v / max(|v|, 1e-12), u the kv head's unit value: (out, dL/dy, dL/dv) for
+    L = sum(out * go)."""
+    y, v, go = (np.asarray(t.detach().double()) for t in (y, v, go))
+    B, T, H, D = y.shape
+    group = H // v.shape[2]
+    out, gy, gv = np.zeros_like(y), np.zeros_like(y), np.zeros_like(v)
+    for b in range(B):
+        for t in range(T):
+            for j in range(v.shape[2]):
+                norm = np.sqrt((v[b, t, j] ** 2).sum())
+                n = max(norm, 1e-12)
+                u = v[b, t, j] / n
+                jac = (np.eye(D) - np.outer(u, u)) / n if norm > 1e-12 else np.eye(D) / n  # du/dv
+                g_u = np.zeros(D)
+                for h in range(j * group, (j + 1) * group):
+                    s = y[b, t, h] @ u
+                    out[b, t, h] = y[b, t, h] - s * u
+                    gy[b, t, h] = go[b, t, h] - (go[b, t, h] @ u) * u
+                    g_u -= s * go[b, t, h] + (go[b, t, h] @ u) * y[b, t, h]
+                gv[b, t, j] = jac.T @ g_u
+    return out, gy, gv
+
+
+@pytest.mark.parametrize("kv_heads, head_dim, tokens", [(2, 24, (16, 8)), (6, 16, (8, 4)), (1, 32, (64, 32))])
+def test_xsa_kernel_matches_a_numpy_loop(xsa_op, monkeypatch, kv_heads, head_dim, tokens):
+    """XSA_KERNEL's op and its backward against xsa_numpy: grouped and plain heads, head dims under their power of two
+    (24: masked lanes), T = 37 in blocks of XSA_TOKENS that do not divide it, y in the transposed layout attention
+    returns and a gradient that is not contiguous either, one value of 0 and one of norm 5e-13 (the clamped
+    normalisation: its gradient, about 1e12 times the others', is compared on its own)."""
+    monkeypatch.setattr(tg, "XSA_TOKENS", tokens)
+    torch.manual_seed(0)
+    y = torch.randn(2, 6, 37, head_dim).transpose(1, 2).requires_grad_()  # (B, T, H, D), not contiguous
+    v = torch.randn(2, 37, kv_heads, head_dim)
+    v[0, 5, 0], v[1, 36, -1] = 5e-13 * F.normalize(v[0, 5, 0], dim=-1), 0.0
+    v.requires_grad_()
+    out = xsa_op(y, v)
+    go = torch.randn(2, 6, 37, head_dim).transpose(1, 2)
+    gy, gv = torch.autograd.grad(out, (y, v), go)
+    want = xsa_numpy(y, v, go)
+    clamped = want[2][0, 5, 0].copy()
+    assert np.abs(clamped).max() > 1e10  # through the clamp: g / eps, no projection
+    np.testing.assert_allclose(gv[0, 5, 0].double().numpy(), clamped, rtol=1e-4, atol=1e-5 * np.abs(clamped).max())
+    gv, want[2][0, 5, 0] = gv.clone(), 0.0
+    gv[0, 5, 0] = 0.0
+    for got, ref in zip((out, gy, gv), want):
+        assert got.shape == ref.shape and got.is_contiguous()
+        np.testing.assert_allclose(got.detach().double().numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_xsa_kernel_trains_the_same_model(xsa_op):
+    """XSA_KERNEL=1 gives GPT.forward's loss and every parameter's gradient as XSA_KERNEL=0 does (same init, fp32),
+    the value residual's mix included (v is the mixed value), eager and under torch.compile (aot_eager, fullgraph:
+    the op's fake shapes trace without a graph break)."""
+    idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    runs = [loss_and_grads(model(XSA_KERNEL=k), idx, tgt) for k in ("0", "1")]
+    assert_same_loss_and_grads(runs[1], runs[0])
+    m = model(XSA_KERNEL="1")
+    loss = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)(idx, tgt)
+    loss.backward()
+    assert_same_loss_and_grads((loss, {n: p.grad for n, p in m.named_parameters()}), runs[0])
+
+
+def test_xsa_kernel_needs_xsa():
+    with pytest.raises(tg.ConfigError, match="XSA_KERNEL=1 runs XSA in Triton kernels: it needs XSA_ENABLED=1"):
+        tg.Hyperparameters({"XSA_KERNEL": "1", "XSA_ENABLED": "0"})
+    assert tg.Hyperparameters({"XSA_KERNEL": "1"}).xsa_kernel and not tg.Hyperparameters({}).xsa_kernel
 
 
 def test_value_residual_mixes_the_first_layers_values():

@@ -82,6 +82,7 @@ def test_kernel_names_bucket():
     assert profile_step.bucket("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "fwd_bwd") == "matmul"
     assert profile_step.bucket("triton_poi_fused__to_copy_mul_0", "fwd_bwd") == "triton fused elementwise"
     assert profile_step.bucket("triton_red_fused_mean_pow_1", "fwd_bwd") == "reductions/norm"
+    assert profile_step.bucket("xsa_backward_kernel", "fwd_bwd") == "reductions/norm"  # XSA_KERNEL's
     assert profile_step.bucket("Memcpy HtoD (Pinned -> Device)", "fwd_bwd") == "memcpy/memset"
     assert profile_step.bucket("some_unknown_kernel", "fwd_bwd") == "other"
     assert profile_step.bucket("sm90_xmma_gemm_bf16", "optimizer") == profile_step.OPTIMIZER_BUCKET
@@ -264,3 +265,33 @@ def test_bench_loss_without_cuda_refuses_unless_allowed(capsys):
         pytest.skip("checks the error on a machine without CUDA")
     assert bench_loss.main([]) == 2
     assert "--allow-cpu" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/bench_xsa.py: XSA against XSA_KERNEL's op, on the CPU uncompiled and interpreted
+
+import bench_xsa  # noqa: E402
+
+
+def test_bench_xsa_prints_a_line_per_variant_and_their_errors(capsys, monkeypatch):
+    """A shape line, then one key:value line for the plain function and one per XSA_TOKENS pair, each with its
+    output's and gradients' error against float64's (fp32 here: to rounding), and XSA_TOKENS back as it was."""
+    monkeypatch.setattr(bench_xsa.tg, "XSA_TOKENS", bench_xsa.tg.XSA_TOKENS)
+    before = bench_xsa.tg.XSA_TOKENS
+    assert bench_xsa.main(["--allow-cpu", "--seq", "20", "--head-dim", "24", "--tokens", "16/8,8/4"]) == 0
+    shape, *lines = capsys.readouterr().out.splitlines()
+    assert shape == "bench_xsa shape:B2xT20xH6xHkv2xD24 dtype:float32 device:cpu"
+    assert [line.split()[1] for line in lines] == ["variant:eager", "variant:kernel_16/8", "variant:kernel_8/4"]
+    for line in lines:
+        m = re.fullmatch(r"bench_xsa variant:\S+ fwd_ms:[0-9.]+ fwdbwd_ms:[0-9.]+ fwd_gbs:\d+ max_out_err:(\S+) "
+                         r"max_gy_err:(\S+) max_gv_err:(\S+)", line)
+        assert m and max(map(float, m.groups())) < 1e-5, line
+    assert bench_xsa.tg.XSA_TOKENS == before
+
+
+@pytest.mark.parametrize("argv, message", [(["--tokens", "32/12"], "powers of two"), (["--tokens", "32"], "pairs"),
+                                           (["--heads", "5"], "not a multiple")])
+def test_bench_xsa_refuses_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        bench_xsa.main(["--allow-cpu", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
