@@ -586,9 +586,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # once BatchedMuon made its momentum buffers at the first step only (setdefault's default made and zero-filled 62 a
 # step; no step-time change measured, session 17); 88,682 and 29,293 once Muon and BatchedMuon shared that as
 # Muon.momentum_buffer; 88,742 and 29,323 with XSA_KERNEL's knob, its whole cost when off, for issue 12's
-# throughput A/B (session 18);
+# throughput A/B; 92,448 and 30,418 once the env took XSA_KERNEL=1: 1.1 KB wrapped for a step 2.0-2.3 ms (2.6%)
+# shorter (session 18; the artifact had 686 KB to spare);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 88_750, 29_330
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 92_500, 30_450
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):
