@@ -362,15 +362,27 @@ H200_RUNS += [
     ("d16s2024_env", f"{ENV13} TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 LOGIT_SOFTCAP=15", "5c5059e", "d16s2024"),
 ]
 H200_S17 = HERE / "h200_2026-11-30_s17"
+# session 18 (h200_2026-11-30_s18/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s18.toml s18`, three calls
+# on nvidia-h200-x2, the first with GPUS=0 while GPU 1 profiled; train_gpt.py as at 3086bfe); every row is session
+# 16's default with the named change.
+H200_RUNS += [
+    ("elr04", f"trains: {S16}, EMBED_LR=0.04", "3086bfe", ""),
+    ("xsak", f"trains: {S16}, XSA_KERNEL=1", "3086bfe", ""),
+    ("elr01", f"trains: {S16}, EMBED_LR=0.01", "3086bfe", ""),
+    ("xsaks42", f"trains: {S16}, XSA_KERNEL=1 SEED=42", "3086bfe", ""),
+    ("elr01s42", f"trains: {S16}, EMBED_LR=0.01 SEED=42", "3086bfe", ""),
+]
+H200_S18 = HERE / "h200_2026-11-30_s18"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
-           H200_S15, H200_S16, H200_S17)  # two runs side by side on nvidia-h200-x2
+           H200_S15, H200_S16, H200_S17, H200_S18)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
                "h128s2024", "h128fp8", "h128rope64", "h128rope32", "h128qs2",
                "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45",
                "r64", "r64s42", "leaky", "gs64", "qramp", "cap20", "cap20s42", "qramps42", "capramp", "capramps42",
-               "cap15", "ramp2", "cap15s42", "cap10", "d16s2024", "wdcos", "zloss", "clip1"}  # not in the plot:
+               "cap15", "ramp2", "cap15s42", "cap10", "d16s2024", "wdcos", "zloss", "clip1",
+               "elr04", "xsak", "elr01", "xsaks42", "elr01s42"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
