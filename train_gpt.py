@@ -221,6 +221,7 @@ class Hyperparameters:
     moe_balance = Knob("MOE_BALANCE", 0.01, check=NONNEG)
     xsa_enabled = Knob("XSA_ENABLED", True)  # exclusive self-attention
     xsa_kernel = Knob("XSA_KERNEL", False)  # XSA in two Triton kernels (forward, backward) instead of inductor's
+    qk_norm_kernel = Knob("QK_NORM_KERNEL", False)  # q's and k's RMSNorm, gain and RoPE in two Triton kernels
     value_residual = Knob("VALUE_RESIDUAL", True)
     smear_gate = Knob("SMEAR_GATE", True)
     layer_scale = Knob("LAYER_SCALE", False)  # residual branch scales start at LAYER_SCALE_INIT instead of 1
@@ -1181,6 +1182,94 @@ def xsa_kernels():
                           setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
+NORM_ROPE_TOKENS = (32, 32)  # QK_NORM_KERNEL: the tokens one program takes, forward and backward
+
+
+def norm_rope_triton_kernels():
+    """QK_NORM_KERNEL's two Triton kernels, (forward, backward). A program takes NORM_ROPE_TOKENS tokens of one head:
+    F.rms_norm of each row, times the head's gain, then Rotary's rotation of its first 2 * HALF channels (channel d
+    with d + HALF), in fp32 registers. The backward also writes each program's share of the gain's gradient.
+    Inductor ran q's and k's norms and RoPE, forward and backward, as eight kernels: 4 ms of session 18's step."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm_rope_forward_kernel(x, gain, inv_freq, out, T, H, eps, sxb, sxt, sxh,
+                                 D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
+        b, h = (tl.program_id(1) // H).to(tl.int64), tl.program_id(1) % H
+        t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
+        mask = (t < T)[:, None] & (d < D)[None, :]
+        partner = tl.where(d < HALF, d + HALF, tl.where(d < 2 * HALF, d - HALF, d))  # itself past the rotated ones
+        rows = x + b * sxb + t[:, None] * sxt + h * sxh
+        xv = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)[:, None] * tl.load(gain + h).to(tl.float32)
+        angle = t[:, None].to(tl.float32) * tl.load(inv_freq + d % HALF, mask=d < 2 * HALF, other=0.0)[None, :]
+        sign = tl.where(d < HALF, -1.0, tl.where(d < 2 * HALF, 1.0, 0.0))[None, :]
+        o = (xv * tl.cos(angle) + sign * xp * tl.sin(angle)) * scale
+        tl.store(out + ((b * T + t[:, None]) * H + h) * D + d[None, :], o, mask=mask)
+
+    @triton.jit
+    def norm_rope_backward_kernel(x, gain, inv_freq, go, gx, g_gain, T, H, eps, sxb, sxt, sxh, sob, sot, soh,
+                                  D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
+        b, h = (tl.program_id(1) // H).to(tl.int64), tl.program_id(1) % H
+        t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
+        mask = (t < T)[:, None] & (d < D)[None, :]
+        partner = tl.where(d < HALF, d + HALF, tl.where(d < 2 * HALF, d - HALF, d))
+        xv = tl.load(x + b * sxb + t[:, None] * sxt + h * sxh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows = go + b * sob + t[:, None] * sot + h * soh
+        o = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        op = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        angle = t[:, None].to(tl.float32) * tl.load(inv_freq + d % HALF, mask=d < 2 * HALF, other=0.0)[None, :]
+        sign = tl.where(d < HALF, -1.0, tl.where(d < 2 * HALF, 1.0, 0.0))[None, :]
+        g_y = o * tl.cos(angle) - sign * op * tl.sin(angle)  # the rotation's transpose
+        r = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)[:, None]
+        x_hat = xv * r
+        tl.store(g_gain + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g_y * x_hat, 1), 0))
+        g_hat = g_y * tl.load(gain + h).to(tl.float32)
+        g_x = r * (g_hat - x_hat * (tl.sum(g_hat * x_hat, 1) / D)[:, None])
+        tl.store(gx + ((b * T + t[:, None]) * H + h) * D + d[None, :], g_x, mask=mask)
+
+    return norm_rope_forward_kernel, norm_rope_backward_kernel
+
+
+def norm_rope_kernels():
+    """QK_NORM_KERNEL: q's and k's RMSNorm, gain and RoPE as the custom op ternary_golf::norm_rope(x, gain,
+    inv_freq), with its backward, registered once a process. eps is F.rms_norm's default for x's dtype. On the CPU
+    only under TRITON_INTERPRET=1 (tests)."""
+    if hasattr(torch.ops.ternary_golf, "norm_rope"):
+        return
+    forward, backward = norm_rope_triton_kernels()
+
+    def launch(kernel, inputs, outputs, tokens):  # inputs: x, gain, inv_freq[, the output's gradient]
+        x, inv_freq = inputs[0], inputs[2]
+        (B, T, H, D), grid = x.shape, (-(-x.size(1) // tokens), x.size(0) * x.size(2))
+        strides = [s for y in inputs[::3] for s in y.stride()[:3]]
+        kernel[grid](*inputs, *outputs, T, H, torch.finfo(x.dtype).eps, *strides, D=D,
+                     BD=1 << (D - 1).bit_length(), HALF=inv_freq.numel(), BT=tokens)
+
+    @torch.library.custom_op("ternary_golf::norm_rope", mutates_args=())
+    def norm_rope(x: torch.Tensor, gain: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        x, out = x if x.stride(-1) == 1 else x.contiguous(), empty_contiguous(x)
+        launch(forward, (x, gain, inv_freq), (out,), NORM_ROPE_TOKENS[0])
+        return out
+
+    @torch.library.custom_op("ternary_golf::norm_rope_backward", mutates_args=())
+    def norm_rope_backward(x: torch.Tensor, gain: torch.Tensor, inv_freq: torch.Tensor,
+                           go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, go = (y if y.stride(-1) == 1 else y.contiguous() for y in (x, go))
+        tokens = NORM_ROPE_TOKENS[1]
+        gx, shares = empty_contiguous(x), x.new_empty(-(-x.size(1) // tokens), x.size(0), x.size(2),
+                                                      dtype=torch.float32)
+        launch(backward, (x, gain, inv_freq, go), (gx, shares), tokens)
+        return gx, shares.sum((0, 1)).to(gain.dtype)
+
+    norm_rope.register_fake(lambda x, gain, inv_freq: empty_contiguous(x))
+    norm_rope_backward.register_fake(lambda x, gain, inv_freq, go: (empty_contiguous(x), empty_contiguous(gain)))
+    norm_rope.register_autograd(lambda ctx, go: (*norm_rope_backward(*ctx.saved_tensors, go), None),
+                                setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, h, flash):
         super().__init__()
@@ -1196,6 +1285,9 @@ class CausalSelfAttention(nn.Module):
             self.value_mix = nn.Parameter(torch.tensor(0.5))
         if h.xsa_kernel:
             xsa_kernels()
+        if h.qk_norm_kernel:
+            norm_rope_kernels()
+            self.register_buffer("k_gain", torch.ones(h.num_kv_heads), persistent=False)  # k is normed without one
 
     def qkv(self, x):
         """FUSED_QKV: (q, k, v) = x @ [Wq; Wk; Wv]^T in one GEMM, each W the layer's own quantized_weight() (whatever
@@ -1227,9 +1319,13 @@ class CausalSelfAttention(nn.Module):
             # (v_first None) mixes in its own, a plain rescale, so that its parameter is in the graph as DDP wants.
             v = v + self.value_mix.to(v.dtype) * (v if v_first is None else v_first)
         # qk-norm keeps ternary-scale drift out of the attention logits; q_gain sets their temperature
-        q = F.rms_norm(q, (self.head_dim,)) * self.q_gain.to(q.dtype)[:, None]
-        k = F.rms_norm(k, (self.head_dim,))
-        q, k = self.rotary(q), self.rotary(k)
+        if h.qk_norm_kernel:
+            norm_rope, inv_freq = torch.ops.ternary_golf.norm_rope, self.rotary.inv_freq
+            q, k = norm_rope(q, self.q_gain, inv_freq), norm_rope(k, self.k_gain, inv_freq)
+        else:
+            q = F.rms_norm(q, (self.head_dim,)) * self.q_gain.to(q.dtype)[:, None]
+            k = F.rms_norm(k, (self.head_dim,))
+            q, k = self.rotary(q), self.rotary(k)
         y = causal_attention(q, k, v, self.flash)
         if h.xsa_enabled:
             y = torch.ops.ternary_golf.xsa(y, v) if h.xsa_kernel else exclusive_self_attention(y, v)

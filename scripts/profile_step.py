@@ -42,7 +42,7 @@ REGIONS = {"fwd_bwd": "forward+backward (incl. batch copy, grad clip)", "optimiz
 # cutlass / sm90 in their names). Names are lower-cased.
 KERNEL_BUCKETS = [
     ("matmul", ("triton_tem",)),  # inductor's matmul templates
-    ("reductions/norm", ("triton_red", "triton_per", "xsa_")),  # XSA_KERNEL's own Triton kernels too
+    ("reductions/norm", ("triton_red", "triton_per", "xsa_", "norm_rope_")),  # XSA_KERNEL, QK_NORM_KERNEL too
     ("triton fused elementwise", ("triton_",)),
     ("memcpy/memset", ("memcpy", "memset")),
     ("nccl", ("nccl",)),

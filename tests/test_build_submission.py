@@ -172,6 +172,7 @@ MARKERS = {  # flag -> (extra knobs it needs at the TINY shape, text only its co
     "FUSED_QKV": ({}, "def qkv"),
     "XSA_ENABLED": ({}, "def exclusive_self_attention"),
     "XSA_KERNEL": ({}, "def xsa_kernels"),
+    "QK_NORM_KERNEL": ({}, "def norm_rope_kernels"),
     "VALUE_RESIDUAL": ({}, "value_mix"),
     "SMEAR_GATE": ({}, "class SmearGate"),
     "LAYER_SCALE": ({}, "LAYER_SCALE_INIT"),
@@ -587,9 +588,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # step; no step-time change measured, session 17); 88,682 and 29,293 once Muon and BatchedMuon shared that as
 # Muon.momentum_buffer; 88,742 and 29,323 with XSA_KERNEL's knob, its whole cost when off, for issue 12's
 # throughput A/B; 92,448 and 30,418 once the env took XSA_KERNEL=1: 1.1 KB wrapped for a step 2.0-2.3 ms (2.6%)
-# shorter (session 18; the artifact had 686 KB to spare);
+# shorter (session 18; the artifact had 686 KB to spare); 92,516 and 30,428 with QK_NORM_KERNEL's knob, its whole
+# cost when off, for issue 12's throughput A/B (built in session 18, unmeasured);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 92_500, 30_450
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 92_550, 30_450
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

@@ -533,6 +533,59 @@ def test_xsa_kernel_needs_xsa():
     assert tg.Hyperparameters({"XSA_KERNEL": "1"}).xsa_kernel and not tg.Hyperparameters({}).xsa_kernel
 
 
+def norm_rope_float64(x, gain, inv_freq, eps):
+    """RMSNorm with eps, times the head's gain, then channel i < HALF rotated with i + HALF by the angle t * inv_freq[i]
+    (t the position): the formulas written out in float64, for (B, T, H, D) x."""
+    x, gain, inv_freq = x.double(), gain.double(), inv_freq.double()
+    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * gain[:, None]
+    half = inv_freq.numel()
+    angle = torch.arange(x.size(1), dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, HALF)
+    c, s = torch.cos(angle)[None, :, None, :], torch.sin(angle)[None, :, None, :]
+    y1, y2 = y[..., :half], y[..., half:2 * half]
+    return torch.cat([y1 * c - y2 * s, y1 * s + y2 * c, y[..., 2 * half:]], dim=-1)
+
+
+@pytest.mark.parametrize("head_dim, rotated, tokens", [(24, 16, (16, 8)), (16, 16, (8, 4)), (32, 8, (64, 64))])
+def test_norm_rope_kernel_matches_the_formulas_in_float64(head_dim, rotated, tokens, monkeypatch):
+    """QK_NORM_KERNEL's op and its backward against norm_rope_float64 (gradients by float64 autograd): part or all of
+    the head rotated, head dims under their power of two (24: masked lanes), T = 37 in blocks that do not divide it,
+    x and the output's gradient in the transposed layout, a row of zeros and a row small enough that eps counts
+    (fp32's, F.rms_norm's default)."""
+    tg.norm_rope_kernels()
+    monkeypatch.setattr(tg, "NORM_ROPE_TOKENS", tokens)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 37, head_dim).transpose(1, 2)  # (B, T, H, D), not contiguous
+    x[1, 4, 2], x[0, 7, 1] = 0.0, 1e-4 * x[0, 7, 1]  # a row of zeros, and one whose mean square eps rivals
+    x.requires_grad_()
+    gain = (torch.rand(3) + 0.5).requires_grad_()
+    inv_freq = tg.Rotary(head_dim, rotated, 10000.0).inv_freq
+    out = torch.ops.ternary_golf.norm_rope(x, gain, inv_freq)
+    go = torch.randn(2, 3, 37, head_dim).transpose(1, 2)
+    got = (out, *torch.autograd.grad(out, (x, gain), go))
+    x64, gain64 = (t.detach().double().requires_grad_() for t in (x, gain))
+    ref = norm_rope_float64(x64, gain64, inv_freq, torch.finfo(torch.float32).eps)
+    want = (ref, *torch.autograd.grad(ref, (x64, gain64), go.double()))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.is_contiguous() and g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w.detach(), rtol=1e-4, atol=1e-5 * w.abs().max().item())
+    assert torch.equal(out[1, 4, 2], torch.zeros(head_dim))
+
+
+def test_norm_rope_kernel_trains_the_same_model():
+    """QK_NORM_KERNEL=1 gives GPT.forward's loss and every parameter's gradient (q_gain's included) as
+    QK_NORM_KERNEL=0 does (same init, fp32), at a partial RoPE, with XSA_KERNEL too, eager and under torch.compile
+    (aot_eager, fullgraph)."""
+    idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    rope = {"ROPE_DIMS": "8"}  # of the heads' 16 channels
+    want = loss_and_grads(model(**rope), idx, tgt)
+    for overrides in ({"QK_NORM_KERNEL": "1"}, {"QK_NORM_KERNEL": "1", "XSA_KERNEL": "1"}):
+        assert_same_loss_and_grads(loss_and_grads(model(**rope, **overrides), idx, tgt), want)
+    m = model(**rope, QK_NORM_KERNEL="1")
+    loss = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)(idx, tgt)
+    loss.backward()
+    assert_same_loss_and_grads((loss, {n: p.grad for n, p in m.named_parameters()}), want)
+
+
 def test_value_residual_mixes_the_first_layers_values():
     h = tg.Hyperparameters({**BASE, "VALUE_RESIDUAL": "1"})
     torch.manual_seed(0)
