@@ -1109,8 +1109,10 @@ def xsa_triton_kernels():
     @triton.jit
     def xsa_forward_kernel(y, v, out, T, H_KV, syb, syt, syh, svb, svt, svh,
                            G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
-        b, j = (tl.program_id(1) // H_KV).to(tl.int64), tl.program_id(1) % H_KV
-        t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
+        blocks = tl.cdiv(T, BT)
+        bj, tb = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+        b, j = (bj // H_KV).to(tl.int64), bj % H_KV
+        t, d = tb * BT + tl.arange(0, BT), tl.arange(0, BD)
         mask = (t < T)[:, None] & (d < D)[None, :]
         vv = tl.load(v + b * svb + t[:, None] * svt + j * svh + d[None, :], mask=mask, other=0.0).to(tl.float32)
         vn = vv / tl.maximum(tl.sqrt(tl.sum(vv * vv, 1)), 1e-12)[:, None]
@@ -1123,8 +1125,10 @@ def xsa_triton_kernels():
     @triton.jit
     def xsa_backward_kernel(y, v, go, gy, gv, T, H_KV, syb, syt, syh, svb, svt, svh, sob, sot, soh,
                             G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
-        b, j = (tl.program_id(1) // H_KV).to(tl.int64), tl.program_id(1) % H_KV
-        t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
+        blocks = tl.cdiv(T, BT)
+        bj, tb = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+        b, j = (bj // H_KV).to(tl.int64), bj % H_KV
+        t, d = tb * BT + tl.arange(0, BT), tl.arange(0, BD)
         mask = (t < T)[:, None] & (d < D)[None, :]
         vv = tl.load(v + b * svb + t[:, None] * svt + j * svh + d[None, :], mask=mask, other=0.0).to(tl.float32)
         norm = tl.sqrt(tl.sum(vv * vv, 1))
@@ -1156,8 +1160,9 @@ def xsa_launch(kernel, tokens, inputs, like):
     outputs = [empty_contiguous(x) for x in like]
     (B, T, H, D), kv_heads = inputs[0].shape, inputs[1].size(2)
     strides = [s for x in inputs for s in x.stride()[:3]]
-    kernel[(-(-T // tokens), B * kv_heads)](*inputs, *outputs, T, kv_heads, *strides, G=H // kv_heads, D=D,
-                                            BD=1 << (D - 1).bit_length(), BT=tokens)
+    # one flat grid, a sequence's token blocks side by side: CUDA caps a grid's second axis at 65535 blocks
+    kernel[(-(-T // tokens) * B * kv_heads,)](*inputs, *outputs, T, kv_heads, *strides, G=H // kv_heads, D=D,
+                                              BD=1 << (D - 1).bit_length(), BT=tokens)
     return outputs
 
 
@@ -1196,8 +1201,10 @@ def norm_rope_triton_kernels():
     @triton.jit
     def norm_rope_forward_kernel(x, gain, inv_freq, out, T, H, eps, sxb, sxt, sxh,
                                  D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
-        b, h = (tl.program_id(1) // H).to(tl.int64), tl.program_id(1) % H
-        t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
+        blocks = tl.cdiv(T, BT)
+        bh, tb = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+        b, h = (bh // H).to(tl.int64), bh % H
+        t, d = tb * BT + tl.arange(0, BT), tl.arange(0, BD)
         mask = (t < T)[:, None] & (d < D)[None, :]
         partner = tl.where(d < HALF, d + HALF, tl.where(d < 2 * HALF, d - HALF, d))  # itself past the rotated ones
         rows = x + b * sxb + t[:, None] * sxt + h * sxh
@@ -1212,8 +1219,10 @@ def norm_rope_triton_kernels():
     @triton.jit
     def norm_rope_backward_kernel(x, gain, inv_freq, go, gx, g_gain, T, H, eps, sxb, sxt, sxh, sob, sot, soh,
                                   D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
-        b, h = (tl.program_id(1) // H).to(tl.int64), tl.program_id(1) % H
-        t, d = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, BD)
+        blocks = tl.cdiv(T, BT)
+        bh, tb = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+        b, h = (bh // H).to(tl.int64), bh % H
+        t, d = tb * BT + tl.arange(0, BT), tl.arange(0, BD)
         mask = (t < T)[:, None] & (d < D)[None, :]
         partner = tl.where(d < HALF, d + HALF, tl.where(d < 2 * HALF, d - HALF, d))
         xv = tl.load(x + b * sxb + t[:, None] * sxt + h * sxh + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -1225,7 +1234,7 @@ def norm_rope_triton_kernels():
         g_y = o * tl.cos(angle) - sign * op * tl.sin(angle)  # the rotation's transpose
         r = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)[:, None]
         x_hat = xv * r
-        tl.store(g_gain + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g_y * x_hat, 1), 0))
+        tl.store(g_gain + tl.program_id(0), tl.sum(tl.sum(g_y * x_hat, 1), 0))  # this program's share
         g_hat = g_y * tl.load(gain + h).to(tl.float32)
         g_x = r * (g_hat - x_hat * (tl.sum(g_hat * x_hat, 1) / D)[:, None])
         tl.store(gx + ((b * T + t[:, None]) * H + h) * D + d[None, :], g_x, mask=mask)
@@ -1243,7 +1252,7 @@ def norm_rope_kernels():
 
     def launch(kernel, inputs, outputs, tokens):  # inputs: x, gain, inv_freq[, the output's gradient]
         x, inv_freq = inputs[0], inputs[2]
-        (B, T, H, D), grid = x.shape, (-(-x.size(1) // tokens), x.size(0) * x.size(2))
+        (B, T, H, D), grid = x.shape, (x.size(0) * x.size(2) * -(-x.size(1) // tokens),)  # t-blocks fastest
         strides = [s for y in inputs[::3] for s in y.stride()[:3]]
         kernel[grid](*inputs, *outputs, T, H, torch.finfo(x.dtype).eps, *strides, D=D,
                      BD=1 << (D - 1).bit_length(), HALF=inv_freq.numel(), BT=tokens)
@@ -1259,10 +1268,10 @@ def norm_rope_kernels():
                            go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, go = (y if y.stride(-1) == 1 else y.contiguous() for y in (x, go))
         tokens = NORM_ROPE_TOKENS[1]
-        gx, shares = empty_contiguous(x), x.new_empty(-(-x.size(1) // tokens), x.size(0), x.size(2),
+        gx, shares = empty_contiguous(x), x.new_empty(x.size(0), x.size(2), -(-x.size(1) // tokens),
                                                       dtype=torch.float32)
         launch(backward, (x, gain, inv_freq, go), (gx, shares), tokens)
-        return gx, shares.sum((0, 1)).to(gain.dtype)
+        return gx, shares.sum((0, 2)).to(gain.dtype)
 
     norm_rope.register_fake(lambda x, gain, inv_freq: empty_contiguous(x))
     norm_rope_backward.register_fake(lambda x, gain, inv_freq, go: (empty_contiguous(x), empty_contiguous(gain)))
