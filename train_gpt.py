@@ -1154,17 +1154,17 @@ def empty_contiguous(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def xsa_launch(kernel, tokens, inputs, like):
-    """Runs one of xsa_triton_kernels over inputs (y, v[, the output's gradient]), each read by its own strides
-    (unit stride along the head dim), into new contiguous tensors shaped like `like`, which it returns."""
-    inputs = [x if x.stride(-1) == 1 else x.contiguous() for x in inputs]
-    outputs = [empty_contiguous(x) for x in like]
-    (B, T, H, D), kv_heads = inputs[0].shape, inputs[1].size(2)
-    strides = [s for x in inputs for s in x.stride()[:3]]
-    # one flat grid, a sequence's token blocks side by side: CUDA caps a grid's second axis at 65535 blocks
-    kernel[(-(-T // tokens) * B * kv_heads,)](*inputs, *outputs, T, kv_heads, *strides, G=H // kv_heads, D=D,
-                                              BD=1 << (D - 1).bit_length(), BT=tokens)
-    return outputs
+def launch_head_blocks(kernel, tokens, heads, inputs, outputs, *scalars, **constexprs):
+    """Runs one of XSA_KERNEL's or QK_NORM_KERNEL's Triton kernels, a program to each block of `tokens` tokens of
+    one sequence and one of `heads` heads. Its arguments: the inputs, the outputs (contiguous), T, heads, the
+    scalars, the first three strides of each (B, T, heads, D) input (made unit-stride along D here), then the
+    constexprs with D, BD (D's power of two) and BT."""
+    inputs = [x if x.dim() < 4 or x.stride(-1) == 1 else x.contiguous() for x in inputs]
+    B, T, _, D = inputs[0].shape
+    strides = [s for x in inputs if x.dim() == 4 for s in x.stride()[:3]]
+    # one flat grid, a sequence-and-head's token blocks side by side: CUDA caps a grid's second axis at 65535 blocks
+    kernel[(-(-T // tokens) * B * heads,)](*inputs, *outputs, T, heads, *scalars, *strides, D=D,
+                                           BD=1 << (D - 1).bit_length(), BT=tokens, **constexprs)
 
 
 def xsa_kernels():
@@ -1176,11 +1176,15 @@ def xsa_kernels():
 
     @torch.library.custom_op("ternary_golf::xsa", mutates_args=())
     def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return xsa_launch(forward, XSA_TOKENS[0], (y, v), (y,))[0]
+        out = empty_contiguous(y)
+        launch_head_blocks(forward, XSA_TOKENS[0], v.size(2), (y, v), (out,), G=y.size(2) // v.size(2))
+        return out
 
     @torch.library.custom_op("ternary_golf::xsa_backward", mutates_args=())
     def xsa_backward(y: torch.Tensor, v: torch.Tensor, go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(xsa_launch(backward, XSA_TOKENS[1], (y, v, go), (y, v)))
+        gy, gv = empty_contiguous(y), empty_contiguous(v)
+        launch_head_blocks(backward, XSA_TOKENS[1], v.size(2), (y, v, go), (gy, gv), G=y.size(2) // v.size(2))
+        return gy, gv
 
     xsa.register_fake(lambda y, v: empty_contiguous(y))
     xsa_backward.register_fake(lambda y, v, go: (empty_contiguous(y), empty_contiguous(v)))
@@ -1251,27 +1255,21 @@ def norm_rope_kernels():
         return
     forward, backward = norm_rope_triton_kernels()
 
-    def launch(kernel, inputs, outputs, tokens):  # inputs: x, gain, inv_freq[, the output's gradient]
-        x, inv_freq = inputs[0], inputs[2]
-        (B, T, H, D), grid = x.shape, (x.size(0) * x.size(2) * -(-x.size(1) // tokens),)  # t-blocks fastest
-        strides = [s for y in inputs[::3] for s in y.stride()[:3]]
-        kernel[grid](*inputs, *outputs, T, H, torch.finfo(x.dtype).eps, *strides, D=D,
-                     BD=1 << (D - 1).bit_length(), HALF=inv_freq.numel(), BT=tokens)
-
     @torch.library.custom_op("ternary_golf::norm_rope", mutates_args=())
     def norm_rope(x: torch.Tensor, gain: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        x, out = x if x.stride(-1) == 1 else x.contiguous(), empty_contiguous(x)
-        launch(forward, (x, gain, inv_freq), (out,), NORM_ROPE_TOKENS[0])
+        out = empty_contiguous(x)
+        launch_head_blocks(forward, NORM_ROPE_TOKENS[0], x.size(2), (x, gain, inv_freq), (out,),
+                           torch.finfo(x.dtype).eps, HALF=inv_freq.numel())
         return out
 
     @torch.library.custom_op("ternary_golf::norm_rope_backward", mutates_args=())
     def norm_rope_backward(x: torch.Tensor, gain: torch.Tensor, inv_freq: torch.Tensor,
                            go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, go = (y if y.stride(-1) == 1 else y.contiguous() for y in (x, go))
         tokens = NORM_ROPE_TOKENS[1]
-        gx, shares = empty_contiguous(x), x.new_empty(x.size(0), x.size(2), -(-x.size(1) // tokens),
-                                                      dtype=torch.float32)
-        launch(backward, (x, gain, inv_freq, go), (gx, shares), tokens)
+        gx = empty_contiguous(x)
+        shares = x.new_empty(x.size(0), x.size(2), -(-x.size(1) // tokens), dtype=torch.float32)  # one a program
+        launch_head_blocks(backward, tokens, x.size(2), (x, gain, inv_freq, go), (gx, shares),
+                           torch.finfo(x.dtype).eps, HALF=inv_freq.numel())
         return gx, shares.sum((0, 2)).to(gain.dtype)
 
     norm_rope.register_fake(lambda x, gain, inv_freq: empty_contiguous(x))

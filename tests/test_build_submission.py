@@ -590,9 +590,11 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # throughput A/B; 92,448 and 30,418 once the env took XSA_KERNEL=1: 1.1 KB wrapped for a step 2.0-2.3 ms (2.6%)
 # shorter (session 18; the artifact had 686 KB to spare); 92,516 and 30,428 with QK_NORM_KERNEL's knob, its whole
 # cost when off, for issue 12's throughput A/B (built in session 18, unmeasured); 92,644 and 30,463 once
-# XSA_KERNEL's grid became one flat axis (35 bytes wrapped: no 65535-block cap on sequences x heads);
+# XSA_KERNEL's grid became one flat axis (35 bytes wrapped: no 65535-block cap on sequences x heads); 92,823 and
+# 30,503 once XSA_KERNEL and QK_NORM_KERNEL shared one launcher, launch_head_blocks (40 bytes wrapped for one
+# copy of the grid, strides and contiguity instead of two);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 92_700, 30_500
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 92_850, 30_520
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

@@ -168,6 +168,14 @@ def loss_and_grads(m, idx, tgt):
     return loss, {n: p.grad for n, p in m.named_parameters()}
 
 
+def compiled_loss_and_grads(m, idx, tgt):
+    """loss_and_grads through torch.compile (aot_eager, fullgraph: a graph break fails), the gradients by m's own
+    parameter names."""
+    loss = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)(idx, tgt)
+    loss.backward()
+    return loss, {n: p.grad for n, p in m.named_parameters()}
+
+
 def assert_same_loss_and_grads(got, want):
     """Two (loss, gradients) of loss_and_grads: the same loss and the same gradient for every parameter."""
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
@@ -492,12 +500,12 @@ def xsa_numpy(y, v, go):
 def test_xsa_kernel_matches_a_numpy_loop(xsa_op, monkeypatch, kv_heads, head_dim, tokens):
     """XSA_KERNEL's op and its backward against xsa_numpy: grouped and plain heads, head dims under their power of two
     (24: masked lanes), T = 37 in blocks of XSA_TOKENS that do not divide it, y in the transposed layout attention
-    returns and a gradient that is not contiguous either, one value of 0 and one of norm 5e-13 (the clamped
-    normalisation: its gradient, about 1e12 times the others', is compared on its own)."""
+    returns, v strided along the head dim and a gradient that is not contiguous either, one value of 0 and one of
+    norm 5e-13 (the clamped normalisation: its gradient, about 1e12 times the others', is compared on its own)."""
     monkeypatch.setattr(tg, "XSA_TOKENS", tokens)
     torch.manual_seed(0)
     y = torch.randn(2, 6, 37, head_dim).transpose(1, 2).requires_grad_()  # (B, T, H, D), not contiguous
-    v = torch.randn(2, 37, kv_heads, head_dim)
+    v = torch.randn(2, 37, head_dim, kv_heads).transpose(2, 3)  # head dim not unit-stride: the launcher fixes it
     v[0, 5, 0], v[1, 36, -1] = 5e-13 * F.normalize(v[0, 5, 0], dim=-1), 0.0
     v.requires_grad_()
     out = xsa_op(y, v)
@@ -521,10 +529,7 @@ def test_xsa_kernel_trains_the_same_model(xsa_op):
     idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
     runs = [loss_and_grads(model(XSA_KERNEL=k), idx, tgt) for k in ("0", "1")]
     assert_same_loss_and_grads(runs[1], runs[0])
-    m = model(XSA_KERNEL="1")
-    loss = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)(idx, tgt)
-    loss.backward()
-    assert_same_loss_and_grads((loss, {n: p.grad for n, p in m.named_parameters()}), runs[0])
+    assert_same_loss_and_grads(compiled_loss_and_grads(model(XSA_KERNEL="1"), idx, tgt), runs[0])
 
 
 def test_xsa_kernel_needs_xsa():
@@ -580,10 +585,7 @@ def test_norm_rope_kernel_trains_the_same_model():
     want = loss_and_grads(model(**rope), idx, tgt)
     for overrides in ({"QK_NORM_KERNEL": "1"}, {"QK_NORM_KERNEL": "1", "XSA_KERNEL": "1"}):
         assert_same_loss_and_grads(loss_and_grads(model(**rope, **overrides), idx, tgt), want)
-    m = model(**rope, QK_NORM_KERNEL="1")
-    loss = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)(idx, tgt)
-    loss.backward()
-    assert_same_loss_and_grads((loss, {n: p.grad for n, p in m.named_parameters()}), want)
+    assert_same_loss_and_grads(compiled_loss_and_grads(model(**rope, QK_NORM_KERNEL="1"), idx, tgt), want)
 
 
 def test_value_residual_mixes_the_first_layers_values():
