@@ -5,8 +5,9 @@
     options: --warmup N (compile + autotune steps, default 8), --steps N (profiled, default 5), --timed N (timed
     without the profiler, default 20), --top N (rows of the op table, default 40), --quant-mix Q (FP_PHASE's blend,
     default 1: the ternary phase most of a run trains in), --trace (also write a chrome trace), --shapes (also write
-    profile_shapes.txt: the op table by op and input shapes, e.g. each GEMM's), --allow-cpu (run on
-    the CPU, uncompiled, with 1/1/2 steps: for tests)
+    profile_shapes.txt: the op table by op and input shapes, e.g. each GEMM's), --gaps (also write profile_gaps.md:
+    the GPU's idle gaps within the step, by the kernels around them and by the CPU ops that ran meanwhile),
+    --allow-cpu (run on the CPU, uncompiled, with 1/1/2 steps: for tests)
 
 Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz like `fit`, runs the warmup steps
 through train_gpt.train_step, then writes to --out: profile_table.txt (the profiler's op table sorted by device
@@ -18,6 +19,7 @@ time) are bucketed instead, through the same code.
 Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
 """
 import argparse
+import bisect
 import contextlib
 import os
 import sys
@@ -65,6 +67,8 @@ ATEN_ELEMENTWISE = {"add", "mul", "sub", "div", "where", "sign", "abs", "clamp",
 OPTIMIZER_BUCKET = "optimizer (Muon Newton-Schulz, Adam)"  # every kernel launched inside an optimizer step
 TOP_NAMES = 8  # kernel names listed per bucket in the breakdown
 SHORT_KERNEL_US, SHORT_GAP_US = 10, 5  # launch_stats: a kernel this short is launch-bound; a gap this short, latency
+GAP_US, GAP_ROWS = 20, 25  # --gaps: the idle gaps listed are at least this long; rows per table
+STEP_START = "(step start)"  # idle_gaps: the gap before a step's first kernel
 
 
 def parse_args(argv):
@@ -78,6 +82,9 @@ def parse_args(argv):
     p.add_argument("--trace", action="store_true", help="also export a chrome trace (profile_trace.json)")
     p.add_argument("--shapes", action="store_true",
                    help="record input shapes and write profile_shapes.txt, the op table by op and shapes")
+    p.add_argument("--gaps", action="store_true",
+                   help=f"also write profile_gaps.md: the GPU's idle gaps of at least {GAP_US} us, by the kernels "
+                        "around them and by the CPU ops that ran meanwhile")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no CUDA (tests)")
     a = p.parse_args(argv)
     for k in ("warmup", "steps", "timed", "top"):
@@ -235,6 +242,66 @@ def launch_stats(items, windows):
     return stats
 
 
+def idle_gaps(items, windows, min_us):
+    """[(start_us, end_us, before, after)] of the GPU's idle gaps of at least min_us within each step window, in time
+    order: from the window's start (before = STEP_START) or the end of the kernels so far to the next kernel's start.
+    `before` is the kernel that ended last before the gap, `after` the one that ends it."""
+    gaps = []
+    for w in windows:
+        end, before = w.start, STEP_START
+        for name, t0, t1, _, _ in sorted((i for i in items if w.start <= i[1] < w.end), key=lambda i: i[1]):
+            if t0 - end >= min_us:
+                gaps.append((end, t0, before, name))
+            if t1 > end:
+                end, before = t1, name
+    return gaps
+
+
+def cpu_ops_during(events, gaps, depth):
+    """{name: us} of the gaps' time that each CPU op `depth` levels below the top (annotations skipped, on any
+    thread: the forward's and the autograd engine's) overlaps; a nested op is named "outer > inner". Where the CPU
+    was while the GPU waited."""
+    spans = sorted((g[0], g[1]) for g in gaps)
+    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    out = defaultdict(float)
+    for e in events:
+        if e.device_type != DeviceType.CPU or is_annotation(e):
+            continue
+        chain = [a.name for a in ancestors(e) if not is_annotation(a)][::-1]
+        if len(chain) != depth + 1:
+            continue
+        t0, t1 = e.time_range.start, e.time_range.end
+        for k in range(bisect.bisect_right(ends, t0), bisect.bisect_left(starts, t1)):
+            out[" > ".join(n[:60] for n in chain)] += min(t1, ends[k]) - max(t0, starts[k])
+    return out
+
+
+def gaps_markdown(events, items, windows, steps, min_us=GAP_US, top=GAP_ROWS):
+    """--gaps: the idle gaps of at least min_us per step, summed by the kernel pair around them, and by the CPU ops
+    (top level, then one level down) that ran while the GPU waited."""
+    gaps = idle_gaps(items, windows, min_us)
+    ms = lambda us: us / steps / 1000  # noqa: E731
+    pairs = defaultdict(lambda: [0, 0.0, 0.0])
+    for g0, g1, before, after in gaps:
+        w = next(w for w in windows if w.start <= g0 < w.end)
+        row = pairs[(before, after)]
+        row[0], row[1], row[2] = row[0] + 1, row[1] + g1 - g0, row[2] + g0 - w.start
+    total = sum(g1 - g0 for g0, g1, _, _ in gaps)
+    lines = [f"# GPU idle gaps of at least {min_us} us ({steps} profiled steps, a synchronize after each)", "",
+             f"{len(gaps) / steps:.1f} gaps per step, {ms(total):.3f} ms per step.", "",
+             "| kernel before | kernel after | gaps/step | ms/step | mean start in the step (ms) |",
+             "|---|---|---:|---:|---:|"]
+    for (before, after), (n, us, at) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| `{before[:70]}` | `{after[:70]}` | {n / steps:.1f} | {ms(us):.3f} | {at / n / 1000:.2f} |")
+    for depth in (0, 1):
+        lines += ["", f"CPU ops {'at the top level' if depth == 0 else 'one level down'} while the GPU waited "
+                  "(overlap with the gaps; threads overlap, so rows can sum past the gaps):", "",
+                  "| CPU op | ms/step |", "|---|---:|"]
+        ops = cpu_ops_during(events, gaps, depth)
+        lines += [f"| `{n[:150]}` | {ms(us):.3f} |" for n, us in sorted(ops.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines) + "\n"
+
+
 def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES):
     """{bucket: us}, {region: us}, busy us within the steps, wall us of the steps, and each bucket's `top_names`
     heaviest kernel (op) names {bucket: [(name, us)]}, heaviest first: what a bucket's total is made of. On the GPU
@@ -390,6 +457,11 @@ def main(argv=None):
     write_reports(out, "profile", table, md, prof if args.trace else None)
     if args.shapes:
         (out / "profile_shapes.txt").write_text(op_table(prof, on_gpu, args.top, by_shape=True) + "\n")
+    if args.gaps:
+        events = prof.events()
+        windows = [e.time_range for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
+        items = device_items(events) if on_gpu else cpu_items(events)
+        (out / "profile_gaps.md").write_text(gaps_markdown(events, items, windows, steps))
     progress(f"phase:done out:{out} seconds:{time.perf_counter() - t0:.1f}")
     return 0
 

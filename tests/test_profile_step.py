@@ -155,6 +155,45 @@ def test_breakdown_counts_launches_and_splits_the_idle_time():
     assert "| kernels launched per step (under 10 us: count, ms) | 2 | 2, 0.007 |" in md
 
 
+def test_gaps_name_the_kernels_around_each_idle_gap_and_the_cpu_ops_meanwhile():
+    """--gaps on fake events of two steps: gaps of at least 20 us only, the first from the step's start; a kernel
+    that ends inside a longer one does not end the busy span; CPU ops are credited their overlap with the gaps at
+    their depth below annotations, on any thread, nested ones named outer > inner."""
+    from types import SimpleNamespace as NS
+    CPU, CUDA = profile_step.DeviceType.CPU, profile_step.DeviceType.CUDA
+
+    def ev(name, t0, t1, device=CUDA, parent=None):
+        return NS(name=name, device_type=device, time_range=NS(start=t0, end=t1), is_user_annotation=False,
+                  cpu_parent=parent)
+
+    steps = [ev(profile_step.STEP, 0, 100, CPU), ev(profile_step.STEP, 100, 200, CPU)]
+    kernels = [ev("k_a", 30, 40), ev("k_b", 45, 50), ev("k_c", 80, 90),  # waits 30 at the start; gaps 5 and 30
+               ev("k_a", 105, 150), ev("k_x", 150, 170), ev("k_c", 152, 158), ev("k_d", 195, 199)]  # gap 25 after k_x
+    compiled = ev("CompiledFunction", 0, 60, CPU, steps[0])
+    cpu = [compiled, ev("aten::mm", 20, 40, CPU, compiled), ev("autograd::engine::evaluate_function: B", 160, 200, CPU)]
+    events = steps + kernels + cpu
+    items = profile_step.device_items(events)
+    windows = [e.time_range for e in steps]
+    gaps = profile_step.idle_gaps(items, windows, 20)
+    assert gaps == [(0, 30, profile_step.STEP_START, "k_a"), (50, 80, "k_b", "k_c"), (170, 195, "k_x", "k_d")]
+    assert profile_step.cpu_ops_during(events, gaps, 0) == {"CompiledFunction": 40,
+                                                           "autograd::engine::evaluate_function: B": 25}
+    assert profile_step.cpu_ops_during(events, gaps, 1) == {"CompiledFunction > aten::mm": 10}
+    md = profile_step.gaps_markdown(events, items, windows, 2, min_us=20)
+    assert "1.5 gaps per step, 0.043 ms per step." in md
+    assert "| `k_b` | `k_c` | 0.5 | 0.015 | 0.05 |" in md and "| `k_x` | `k_d` | 0.5 | 0.013 | 0.07 |" in md
+    assert "| `CompiledFunction > aten::mm` | 0.005 |" in md
+
+
+def test_gaps_flag_writes_the_gap_report(tiny_env, tmp_path):
+    torch.set_num_threads(1)
+    rc = profile_step.main(["--allow-cpu", "--warmup", "0", "--steps", "1", "--timed", "1", "--gaps",
+                            "--out", str(tmp_path)])
+    assert rc == 0
+    md = (tmp_path / "profile_gaps.md").read_text()
+    assert md.startswith("# GPU idle gaps of at least 20 us") and "| kernel before | kernel after |" in md
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # scripts/profile_lora.py: the LoRA TTT pass, profiled the same way
 
