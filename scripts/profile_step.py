@@ -7,6 +7,7 @@
     default 1: the ternary phase most of a run trains in), --trace (also write a chrome trace), --shapes (also write
     profile_shapes.txt: the op table by op and input shapes, e.g. each GEMM's), --gaps (also write profile_gaps.md:
     the GPU's idle gaps within the step, by the kernels around them and by the CPU ops that ran meanwhile),
+    --steady (profile the steps synchronized as training is, every TRAIN_SYNC_EVERY steps, not after each),
     --allow-cpu (run on the CPU, uncompiled, with 1/1/2 steps: for tests)
 
 Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz like `fit`, runs the warmup steps
@@ -24,7 +25,7 @@ import contextlib
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from pathlib import Path
 
 import torch
@@ -68,6 +69,7 @@ OPTIMIZER_BUCKET = "optimizer (Muon Newton-Schulz, Adam)"  # every kernel launch
 TOP_NAMES = 8  # kernel names listed per bucket in the breakdown
 SHORT_KERNEL_US, SHORT_GAP_US = 10, 5  # launch_stats: a kernel this short is launch-bound; a gap this short, latency
 GAP_US, GAP_ROWS = 20, 25  # --gaps: the idle gaps listed are at least this long; rows per table
+Span = namedtuple("Span", "start end")  # step_windows' merged window, as a profiler time range reads
 STEP_START = "(step start)"  # idle_gaps: the gap before a step's first kernel
 
 
@@ -85,6 +87,9 @@ def parse_args(argv):
     p.add_argument("--gaps", action="store_true",
                    help=f"also write profile_gaps.md: the GPU's idle gaps of at least {GAP_US} us, by the kernels "
                         "around them and by the CPU ops that ran meanwhile")
+    p.add_argument("--steady", action="store_true",
+                   help="profile the steps synchronized as training is (every TRAIN_SYNC_EVERY), not after each: "
+                        "the steady state's idle time; per-step figures are then the window's over --steps")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no CUDA (tests)")
     a = p.parse_args(argv)
     for k in ("warmup", "steps", "timed", "top"):
@@ -132,12 +137,12 @@ def build(h, device, q):
     return base, model, optimizers, use_compile
 
 
-def run_steps(n, ctx, first, region=False):
+def run_steps(n, ctx, first, region=False, steady=False):
     """n train_gpt.train_step calls, synchronized as train() reads its clock: after every TRAIN_SYNC_EVERY-th step
-    (default every step) and after the last; in the profiled region after every step, whose window ends there.
-    Returns the next step index."""
+    (default every step) and after the last; in the profiled region after every step, whose window ends there,
+    unless steady. Returns the next step index."""
     base, model, optimizers, h, loader, schedule, device = ctx
-    every = 1 if region else h.train_sync_every
+    every = 1 if region and not steady else h.train_sync_every
     for k, s in enumerate(range(first, first + n), 1):
         with record_function(STEP) if region else contextlib.nullcontext():
             tg.train_step(model, base, loader, optimizers, h, schedule, s, 0.0)
@@ -276,7 +281,7 @@ def cpu_ops_during(events, gaps, depth):
     return out
 
 
-def gaps_markdown(events, items, windows, steps, min_us=GAP_US, top=GAP_ROWS):
+def gaps_markdown(events, items, windows, steps, min_us=GAP_US, top=GAP_ROWS, steady=False):
     """--gaps: the idle gaps of at least min_us per step, summed by the kernel pair around them, and by the CPU ops
     (top level, then one level down) that ran while the GPU waited."""
     gaps = idle_gaps(items, windows, min_us)
@@ -287,7 +292,8 @@ def gaps_markdown(events, items, windows, steps, min_us=GAP_US, top=GAP_ROWS):
         row = pairs[(before, after)]
         row[0], row[1], row[2] = row[0] + 1, row[1] + g1 - g0, row[2] + g0 - w.start
     total = sum(g1 - g0 for g0, g1, _, _ in gaps)
-    lines = [f"# GPU idle gaps of at least {min_us} us ({steps} profiled steps, a synchronize after each)", "",
+    how = "synchronized as training is (--steady): one window" if steady else "a synchronize after each"
+    lines = [f"# GPU idle gaps of at least {min_us} us ({steps} profiled steps, {how})", "",
              f"{len(gaps) / steps:.1f} gaps per step, {ms(total):.3f} ms per step.", "",
              "| kernel before | kernel after | gaps/step | ms/step | mean start in the step (ms) |",
              "|---|---|---:|---:|---:|"]
@@ -302,16 +308,24 @@ def gaps_markdown(events, items, windows, steps, min_us=GAP_US, top=GAP_ROWS):
     return "\n".join(lines) + "\n"
 
 
-def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES):
+def step_windows(events, steps, steady=False):
+    """The profiled steps' CPU time ranges (each ends at its synchronize); steady: the steps ran unsynchronized, so
+    one window spans them all, and per-step figures are its totals over `steps`."""
+    windows = [e.time_range for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
+    if len(windows) != steps:
+        raise RuntimeError(f"profiler gave {len(windows)} step regions for {steps} steps; nothing to break down")
+    return [Span(min(w.start for w in windows), max(w.end for w in windows))] if steady else windows
+
+
+def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES, steady=False):
     """{bucket: us}, {region: us}, busy us within the steps, wall us of the steps, and each bucket's `top_names`
     heaviest kernel (op) names {bucket: [(name, us)]}, heaviest first: what a bucket's total is made of. On the GPU
     the region dict also holds the optimizer's span and launch_stats' counts and times (over all steps)."""
     events = prof.events()
     items = device_items(events) if on_gpu else cpu_items(events)
-    windows = [e.time_range for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
-    if not items or len(windows) != steps:
-        raise RuntimeError(f"profiler gave {len(items)} {'kernels' if on_gpu else 'ops'} and {len(windows)} step "
-                           f"regions for {steps} steps; nothing to break down")
+    windows = step_windows(events, steps, steady)
+    if not items:
+        raise RuntimeError(f"profiler gave no {'kernels' if on_gpu else 'ops'} for {steps} steps; nothing to break down")
     buckets, regions, names = defaultdict(float), defaultdict(float), defaultdict(lambda: defaultdict(float))
     for name, _, _, us, region in items:
         b = bucket(name, region)
@@ -446,22 +460,22 @@ def main(argv=None):
         progress(f"phase:profile steps:{steps}")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with torch.profiler.profile(activities=activities, record_shapes=args.shapes) as prof:
-            run_steps(steps, ctx, step, region=True)
+            run_steps(steps, ctx, step, region=True, steady=args.steady)
     finally:
         loader.close()
 
     progress("phase:analyse")
     table = op_table(prof, on_gpu, args.top)
     print(table, flush=True)
-    md = breakdown_markdown(breakdown(prof, steps, on_gpu), steps, on_gpu, timing, h)
+    md = breakdown_markdown(breakdown(prof, steps, on_gpu, steady=args.steady), steps, on_gpu, timing, h)
     write_reports(out, "profile", table, md, prof if args.trace else None)
     if args.shapes:
         (out / "profile_shapes.txt").write_text(op_table(prof, on_gpu, args.top, by_shape=True) + "\n")
     if args.gaps:
         events = prof.events()
-        windows = [e.time_range for e in events if e.name == STEP and e.device_type == DeviceType.CPU]
         items = device_items(events) if on_gpu else cpu_items(events)
-        (out / "profile_gaps.md").write_text(gaps_markdown(events, items, windows, steps))
+        md = gaps_markdown(events, items, step_windows(events, steps, args.steady), steps, steady=args.steady)
+        (out / "profile_gaps.md").write_text(md)
     progress(f"phase:done out:{out} seconds:{time.perf_counter() - t0:.1f}")
     return 0
 

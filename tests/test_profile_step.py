@@ -65,6 +65,27 @@ def test_timed_steps_sync_as_train_reads_its_clock(tiny_env, monkeypatch, every,
     assert calls.count("step") == 7 and calls.count("sync") == syncs and calls[-1] == "sync"
 
 
+@pytest.mark.parametrize("steady, syncs", [(False, 7), (True, 2)])
+def test_profiled_steps_sync_after_each_unless_steady(tiny_env, monkeypatch, steady, syncs):
+    """The profiled region syncs after every step, so each step's window ends there; --steady syncs as training
+    does (TRAIN_SYNC_EVERY=4: after the 4th and the last), and one window spans the steps."""
+    from types import SimpleNamespace as NS
+    monkeypatch.setenv("TRAIN_SYNC_EVERY", "4")
+    h = profile_step.tg.Hyperparameters()
+    calls = []
+    monkeypatch.setattr(profile_step.tg, "train_step", lambda *a: calls.append("step"))
+    monkeypatch.setattr(profile_step.tg, "sync", lambda device: calls.append("sync"))
+    profile_step.run_steps(7, (None, None, None, h, None, None, "cpu"), 0, region=True, steady=steady)
+    assert calls.count("sync") == syncs and calls[-1] == "sync"
+    steps = [NS(name=profile_step.STEP, device_type=profile_step.DeviceType.CPU, time_range=NS(start=10 * i + 3,
+                                                                                               end=10 * i + 9))
+             for i in range(7)]
+    windows = profile_step.step_windows(steps, 7, steady)
+    assert [(w.start, w.end) for w in windows] == ([(3, 69)] if steady else [(10 * i + 3, 10 * i + 9) for i in range(7)])
+    with pytest.raises(RuntimeError, match="6 step regions for 7 steps"):
+        profile_step.step_windows(steps[:6], 7, steady)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_without_cuda_it_refuses_unless_allowed(tiny_env, tmp_path, capsys):
     assert profile_step.main(["--out", str(tmp_path)]) == 2
@@ -187,11 +208,12 @@ def test_gaps_name_the_kernels_around_each_idle_gap_and_the_cpu_ops_meanwhile():
 
 def test_gaps_flag_writes_the_gap_report(tiny_env, tmp_path):
     torch.set_num_threads(1)
-    rc = profile_step.main(["--allow-cpu", "--warmup", "0", "--steps", "1", "--timed", "1", "--gaps",
+    rc = profile_step.main(["--allow-cpu", "--warmup", "0", "--steps", "2", "--timed", "1", "--gaps", "--steady",
                             "--out", str(tmp_path)])
     assert rc == 0
     md = (tmp_path / "profile_gaps.md").read_text()
-    assert md.startswith("# GPU idle gaps of at least 20 us") and "| kernel before | kernel after |" in md
+    assert md.startswith("# GPU idle gaps of at least 20 us (2 profiled steps, synchronized as training is")
+    assert "| kernel before | kernel after |" in md
 
 
 # ---------------------------------------------------------------------------------------------------------------
