@@ -1050,10 +1050,13 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def tables(self, seq_len, device):
+        """cos and sin of every position's angles, each (T, dims / 2) in fp32."""
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos(), freqs.sin()
+
     def forward(self, x):  # x: (B, T, H, D)
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
-        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        cos, sin = (f[None, :, None, :].to(x.dtype) for f in self.tables(x.size(1), x.device))
         rot, rest = x[..., : self.dims], x[..., self.dims :]
         x1, x2 = rot.chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -1193,18 +1196,20 @@ def xsa_kernels():
 
 
 NORM_ROPE_TOKENS = (32, 32)  # QK_NORM_KERNEL: the tokens one program takes, forward and backward
+NORM_ROPE_WARPS = (4, 4)  # and the warps that run it
 
 
 def norm_rope_triton_kernels():
     """QK_NORM_KERNEL's two Triton kernels, (forward, backward). A program takes NORM_ROPE_TOKENS tokens of one head:
     F.rms_norm of each row, times the head's gain, then Rotary's rotation of its first 2 * HALF channels (channel d
     with d + HALF), in fp32 registers. The backward also writes each program's share of the gain's gradient.
-    Inductor ran q's and k's norms and RoPE, forward and backward, as eight kernels: 4 ms of session 18's step."""
+    The angles' cos and sin come as (T, HALF) tables: session 19's kernels computed them for each element, and
+    that arithmetic made them slower than inductor's code (9.5 ms of the step against about 6)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def norm_rope_forward_kernel(x, gain, inv_freq, out, T, H, eps, sxb, sxt, sxh,
+    def norm_rope_forward_kernel(x, gain, cos, sin, out, T, H, eps, sxb, sxt, sxh,
                                  D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
         blocks = tl.cdiv(T, BT)
         bh, tb = tl.program_id(0) // blocks, tl.program_id(0) % blocks
@@ -1216,13 +1221,13 @@ def norm_rope_triton_kernels():
         xv = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
         xp = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
         scale = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)[:, None] * tl.load(gain + h).to(tl.float32)
-        angle = t[:, None].to(tl.float32) * tl.load(inv_freq + d % HALF, mask=d < 2 * HALF, other=0.0)[None, :]
-        sign = tl.where(d < HALF, -1.0, tl.where(d < 2 * HALF, 1.0, 0.0))[None, :]
-        o = (xv * tl.cos(angle) + sign * xp * tl.sin(angle)) * scale
+        at, rotated = t[:, None] * HALF + (d % HALF)[None, :], (t < T)[:, None] & (d < 2 * HALF)[None, :]
+        c, s = tl.load(cos + at, mask=rotated, other=1.0), tl.load(sin + at, mask=rotated, other=0.0)
+        o = (xv * c + tl.where(d < HALF, -1.0, 1.0)[None, :] * xp * s) * scale  # unrotated lanes: c 1, s 0
         tl.store(out + ((b * T + t[:, None]) * H + h) * D + d[None, :], o, mask=mask)
 
     @triton.jit
-    def norm_rope_backward_kernel(x, gain, inv_freq, go, gx, g_gain, T, H, eps, sxb, sxt, sxh, sob, sot, soh,
+    def norm_rope_backward_kernel(x, gain, cos, sin, go, gx, g_gain, T, H, eps, sxb, sxt, sxh, sob, sot, soh,
                                   D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
         blocks = tl.cdiv(T, BT)
         bh, tb = tl.program_id(0) // blocks, tl.program_id(0) % blocks
@@ -1234,9 +1239,9 @@ def norm_rope_triton_kernels():
         rows = go + b * sob + t[:, None] * sot + h * soh
         o = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
         op = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        angle = t[:, None].to(tl.float32) * tl.load(inv_freq + d % HALF, mask=d < 2 * HALF, other=0.0)[None, :]
-        sign = tl.where(d < HALF, -1.0, tl.where(d < 2 * HALF, 1.0, 0.0))[None, :]
-        g_y = o * tl.cos(angle) - sign * op * tl.sin(angle)  # the rotation's transpose
+        at, rotated = t[:, None] * HALF + (d % HALF)[None, :], (t < T)[:, None] & (d < 2 * HALF)[None, :]
+        c, s = tl.load(cos + at, mask=rotated, other=1.0), tl.load(sin + at, mask=rotated, other=0.0)
+        g_y = o * c - tl.where(d < HALF, -1.0, 1.0)[None, :] * op * s  # the rotation's transpose
         r = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)[:, None]
         x_hat = xv * r
         tl.store(g_gain + tl.program_id(0), tl.sum(tl.sum(g_y * x_hat, 1), 0))  # this program's share
@@ -1248,33 +1253,38 @@ def norm_rope_triton_kernels():
 
 
 def norm_rope_kernels():
-    """QK_NORM_KERNEL: q's and k's RMSNorm, gain and RoPE as the custom op ternary_golf::norm_rope(x, gain,
-    inv_freq), with its backward, registered once a process. eps is F.rms_norm's default for x's dtype. On the CPU
-    only under TRITON_INTERPRET=1 (tests)."""
+    """QK_NORM_KERNEL: q's and k's RMSNorm, gain and RoPE as the custom op ternary_golf::norm_rope(x, gain, cos, sin),
+    cos and sin Rotary.tables of x's length, with its backward, registered once a process. eps is F.rms_norm's
+    default for x's dtype. On the CPU only under TRITON_INTERPRET=1 (tests)."""
     if hasattr(torch.ops.ternary_golf, "norm_rope"):
         return
     forward, backward = norm_rope_triton_kernels()
 
+    def launch(kernel, i, x, inputs, outputs):
+        cos = inputs[2]
+        if cos.shape != (x.size(1), cos.size(1)) or not cos.is_contiguous():  # the kernels index rows t * HALF
+            raise ValueError(f"norm_rope: cos/sin tables {tuple(cos.shape)} for {x.size(1)} tokens; want (T, HALF)")
+        launch_head_blocks(kernel, NORM_ROPE_TOKENS[i], x.size(2), inputs, outputs, torch.finfo(x.dtype).eps,
+                           HALF=cos.size(1), num_warps=NORM_ROPE_WARPS[i])
+
     @torch.library.custom_op("ternary_golf::norm_rope", mutates_args=())
-    def norm_rope(x: torch.Tensor, gain: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    def norm_rope(x: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         out = empty_contiguous(x)
-        launch_head_blocks(forward, NORM_ROPE_TOKENS[0], x.size(2), (x, gain, inv_freq), (out,),
-                           torch.finfo(x.dtype).eps, HALF=inv_freq.numel())
+        launch(forward, 0, x, (x, gain, cos, sin), (out,))
         return out
 
     @torch.library.custom_op("ternary_golf::norm_rope_backward", mutates_args=())
-    def norm_rope_backward(x: torch.Tensor, gain: torch.Tensor, inv_freq: torch.Tensor,
+    def norm_rope_backward(x: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = NORM_ROPE_TOKENS[1]
         gx = empty_contiguous(x)
-        shares = x.new_empty(x.size(0), x.size(2), -(-x.size(1) // tokens), dtype=torch.float32)  # one a program
-        launch_head_blocks(backward, tokens, x.size(2), (x, gain, inv_freq, go), (gx, shares),
-                           torch.finfo(x.dtype).eps, HALF=inv_freq.numel())
+        blocks = -(-x.size(1) // NORM_ROPE_TOKENS[1])
+        shares = x.new_empty(x.size(0), x.size(2), blocks, dtype=torch.float32)  # one a program
+        launch(backward, 1, x, (x, gain, cos, sin, go), (gx, shares))
         return gx, shares.sum((0, 2)).to(gain.dtype)
 
-    norm_rope.register_fake(lambda x, gain, inv_freq: empty_contiguous(x))
-    norm_rope_backward.register_fake(lambda x, gain, inv_freq, go: (empty_contiguous(x), empty_contiguous(gain)))
-    norm_rope.register_autograd(lambda ctx, go: (*norm_rope_backward(*ctx.saved_tensors, go), None),
+    norm_rope.register_fake(lambda x, gain, cos, sin: empty_contiguous(x))
+    norm_rope_backward.register_fake(lambda x, gain, cos, sin, go: (empty_contiguous(x), empty_contiguous(gain)))
+    norm_rope.register_autograd(lambda ctx, go: (*norm_rope_backward(*ctx.saved_tensors, go), None, None),
                                 setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
@@ -1328,8 +1338,8 @@ class CausalSelfAttention(nn.Module):
             v = v + self.value_mix.to(v.dtype) * (v if v_first is None else v_first)
         # qk-norm keeps ternary-scale drift out of the attention logits; q_gain sets their temperature
         if h.qk_norm_kernel:
-            norm_rope, inv_freq = torch.ops.ternary_golf.norm_rope, self.rotary.inv_freq
-            q, k = norm_rope(q, self.q_gain, inv_freq), norm_rope(k, self.k_gain, inv_freq)
+            norm_rope, tables = torch.ops.ternary_golf.norm_rope, self.rotary.tables(T, x.device)
+            q, k = norm_rope(q, self.q_gain, *tables), norm_rope(k, self.k_gain, *tables)
         else:
             q = F.rms_norm(q, (self.head_dim,)) * self.q_gain.to(q.dtype)[:, None]
             k = F.rms_norm(k, (self.head_dim,))

@@ -563,8 +563,9 @@ def test_norm_rope_kernel_matches_the_formulas_in_float64(head_dim, rotated, tok
     x[1, 4, 2], x[0, 7, 1] = 0.0, 1e-4 * x[0, 7, 1]  # a row of zeros, and one whose mean square eps rivals
     x.requires_grad_()
     gain = (torch.rand(3) + 0.5).requires_grad_()
-    inv_freq = tg.Rotary(head_dim, rotated, 10000.0).inv_freq
-    out = torch.ops.ternary_golf.norm_rope(x, gain, inv_freq)
+    rotary = tg.Rotary(head_dim, rotated, 10000.0)
+    inv_freq = rotary.inv_freq
+    out = torch.ops.ternary_golf.norm_rope(x, gain, *rotary.tables(37, x.device))
     go = torch.randn(2, 3, 37, head_dim).transpose(1, 2)
     got = (out, *torch.autograd.grad(out, (x, gain), go))
     x64, gain64 = (t.detach().double().requires_grad_() for t in (x, gain))
