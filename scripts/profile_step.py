@@ -236,7 +236,7 @@ def launch_stats(items, windows):
     stats = dict.fromkeys(("kernels", "short_kernels", "short_kernels_us", "short_gaps_us"), 0.0)
     for w in windows:
         end = None
-        for _, t0, t1, us, _ in sorted(i for i in items if w.start <= i[1] < w.end):
+        for _, t0, t1, us, _ in sorted((i for i in items if w.start <= i[1] < w.end), key=lambda i: i[1]):
             stats["kernels"] += 1
             if us < SHORT_KERNEL_US:
                 stats["short_kernels"] += 1

@@ -156,7 +156,8 @@ def test_breakdown_lists_each_buckets_heaviest_kernels():
 
 def test_breakdown_counts_launches_and_splits_the_idle_time():
     """launch_stats on fake GPU events of two steps: kernels under 10 us counted and summed, and of the idle time
-    only the gaps under 5 us between two kernels are latency; the first kernel's wait and longer gaps are not."""
+    only the gaps under 5 us between two kernels are latency, in time order whatever the kernels' names; the first
+    kernel's wait and longer gaps are not."""
     from types import SimpleNamespace as NS
 
     def ev(name, t0, t1, device=profile_step.DeviceType.CUDA):
@@ -165,11 +166,11 @@ def test_breakdown_counts_launches_and_splits_the_idle_time():
     step = [ev(profile_step.STEP, 0, 100, profile_step.DeviceType.CPU),
             ev(profile_step.STEP, 100, 200, profile_step.DeviceType.CPU)]
     kernels = [ev("nvjet_a", 0, 20), ev("triton_poi_b", 23, 30), ev("triton_poi_c", 50, 55),  # gaps 3 and 20
-               ev("triton_poi_d", 110, 112), ev("nvjet_e", 112, 150)]  # waits 10 after the step starts, then none
+               ev("triton_poi_d", 110, 112), ev("nvjet_e", 113, 151)]  # waits 10 after the step starts, then 1
     res = profile_step.breakdown(NS(events=lambda: step + kernels), 2, True)
     regions = res[1]
     assert (regions["kernels"], regions["short_kernels"], regions["short_kernels_us"]) == (5, 3, 14)
-    assert regions["short_gaps_us"] == 3 and res[2] == 72 and res[3] == 200
+    assert regions["short_gaps_us"] == 4 and res[2] == 72 and res[3] == 200
     md = profile_step.breakdown_markdown(res, 2, True, "t", profile_step.tg.Hyperparameters())
     assert "| gap between back-to-back kernels (under 5 us each) | 0.002 | |" in md
     assert "| longer gaps (the CPU behind the GPU, syncs) | 0.062 | |" in md
