@@ -592,9 +592,11 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # cost when off, for issue 12's throughput A/B (built in session 18, unmeasured); 92,644 and 30,463 once
 # XSA_KERNEL's grid became one flat axis (35 bytes wrapped: no 65535-block cap on sequences x heads); 92,823 and
 # 30,503 once XSA_KERNEL and QK_NORM_KERNEL shared one launcher, launch_head_blocks (40 bytes wrapped for one
-# copy of the grid, strides and contiguity instead of two);
+# copy of the grid, strides and contiguity instead of two); 97,728 and 31,468 once QK_NORM_KERNEL read cos/sin
+# tables and the env took it: 0.95 KB wrapped for a step 1.9-2.1 ms (2.6%) shorter (session 19; the artifact had
+# 699 KB to spare);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 92_850, 30_520
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 97_730, 31_470
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

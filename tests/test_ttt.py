@@ -849,9 +849,9 @@ def test_lora_cost_recovers_a_known_cost_model_and_predicts_the_share(shards, tm
 
 
 def test_lora_pass_scores_the_same_with_the_triton_kernels():
-    """best_known_competition.env runs its LoRA pass with XSA_KERNEL=1 (QK_NORM_KERNEL=1 rides along, as a
-    candidate): through the ops' forward and backward (the adapters' gradients pass through them) the pass gives
-    the per-token NLLs that the torch functions give. (Interpreted, one case: about 25 s.)"""
+    """best_known_competition.env runs its LoRA pass with XSA_KERNEL=1 and QK_NORM_KERNEL=1: through the ops'
+    forward and backward (the adapters' gradients pass through them) the pass gives the per-token NLLs that the
+    torch functions give. (Interpreted, one case: about 25 s.)"""
     kernels = {"XSA_KERNEL": "1", "QK_NORM_KERNEL": "1"}
     h = lora_h(EVAL_DOC_ISOLATED=1, TTT_LORA_DOCS=2, TTT_LORA_GLOBAL=1, TTT_LORA_GLOBAL_LR=0.03, TTT_LORA_BUCKET=1)
     tokens = docs_stream(1, n=60)

@@ -373,8 +373,21 @@ H200_RUNS += [
     ("elr01s42", f"trains: {S16}, EMBED_LR=0.01 SEED=42", "3086bfe", ""),
 ]
 H200_S18 = HERE / "h200_2026-11-30_s18"
+# session 19 (h200_2026-11-30_s19/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s19.toml s19` with GPUS=0,
+# on nvidia-h200-x2 while the other GPU profiled or stood idle); every training row is session 16's default with the
+# named change. xsaqk_sincos ran QK_NORM_KERNEL's first kernels (sin and cos per element, 6213729's train_gpt.py,
+# the same as 1cce632's); xsaqk its kernels with cos/sin tables (8226c42). The _env rows load their checkpoint and run
+# best_known_competition.env's LoRA pass with both kernels.
+ENV19 = f"{ENV13} TTT_LORA_DOCS=32 TTT_LORA_CHUNK=48 LOGIT_SOFTCAP=15 XSA_KERNEL=1 QK_NORM_KERNEL=1"
+H200_RUNS += [
+    ("xsaqk_sincos", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 (sin and cos in the kernel)", "6213729", ""),
+    ("xsaqk_sincos_env", ENV19, "6213729", "xsaqk_sincos"),
+    ("xsaqk", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1", "8226c42", ""),
+    ("xsaqk_env", ENV19, "8226c42", "xsaqk"),
+]
+H200_S19 = HERE / "h200_2026-11-30_s19"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
-           H200_S15, H200_S16, H200_S17, H200_S18)  # two runs side by side on nvidia-h200-x2
+           H200_S15, H200_S16, H200_S17, H200_S18, H200_S19)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
@@ -382,7 +395,7 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
                "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45",
                "r64", "r64s42", "leaky", "gs64", "qramp", "cap20", "cap20s42", "qramps42", "capramp", "capramps42",
                "cap15", "ramp2", "cap15s42", "cap10", "d16s2024", "wdcos", "zloss", "clip1",
-               "elr04", "xsak", "elr01", "xsaks42", "elr01s42"}  # not in the plot:
+               "elr04", "xsak", "elr01", "xsaks42", "elr01s42", "xsaqk_sincos", "xsaqk"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# session 19 call 3 (26 s, at 6213729, still warm): gaps listed from 5 us (not 20), --shapes too; default mode on
+# GPU 0, reduce-overhead on GPU 1, side by side.
+P=/tmp/p3; mkdir -p $P; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1; D=$(GOLFMIX_DIR=.bench TOKENIZER=.bench/fineweb_8192_bpe.model scripts/golfmix_shards.sh /tmp/b); C="DATA_PATH=$D TOKENIZER_PATH=$PWD/.bench/fineweb_8192_bpe.model VOCAB_SIZE=8192 TRAIN_BATCH_TOKENS=65536 GRAD_ACCUM_STEPS=1 MUON_WD=0.04 SCALE_FORMAT=log8 XSA_KERNEL=1"; run() { env $C COMPILE_MODE=$1 CUDA_VISIBLE_DEVICES=$2 timeout 200 python3 -c "import sys, runpy; sys.path[:0] = ['.', 'scripts']; import profile_step as ps; ps.gaps_markdown.__defaults__ = (5, 60); sys.exit(ps.main(['--gaps', '--shapes', '--out', '$P/$3']))" > $P/$3.txt 2>&1; echo "$3 rc $?"; }; run default 0 g5d & run reduce-overhead 1 g5r; wait; grep -H "phase:timed" $P/*.txt; tar czf $OUT/call3.tgz -C $P .
