@@ -577,6 +577,19 @@ def test_norm_rope_kernel_matches_the_formulas_in_float64(head_dim, rotated, tok
     assert torch.equal(out[1, 4, 2], torch.zeros(head_dim))
 
 
+def test_norm_rope_kernel_refuses_tables_of_another_length():
+    """The kernels index the cos/sin tables by position: tables shorter than x's sequence (or not contiguous) are an
+    error before any launch, not a read past their end."""
+    tg.norm_rope_kernels()
+    x, gain = torch.randn(1, 12, 2, 16), torch.ones(2)
+    cos, sin = tg.Rotary(16, 8, 10000.0).tables(12, x.device)
+    with pytest.raises(ValueError, match=r"tables \(11, 4\) for 12 tokens"):
+        torch.ops.ternary_golf.norm_rope(x, gain, cos[:11], sin[:11])
+    with pytest.raises(ValueError, match="want \\(T, HALF\\)"):
+        torch.ops.ternary_golf.norm_rope(x, gain, cos.t().contiguous().t(), sin)
+    assert torch.ops.ternary_golf.norm_rope(x, gain, cos, sin).shape == x.shape
+
+
 def test_norm_rope_kernel_trains_the_same_model():
     """QK_NORM_KERNEL=1 gives GPT.forward's loss and every parameter's gradient (q_gain's included) as
     QK_NORM_KERNEL=0 does (same init, fp32), at a partial RoPE, with XSA_KERNEL too, eager and under torch.compile
