@@ -292,13 +292,17 @@ def gaps_markdown(events, items, windows, steps, min_us=GAP_US, top=GAP_ROWS, st
         row = pairs[(before, after)]
         row[0], row[1], row[2] = row[0] + 1, row[1] + g1 - g0, row[2] + g0 - w.start
     total = sum(g1 - g0 for g0, g1, _, _ in gaps)
+    idle = sum(w.end - w.start - union_us([(max(i[1], w.start), min(i[2], w.end)) for i in items
+                                           if i[1] < w.end and i[2] > w.start]) for w in windows)
     how = "synchronized as training is (--steady): one window" if steady else "a synchronize after each"
     lines = [f"# GPU idle gaps of at least {min_us} us ({steps} profiled steps, {how})", "",
-             f"{len(gaps) / steps:.1f} gaps per step, {ms(total):.3f} ms per step.", "",
-             "| kernel before | kernel after | gaps/step | ms/step | mean start in the step (ms) |",
-             "|---|---|---:|---:|---:|"]
+             f"{len(gaps) / steps:.1f} gaps per step, {ms(total):.3f} ms per step, of {ms(idle):.3f} ms of idle time "
+             f"per step; the other {ms(idle - total):.3f} ms: shorter gaps, and the wait after the last kernel.", "",
+             "| kernel before | kernel after | gaps/step | ms/step |" + ("" if steady else " mean start in the step (ms) |"),
+             "|---|---|---:|---:|" + ("" if steady else "---:|")]  # steady: one window, no step to be placed in
     for (before, after), (n, us, at) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"| `{before[:70]}` | `{after[:70]}` | {n / steps:.1f} | {ms(us):.3f} | {at / n / 1000:.2f} |")
+        lines.append(f"| `{before[:70]}` | `{after[:70]}` | {n / steps:.1f} | {ms(us):.3f} |"
+                     + ("" if steady else f" {at / n / 1000:.2f} |"))
     for depth in (0, 1):
         lines += ["", f"CPU ops {'at the top level' if depth == 0 else 'one level down'} while the GPU waited "
                   "(overlap with the gaps; threads overlap, so rows can sum past the gaps):", "",

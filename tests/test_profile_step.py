@@ -202,9 +202,13 @@ def test_gaps_name_the_kernels_around_each_idle_gap_and_the_cpu_ops_meanwhile():
                                                            "autograd::engine::evaluate_function: B": 25}
     assert profile_step.cpu_ops_during(events, gaps, 1) == {"CompiledFunction > aten::mm": 10}
     md = profile_step.gaps_markdown(events, items, windows, 2, min_us=20)
-    assert "1.5 gaps per step, 0.043 ms per step." in md
+    # idle: 100 - 25 busy (k_a, k_b, k_c) + 100 - 69 (k_a to k_x, k_d) = 106 us; outside the listed gaps (85 us) are
+    # 5 us after the first k_a, 10 at the first step's end, 5 before the second k_a and 1 after k_d: 21 us
+    assert "1.5 gaps per step, 0.043 ms per step, of 0.053 ms of idle time per step; the other 0.011 ms" in md
     assert "| `k_b` | `k_c` | 0.5 | 0.015 | 0.05 |" in md and "| `k_x` | `k_d` | 0.5 | 0.013 | 0.07 |" in md
     assert "| `CompiledFunction > aten::mm` | 0.005 |" in md
+    steady = profile_step.gaps_markdown(events, items, [NS(start=0, end=200)], 2, min_us=20, steady=True)
+    assert "| `k_b` | `k_c` | 0.5 | 0.015 |\n" in steady and "mean start" not in steady
 
 
 def test_gaps_flag_writes_the_gap_report(tiny_env, tmp_path):
