@@ -15,7 +15,7 @@ through train_gpt.train_step, then writes to --out: profile_table.txt (the profi
 time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
 memcpy, nccl, other; each bucket's heaviest kernel names; per-region totals forward+backward / optimizer; the GPU
 idle gap within the step, split into the latency between back-to-back kernels and longer gaps; the kernels
-launched per step, and how many of them run under 10 us). On the CPU there are no kernels, so the CPU ops (self
+launched per step, how many of them run under 10 us, and which of those launch most). On the CPU there are no kernels, so the CPU ops (self
 time) are bucketed instead, through the same code.
 Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
 """
@@ -68,6 +68,7 @@ ATEN_ELEMENTWISE = {"add", "mul", "sub", "div", "where", "sign", "abs", "clamp",
 OPTIMIZER_BUCKET = "optimizer (Muon Newton-Schulz, Adam)"  # every kernel launched inside an optimizer step
 TOP_NAMES = 8  # kernel names listed per bucket in the breakdown
 SHORT_KERNEL_US, SHORT_GAP_US = 10, 5  # launch_stats: a kernel this short is launch-bound; a gap this short, latency
+TOP_SHORT = 20  # the breakdown's rows of the most launched short kernels
 GAP_US, GAP_ROWS = 20, 25  # --gaps: the idle gaps listed are at least this long; rows per table
 Span = namedtuple("Span", "start end")  # step_windows' merged window, as a profiler time range reads
 STEP_START = "(step start)"  # idle_gaps: the gap before a step's first kernel
@@ -232,15 +233,19 @@ def launch_stats(items, windows):
     """{"kernels": count, "short_kernels": count, "short_kernels_us", "short_gaps_us"} of the kernels within the
     windows: those under SHORT_KERNEL_US (launch-bound work), and the idle gaps under SHORT_GAP_US between one kernel's
     end and the next one's start (the GPU's own latency between back-to-back kernels, which only fewer kernels or a
-    CUDA graph shorten). The rest of a window's idle time is longer gaps: the CPU behind the GPU, or syncs."""
+    CUDA graph shorten). The rest of a window's idle time is longer gaps: the CPU behind the GPU, or syncs.
+    "short_names": {(name, region): [launches, us]} of the short kernels, where fewer launches would come from."""
     stats = dict.fromkeys(("kernels", "short_kernels", "short_kernels_us", "short_gaps_us"), 0.0)
+    stats["short_names"] = defaultdict(lambda: [0, 0.0])
     for w in windows:
         end = None
-        for _, t0, t1, us, _ in sorted((i for i in items if w.start <= i[1] < w.end), key=lambda i: i[1]):
+        for name, t0, t1, us, region in sorted((i for i in items if w.start <= i[1] < w.end), key=lambda i: i[1]):
             stats["kernels"] += 1
             if us < SHORT_KERNEL_US:
                 stats["short_kernels"] += 1
                 stats["short_kernels_us"] += us
+                stats["short_names"][(name, region)][0] += 1
+                stats["short_names"][(name, region)][1] += us
             if end is not None and 0 < t0 - end < SHORT_GAP_US:
                 stats["short_gaps_us"] += t0 - end
             end = t1 if end is None else max(end, t1)
@@ -388,6 +393,11 @@ def breakdown_markdown(res, steps, on_gpu, timing, h, title="Training step", con
               f"| bucket | name | ms/{unit} | share of the bucket |", "|---|---|---:|---:|"]
     for b, us_b in sorted(buckets.items(), key=lambda kv: -kv[1]):
         lines += [f"| {b} | `{n[:120]}` | {ms(us):.3f} | {100 * us / us_b:.1f}% |" for n, us in tops[b]]
+    if regions.get("short_names"):
+        lines += ["", f"The most launched kernels under {SHORT_KERNEL_US} us (launch-bound: where fewer launches would "
+                  "come from):", "", f"| name | region | launches/{unit} | ms/{unit} |", "|---|---|---:|---:|"]
+        most = sorted(regions["short_names"].items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:TOP_SHORT]
+        lines += [f"| `{n[:120]}` | {r} | {k / steps:.1f} | {ms(us):.3f} |" for (n, r), (k, us) in most]
     return "\n".join(lines) + "\n"
 
 

@@ -149,7 +149,7 @@ def test_breakdown_lists_each_buckets_heaviest_kernels():
     assert busy == 87 and wall == 200 and regions["fwd_bwd"] == 87
     h = profile_step.tg.Hyperparameters()
     md = profile_step.breakdown_markdown((buckets, regions, busy, wall, tops), 2, True, "t", h)
-    rows = md.split("heaviest kernels", 1)[1]
+    rows = md.split("heaviest kernels", 1)[1].split("The most launched", 1)[0]
     assert "| matmul | `nvjet_a` | 0.025 | 82.0% |" in rows and "`nvjet_c`" not in rows
     assert "| reductions/norm | `triton_per_fused_softmax_1` | 0.006 | 46.2% |" in rows
 
@@ -175,6 +175,11 @@ def test_breakdown_counts_launches_and_splits_the_idle_time():
     assert "| gap between back-to-back kernels (under 5 us each) | 0.002 | |" in md
     assert "| longer gaps (the CPU behind the GPU, syncs) | 0.062 | |" in md
     assert "| kernels launched per step (under 10 us: count, ms) | 2 | 2, 0.007 |" in md
+    assert regions["short_names"] == {("triton_poi_b", "fwd_bwd"): [1, 7], ("triton_poi_c", "fwd_bwd"): [1, 5],
+                                      ("triton_poi_d", "fwd_bwd"): [1, 2]}
+    short = md.split("The most launched kernels under 10 us", 1)[1]
+    assert "`nvjet_a`" not in short and short.index("`triton_poi_b`") < short.index("`triton_poi_d`")
+    assert "| `triton_poi_d` | fwd_bwd | 0.5 | 0.001 |" in short
 
 
 def test_gaps_name_the_kernels_around_each_idle_gap_and_the_cpu_ops_meanwhile():
