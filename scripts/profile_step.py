@@ -15,8 +15,8 @@ through train_gpt.train_step, then writes to --out: profile_table.txt (the profi
 time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
 memcpy, nccl, other; each bucket's heaviest kernel names; per-region totals forward+backward / optimizer; the GPU
 idle gap within the step, split into the latency between back-to-back kernels and longer gaps; the kernels
-launched per step, how many of them run under 10 us, and which of those launch most). On the CPU there are no kernels, so the CPU ops (self
-time) are bucketed instead, through the same code.
+launched per step, how many of them run under 10 us, and which of those launch most). On the CPU there are no
+kernels, so the CPU ops (self time) are bucketed instead, through the same code.
 Steps run from step 0 with elapsed 0, so graph phases (DEPTH_RECUR) are as at the start of a run.
 """
 import argparse
@@ -220,6 +220,11 @@ def cpu_items(events):
     return items
 
 
+def profiled_items(events, on_gpu):
+    """device_items on a GPU; on the CPU, which has no kernels, cpu_items."""
+    return device_items(events) if on_gpu else cpu_items(events)
+
+
 def union_us(spans):
     total, end = 0.0, float("-inf")
     for t0, t1 in sorted(spans):
@@ -227,6 +232,17 @@ def union_us(spans):
             total += t1 - max(t0, end)
             end = t1
     return total
+
+
+def window_items(items, w):
+    """The items (kernels, or CPU ops) that start within window w, in start order."""
+    return sorted((i for i in items if w.start <= i[1] < w.end), key=lambda i: i[1])
+
+
+def busy_us(items, windows):
+    """The union of the items' time, each clipped to its window, over the windows."""
+    return sum(union_us([(max(t0, w.start), min(t1, w.end)) for _, t0, t1, _, _ in items
+                         if t0 < w.end and t1 > w.start]) for w in windows)
 
 
 def launch_stats(items, windows):
@@ -239,7 +255,7 @@ def launch_stats(items, windows):
     stats["short_names"] = defaultdict(lambda: [0, 0.0])
     for w in windows:
         end = None
-        for name, t0, t1, us, region in sorted((i for i in items if w.start <= i[1] < w.end), key=lambda i: i[1]):
+        for name, t0, t1, us, region in window_items(items, w):
             stats["kernels"] += 1
             if us < SHORT_KERNEL_US:
                 stats["short_kernels"] += 1
@@ -259,7 +275,7 @@ def idle_gaps(items, windows, min_us):
     gaps = []
     for w in windows:
         end, before = w.start, STEP_START
-        for name, t0, t1, _, _ in sorted((i for i in items if w.start <= i[1] < w.end), key=lambda i: i[1]):
+        for name, t0, t1, _, _ in window_items(items, w):
             if t0 - end >= min_us:
                 gaps.append((end, t0, before, name))
             if t1 > end:
@@ -297,8 +313,7 @@ def gaps_markdown(events, items, windows, steps, min_us=GAP_US, top=GAP_ROWS, st
         row = pairs[(before, after)]
         row[0], row[1], row[2] = row[0] + 1, row[1] + g1 - g0, row[2] + g0 - w.start
     total = sum(g1 - g0 for g0, g1, _, _ in gaps)
-    idle = sum(w.end - w.start - union_us([(max(i[1], w.start), min(i[2], w.end)) for i in items
-                                           if i[1] < w.end and i[2] > w.start]) for w in windows)
+    idle = sum(w.end - w.start for w in windows) - busy_us(items, windows)
     how = "synchronized as training is (--steady): one window" if steady else "a synchronize after each"
     lines = [f"# GPU idle gaps of at least {min_us} us ({steps} profiled steps, {how})", "",
              f"{len(gaps) / steps:.1f} gaps per step, {ms(total):.3f} ms per step, of {ms(idle):.3f} ms of idle time "
@@ -331,7 +346,7 @@ def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES, steady=False):
     heaviest kernel (op) names {bucket: [(name, us)]}, heaviest first: what a bucket's total is made of. On the GPU
     the region dict also holds the optimizer's span and launch_stats' counts and times (over all steps)."""
     events = prof.events()
-    items = device_items(events) if on_gpu else cpu_items(events)
+    items = profiled_items(events, on_gpu)
     windows = step_windows(events, steps, steady)
     if not items:
         raise RuntimeError(f"profiler gave no {'kernels' if on_gpu else 'ops'} for {steps} steps; nothing to break down")
@@ -341,9 +356,7 @@ def breakdown(prof, steps, on_gpu, top_names=TOP_NAMES, steady=False):
         buckets[b] += us
         regions[region] += us
         names[b][name] += us
-    # busy = union of kernel time clipped to each step's wall window (the window ends at the synchronize)
-    busy = sum(union_us([(max(t0, w.start), min(t1, w.end)) for _, t0, t1, _, _ in items if t0 < w.end and t1 > w.start])
-               for w in windows)
+    busy = busy_us(items, windows)  # each step's window ends at the synchronize
     wall = sum(w.end - w.start for w in windows)
     if on_gpu:  # the optimizer's GPU span, idle gaps included: launch-bound when well above its kernels' sum
         regions["optimizer_span"] = union_us([(e.time_range.start, e.time_range.end) for e in events if
@@ -487,8 +500,7 @@ def main(argv=None):
         (out / "profile_shapes.txt").write_text(op_table(prof, on_gpu, args.top, by_shape=True) + "\n")
     if args.gaps:
         events = prof.events()
-        items = device_items(events) if on_gpu else cpu_items(events)
-        md = gaps_markdown(events, items, step_windows(events, steps, args.steady), steps, steady=args.steady)
+        md = gaps_markdown(events, profiled_items(events, on_gpu), step_windows(events, steps, args.steady), steps, steady=args.steady)
         (out / "profile_gaps.md").write_text(md)
     progress(f"phase:done out:{out} seconds:{time.perf_counter() - t0:.1f}")
     return 0
