@@ -1221,7 +1221,7 @@ def norm_rope_triton_kernels():
         xv = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
         xp = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
         scale = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)[:, None] * tl.load(gain + h).to(tl.float32)
-        at, rotated = t[:, None] * HALF + (d % HALF)[None, :], (t < T)[:, None] & (d < 2 * HALF)[None, :]
+        at, rotated = t[:, None] * HALF + (d % HALF)[None, :], mask & (d < 2 * HALF)[None, :]
         c, s = tl.load(cos + at, mask=rotated, other=1.0), tl.load(sin + at, mask=rotated, other=0.0)
         o = (xv * c + tl.where(d < HALF, -1.0, 1.0)[None, :] * xp * s) * scale  # unrotated lanes: c 1, s 0
         tl.store(out + ((b * T + t[:, None]) * H + h) * D + d[None, :], o, mask=mask)
@@ -1239,7 +1239,7 @@ def norm_rope_triton_kernels():
         rows = go + b * sob + t[:, None] * sot + h * soh
         o = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
         op = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        at, rotated = t[:, None] * HALF + (d % HALF)[None, :], (t < T)[:, None] & (d < 2 * HALF)[None, :]
+        at, rotated = t[:, None] * HALF + (d % HALF)[None, :], mask & (d < 2 * HALF)[None, :]
         c, s = tl.load(cos + at, mask=rotated, other=1.0), tl.load(sin + at, mask=rotated, other=0.0)
         g_y = o * c - tl.where(d < HALF, -1.0, 1.0)[None, :] * op * s  # the rotation's transpose
         r = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)[:, None]
