@@ -179,6 +179,7 @@ class Hyperparameters:
     # the training loss by FusedSoftcapCrossEntropy: head GEMM, softcap, cross-entropy (+ z-loss) and their gradients
     # in one pass, chunk by chunk; session 16: a step of 80.88 ms against 80.98 (H200), no gain, so off
     fused_loss = Knob("FUSED_LOSS", False)
+    ce_kernel = Knob("CE_KERNEL", False)  # the training loss's softcap and cross-entropy in two Triton kernels
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})
     # q, k and v as one GEMM of output width (NUM_HEADS + 2 NUM_KV_HEADS) x head dim, forward and both backward
@@ -365,6 +366,8 @@ class Hyperparameters:
     def _check_export(self):  # and the training precision knobs' dependencies
         if self.xsa_kernel and not self.xsa_enabled:
             raise ConfigError("XSA_KERNEL=1 runs XSA in Triton kernels: it needs XSA_ENABLED=1")
+        if self.ce_kernel and self.fused_loss:
+            raise ConfigError("CE_KERNEL=1 with FUSED_LOSS=1: both replace the training loss's cross-entropy; pick one")
         if self.fused_qkv and self.fp8_matmul:
             raise ConfigError("FUSED_QKV=1 with FP8_MATMUL=1: the fused q/k/v GEMM is F.linear, it would bypass the e4m3 "
                               "matmul that FP8_MATMUL puts on each layer")
@@ -1661,6 +1664,107 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
         return gx * g, gw * g, None, None, None, None
 
 
+CE_BLOCK = 4096  # CE_KERNEL: the logits a program reads at a time (a row of V logits in cdiv(V, CE_BLOCK) blocks)
+CE_WARPS = 8  # and the warps that read them
+
+
+def softcap_ce_triton_kernels():
+    """CE_KERNEL's two Triton kernels, (forward, backward). A program takes one row of logits, z = cap * tanh(x / cap)
+    (x itself at cap 0) in fp32. The forward reads the row once (an online logsumexp, each lane keeping its own max)
+    and writes its lse and nll = lse - z[target]. The backward reads it once more and writes the gradient
+    g_nll (softmax - onehot) + g_lse softmax, through the cap. Inductor's code for the 65536 x 8192 logits took 2.3 ms
+    of session 19's step, in two looped reductions. tanh is written with exp, which Triton's interpreter (the tests)
+    has; it saturates to +-1 for large |x|."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def softcap_ce_forward_kernel(x, targets, nll, lse, cap, V: tl.constexpr, CAP: tl.constexpr, BV: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base, cols = x + row * V, tl.arange(0, BV)
+        m, s = tl.full([BV], -1e30, tl.float32), tl.zeros([BV], tl.float32)  # each lane's running max and sum
+        for start in range(0, V, BV):
+            inside = start + cols < V
+            z = tl.load(base + start + cols, mask=inside, other=0.0).to(tl.float32)
+            if CAP:
+                z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
+            z = tl.where(inside, z, -1e30)
+            m_new = tl.maximum(m, z)
+            s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+            m = m_new
+        top = tl.max(m, 0)
+        row_lse = top + tl.log(tl.sum(s * tl.exp(m - top), 0))
+        zt = tl.load(base + tl.load(targets + row)).to(tl.float32)
+        if CAP:
+            zt = cap * (2.0 / (1.0 + tl.exp(-2.0 * zt / cap)) - 1.0)
+        tl.store(lse + row, row_lse)
+        tl.store(nll + row, row_lse - zt)
+
+    @triton.jit
+    def softcap_ce_backward_kernel(x, targets, lse, g_nll, g_lse, gx, cap, V: tl.constexpr, CAP: tl.constexpr,
+                                   BV: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base, cols = x + row * V, tl.arange(0, BV)
+        row_lse, target = tl.load(lse + row), tl.load(targets + row)
+        gn, gl = tl.load(g_nll + row), tl.load(g_lse + row)
+        for start in range(0, V, BV):
+            inside = start + cols < V
+            z = tl.load(base + start + cols, mask=inside, other=0.0).to(tl.float32)
+            t = z
+            if CAP:
+                t = 2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0
+                z = cap * t
+            g = tl.exp(z - row_lse) * (gn + gl) - tl.where(start + cols == target, gn, 0.0)
+            if CAP:
+                g = g * (1.0 - t * t)  # through cap * tanh(x / cap)
+            tl.store(gx + row * V + start + cols, g, mask=inside)
+
+    return softcap_ce_forward_kernel, softcap_ce_backward_kernel
+
+
+def softcap_ce_kernels():
+    """CE_KERNEL: the custom op ternary_golf::softcap_ce(logits (N, V), targets (N,), cap) -> (nll, lse), each (N,)
+    fp32, of the capped logits (cap 0: uncapped), with its backward, registered once a process. The targets must
+    lie in [0, V): the kernel reads the target's logit unchecked. On the CPU only under TRITON_INTERPRET=1 (tests)."""
+    if hasattr(torch.ops.ternary_golf, "softcap_ce"):
+        return
+    forward, backward = softcap_ce_triton_kernels()
+
+    def launch(kernel, logits, cap, *args):
+        n, v = logits.shape
+        kernel[(n,)](logits, *args, cap, V=v, CAP=cap > 0, BV=min(CE_BLOCK, 1 << (v - 1).bit_length()),
+                     num_warps=CE_WARPS)
+
+    @torch.library.custom_op("ternary_golf::softcap_ce", mutates_args=())
+    def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        nll, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
+        launch(forward, logits.contiguous(), cap, targets.contiguous(), nll, lse)
+        return nll, lse
+
+    @torch.library.custom_op("ternary_golf::softcap_ce_backward", mutates_args=())
+    def softcap_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, cap: float,
+                            g_nll: torch.Tensor, g_lse: torch.Tensor) -> torch.Tensor:
+        gx = empty_contiguous(logits)
+        launch(backward, logits.contiguous(), cap, targets.contiguous(), lse, g_nll.float().contiguous(),
+               g_lse.float().contiguous(), gx)
+        return gx
+
+    def backward_rule(ctx, g_nll, g_lse):
+        logits, targets, lse = ctx.saved_tensors
+        g_nll = torch.zeros_like(lse) if g_nll is None else g_nll  # an output the loss did not use
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+        return softcap_ce_backward(logits, targets, lse, ctx.cap, g_nll, g_lse), None, None
+
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+        ctx.cap = inputs[2]
+
+    softcap_ce.register_fake(lambda logits, targets, cap: (logits.new_empty(logits.size(0), dtype=torch.float32),
+                                                           logits.new_empty(logits.size(0), dtype=torch.float32)))
+    softcap_ce_backward.register_fake(lambda logits, targets, lse, cap, g_nll, g_lse: empty_contiguous(logits))
+    softcap_ce.register_autograd(backward_rule, setup_context=save)
+
+
 class GPT(nn.Module):
     """U-Net transformer: the first half of the layers push their outputs, the second half pops them in reverse
     and adds them with learned per-channel weights. The embedding is tied and factored through EMBED_DIM.
@@ -1696,6 +1800,8 @@ class GPT(nn.Module):
             self.capsules = CapsuleBank(h)
         if h.feedback_enabled:
             self.feedback = FeedbackAdapters(h)
+        if h.ce_kernel:
+            softcap_ce_kernels()
         if h.temperature_search:
             self.register_buffer("logit_temperature", torch.ones(()))  # set after training, travels in the artifact
         if h.ternary_calib:
@@ -1820,11 +1926,24 @@ class GPT(nn.Module):
             loss = FusedSoftcapCrossEntropy.apply(x.flatten(0, -2), weight, targets.reshape(-1), self.logit_softcap,
                                                   self.z_loss)
             return loss + aux
+        if h.ce_kernel:
+            return self.kernel_loss(idx, targets, recur)
         logits, aux, _ = self.logits(idx, recur=recur)
         logits = logits.view(-1, self.tok_emb.num_embeddings)
         loss = F.cross_entropy(logits, targets.reshape(-1))
         if self.z_loss:
             loss = loss + self.z_loss * torch.logsumexp(logits, dim=-1).square().mean()
+        return loss + aux
+
+    def kernel_loss(self, idx, targets, recur):
+        """CE_KERNEL: forward's objective with the capped cross-entropy (and the lse for z-loss) from the Triton op,
+        which reads the head GEMM's logits as they come (bf16 under autocast)."""
+        x, weight, aux, _ = self.head_inputs(idx, recur=recur)
+        logits = F.linear(x, weight.to(x.dtype)).flatten(0, -2)
+        nll, lse = torch.ops.ternary_golf.softcap_ce(logits, targets.reshape(-1), float(self.logit_softcap))
+        loss = nll.mean()
+        if self.z_loss:
+            loss = loss + self.z_loss * lse.square().mean()
         return loss + aux
 
     def scored_logits(self, idx, state=None):

@@ -196,6 +196,63 @@ def test_fused_loss_trains_the_same_model(overrides):
     assert_same_loss_and_grads(runs[1], runs[0])
 
 
+def softcap_ce_float64(logits, targets, cap):
+    """(nll, lse) per row of cap * tanh(logits / cap) (the logits at cap 0), written out in float64."""
+    z = logits.double()
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    lse = torch.logsumexp(z, dim=-1)
+    return lse - z.gather(1, targets[:, None])[:, 0], lse
+
+
+@pytest.mark.parametrize("vocab, cap, dtype", [(300, 2.5, torch.float32), (256, 0.0, torch.float32),
+                                               (300, 15.0, torch.bfloat16)])
+def test_softcap_ce_kernel_matches_the_formulas_in_float64(vocab, cap, dtype, monkeypatch):
+    """CE_KERNEL's op and its backward against softcap_ce_float64 (gradients by float64 autograd, for random upstream
+    gradients of both nll and lse): a vocabulary in blocks that do not divide it (300 in 128s: masked lanes) and one
+    that they do, with and without the cap, fp32 and bf16 logits, rows with logits large enough that tanh saturates
+    and one whose target is its largest logit. A loss that uses only nll (no z-loss) still gets its gradient."""
+    tg.softcap_ce_kernels()
+    monkeypatch.setattr(tg, "CE_BLOCK", 128)
+    torch.manual_seed(0)
+    logits = (torch.randn(37, vocab) * 3).to(dtype)
+    logits[3] *= 40  # |x| up to ~400: tanh at +-1
+    targets = torch.randint(0, vocab, (37,))
+    targets[5] = logits[5].argmax()
+    logits.requires_grad_()
+    nll, lse = torch.ops.ternary_golf.softcap_ce(logits, targets, cap)
+    g_nll, g_lse = torch.randn(37), torch.randn(37)
+    got = (nll, lse, *torch.autograd.grad((nll, lse), logits, (g_nll, g_lse)))
+    x64 = logits.detach().double().requires_grad_()
+    want = softcap_ce_float64(x64, targets, cap)
+    want = (*want, *torch.autograd.grad(want, x64, (g_nll.double(), g_lse.double())))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is stored in the logits' dtype
+    for g, w, kind in zip(got, want, (torch.float32, torch.float32, dtype)):
+        assert g.shape == w.shape and g.dtype == kind
+        torch.testing.assert_close(g.double(), w.detach(), rtol=tol, atol=tol * w.abs().max().item())
+    only_nll = torch.autograd.grad(torch.ops.ternary_golf.softcap_ce(logits, targets, cap)[0].sum(), logits)[0]
+    want_nll = torch.autograd.grad(softcap_ce_float64(x64, targets, cap)[0].sum(), x64)[0]
+    torch.testing.assert_close(only_nll.double(), want_nll, rtol=tol, atol=tol * want_nll.abs().max().item())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"EMBED_DIM": "0", "LOGIT_SOFTCAP": "0", "Z_LOSS": "0.01"},
+                                       {"Z_LOSS": "0.001", "MOE_ENABLED": "1", "MOE_EXPERTS": "4"}])
+def test_ce_kernel_trains_the_same_model(overrides):
+    """CE_KERNEL=1 gives GPT.forward's loss and every parameter's gradient as CE_KERNEL=0 does (same init, fp32): with
+    the factored head and the cap, without either and with z-loss, with both and an auxiliary loss (MoE's balance);
+    and the same under torch.compile (aot_eager, fullgraph)."""
+    idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    want = loss_and_grads(model(**overrides), idx, tgt)
+    assert_same_loss_and_grads(loss_and_grads(model(CE_KERNEL="1", **overrides), idx, tgt), want)
+    assert_same_loss_and_grads(compiled_loss_and_grads(model(CE_KERNEL="1", **overrides), idx, tgt), want)
+
+
+def test_ce_kernel_refuses_fused_loss():
+    with pytest.raises(tg.ConfigError, match="CE_KERNEL=1 with FUSED_LOSS=1"):
+        tg.Hyperparameters({"CE_KERNEL": "1", "FUSED_LOSS": "1"})
+    assert tg.Hyperparameters({"CE_KERNEL": "1"}).ce_kernel and not tg.Hyperparameters({}).ce_kernel
+
+
 @pytest.mark.parametrize("overrides, mix", [({}, None), ({"SCALE_FORMAT": "log8"}, None),
                                              ({"HYBRID_INT": "1", "HYBRID_FAMILIES": "q,k"}, None),
                                              ({"HYBRID_INT": "1", "HYBRID_FAMILIES": "k", "SCALE_FORMAT": "log8"}, 0.5),
