@@ -99,6 +99,7 @@ class Hyperparameters:
     compile = Knob("COMPILE", "auto", choices={"auto", "1", "0"})  # auto: mx.compile the step on the GPU only
     compile_mode = Knob("COMPILE_MODE", "default", choices={"default", "max-autotune-no-cudagraphs", "max-autotune",
                                                             "reduce-overhead"})  # read, unused: torch.compile's
+    combo_kernels = Knob("COMBO_KERNELS", False)  # read, unused: torch.compile's
     world_size = Knob("WORLD_SIZE", 1, check=POS)  # single process: must stay 1
     rank = Knob("RANK", 0, check=NONNEG)
     local_rank = Knob("LOCAL_RANK", 0, check=NONNEG)

@@ -459,6 +459,20 @@ def test_compile_mode_reaches_torch_compile_for_the_model_only(monkeypatch, knob
     assert calls[1:] and all(fn is tg.newton_schulz and "mode" not in kw for fn, kw in calls[1:])
 
 
+@pytest.mark.parametrize("knob", ["0", "1"])
+def test_combo_kernels_reaches_inductor_config(monkeypatch, knob):
+    """COMBO_KERNELS=1 turns on inductor's combo_kernels before the model compiles; off, the config is left alone."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "combo_kernels", False)
+    monkeypatch.setattr(tg.torch, "compile", lambda fn, **kw: fn)
+    cfg = {"VOCAB_SIZE": "128", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+           "EMBED_DIM": "32", "GROUP_SIZE": "32", "MLP_MULT": "2", "COMBO_KERNELS": knob}
+    h = tg.Hyperparameters(cfg)
+    tg.training_model(tg.GPT(h), h, 1, torch.device("cpu"), True)
+    assert inductor_config.combo_kernels is (knob == "1")
+
+
 def test_fp8_matmul_trains_close_to_the_bf16_run(shards, tmp_path):
     """FP8_MATMUL=1 on the CPU (the GEMM's emulation): the run trains, exports and scores, with other losses than the
     bf16 run of the same seed, close to them."""
