@@ -1671,11 +1671,12 @@ CE_WARPS = 8  # and the warps that read them
 
 def softcap_ce_triton_kernels():
     """CE_KERNEL's two Triton kernels, (forward, backward). A program takes one row of logits, z = cap * tanh(x / cap)
-    (x itself at cap 0) in fp32. The forward reads the row once (an online logsumexp, each lane keeping its own max)
-    and writes its lse and nll = lse - z[target]. The backward reads it once more and writes the gradient
-    g_nll (softmax - onehot) + g_lse softmax, through the cap. Inductor's code for the 65536 x 8192 logits took 2.3 ms
-    of session 19's step, in two looped reductions. tanh is written with exp, which Triton's interpreter (the tests)
-    has; it saturates to +-1 for large |x|."""
+    (x itself at cap 0) in fp32. The forward reads the row once (an online logsumexp over blocks) and writes its lse
+    and nll = lse - z[target]. The backward reads it once more and writes the gradient g_nll (softmax - onehot) +
+    g_lse softmax, through the cap. Inductor's code for the 65536 x 8192 logits took 2.3 ms of session 19's step, in
+    two looped reductions. The special-function units bound these kernels, so an element costs one exp and one
+    reciprocal for tanh (written with exp, which Triton's interpreter, the tests', has; it saturates to +-1 for large
+    |x|) and one exp for the softmax: the running max is the block's, not each lane's."""
     import triton
     import triton.language as tl
 
@@ -1683,21 +1684,20 @@ def softcap_ce_triton_kernels():
     def softcap_ce_forward_kernel(x, targets, nll, lse, cap, V: tl.constexpr, CAP: tl.constexpr, BV: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base, cols = x + row * V, tl.arange(0, BV)
-        m, s = tl.full([BV], -1e30, tl.float32), tl.zeros([BV], tl.float32)  # each lane's running max and sum
+        m, s = tl.full([], -1e30, tl.float32), tl.full([], 0.0, tl.float32)  # the row's running max, sum of exp(z - m)
         for start in range(0, V, BV):
             inside = start + cols < V
             z = tl.load(base + start + cols, mask=inside, other=0.0).to(tl.float32)
             if CAP:
-                z = cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0)
+                z = cap * (2.0 / (1.0 + tl.exp(z * (-2.0 / cap))) - 1.0)  # one exp and one reciprocal an element
             z = tl.where(inside, z, -1e30)
-            m_new = tl.maximum(m, z)
-            s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
             m = m_new
-        top = tl.max(m, 0)
-        row_lse = top + tl.log(tl.sum(s * tl.exp(m - top), 0))
+        row_lse = m + tl.log(s)
         zt = tl.load(base + tl.load(targets + row)).to(tl.float32)
         if CAP:
-            zt = cap * (2.0 / (1.0 + tl.exp(-2.0 * zt / cap)) - 1.0)
+            zt = cap * (2.0 / (1.0 + tl.exp(zt * (-2.0 / cap))) - 1.0)
         tl.store(lse + row, row_lse)
         tl.store(nll + row, row_lse - zt)
 
@@ -1713,7 +1713,7 @@ def softcap_ce_triton_kernels():
             z = tl.load(base + start + cols, mask=inside, other=0.0).to(tl.float32)
             t = z
             if CAP:
-                t = 2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0
+                t = 2.0 / (1.0 + tl.exp(z * (-2.0 / cap))) - 1.0
                 z = cap * t
             g = tl.exp(z - row_lse) * (gn + gl) - tl.where(start + cols == target, gn, 0.0)
             if CAP:
