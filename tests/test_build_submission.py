@@ -597,9 +597,11 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # copy of the grid, strides and contiguity instead of two); 97,728 and 31,468 once QK_NORM_KERNEL read cos/sin
 # tables and the env took it: 0.95 KB wrapped for a step 1.9-2.1 ms (2.6%) shorter (session 19; the artifact had
 # 699 KB to spare); 97,762 and 31,458 with CE_KERNEL's knob, its whole cost when off, for issue 12's throughput A/B
-# (session 20); 97,828 and 31,488 with COMBO_KERNELS's knob, its whole cost when off, for the same A/B;
+# (session 20); 97,828 and 31,488 with COMBO_KERNELS's knob, its whole cost when off, for the same A/B; 102,373
+# and 32,493 once the env took CE_KERNEL=1: 1.0 KB wrapped for a step 0.6-1.2 ms shorter (session 20; the artifact
+# had 660 KB to spare);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 97_830, 31_490
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 102_375, 32_495
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

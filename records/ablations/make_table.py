@@ -386,8 +386,20 @@ H200_RUNS += [
     ("xsaqk_env", ENV19, "8226c42", "xsaqk"),
 ]
 H200_S19 = HERE / "h200_2026-11-30_s19"
+# session 20 (h200_2026-11-30_s20/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s20.toml s20` at 6eb6de6
+# (train_gpt.py as at 8226c42) and `... recipe_s20b.toml s20b` at 2bf22e5, on nvidia-h200-x2, two rows side by side);
+# every row is session 16's default with the named change: the env's training recipe on two more seeds, then
+# CE_KERNEL's second kernels, alone and with COMPILE_MODE=reduce-overhead, at seed 1337.
+H200_RUNS += [
+    ("xsaqks42", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 SEED=42", "6eb6de6", ""),
+    ("xsaqks2024", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 SEED=2024", "6eb6de6", ""),
+    ("xsaqkce", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 CE_KERNEL=1", "2bf22e5", ""),
+    ("xsaqkce_ro", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 CE_KERNEL=1 COMPILE_MODE=reduce-overhead",
+     "2bf22e5", ""),
+]
+H200_S20 = HERE / "h200_2026-11-30_s20"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
-           H200_S15, H200_S16, H200_S17, H200_S18, H200_S19)  # two runs side by side on nvidia-h200-x2
+           H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20)  # two runs side by side on nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
@@ -395,7 +407,8 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
                "r64s2024", "r32s42", "r16", "r64rb50k", "h256r64", "r64qs45",
                "r64", "r64s42", "leaky", "gs64", "qramp", "cap20", "cap20s42", "qramps42", "capramp", "capramps42",
                "cap15", "ramp2", "cap15s42", "cap10", "d16s2024", "wdcos", "zloss", "clip1",
-               "elr04", "xsak", "elr01", "xsaks42", "elr01s42", "xsaqk_sincos", "xsaqk"}  # not in the plot:
+               "elr04", "xsak", "elr01", "xsaks42", "elr01s42", "xsaqk_sincos", "xsaqk",
+               "xsaqks42", "xsaqks2024", "xsaqkce", "xsaqkce_ro"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
