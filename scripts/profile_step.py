@@ -45,7 +45,8 @@ REGIONS = {"fwd_bwd": "forward+backward (incl. batch copy, grad clip)", "optimiz
 # cutlass / sm90 in their names). Names are lower-cased.
 KERNEL_BUCKETS = [
     ("matmul", ("triton_tem",)),  # inductor's matmul templates
-    ("reductions/norm", ("triton_red", "triton_per", "xsa_", "norm_rope_")),  # XSA_KERNEL, QK_NORM_KERNEL too
+    # XSA_KERNEL's, QK_NORM_KERNEL's and CE_KERNEL's Triton kernels too
+    ("reductions/norm", ("triton_red", "triton_per", "xsa_", "norm_rope_", "softcap_ce_")),
     ("triton fused elementwise", ("triton_",)),
     ("memcpy/memset", ("memcpy", "memset")),
     ("nccl", ("nccl",)),

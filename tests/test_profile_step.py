@@ -105,6 +105,7 @@ def test_kernel_names_bucket():
     assert profile_step.bucket("triton_red_fused_mean_pow_1", "fwd_bwd") == "reductions/norm"
     assert profile_step.bucket("xsa_backward_kernel", "fwd_bwd") == "reductions/norm"  # XSA_KERNEL's
     assert profile_step.bucket("norm_rope_forward_kernel", "fwd_bwd") == "reductions/norm"  # QK_NORM_KERNEL's
+    assert profile_step.bucket("softcap_ce_backward_kernel", "fwd_bwd") == "reductions/norm"  # CE_KERNEL's
     assert profile_step.bucket("Memcpy HtoD (Pinned -> Device)", "fwd_bwd") == "memcpy/memset"
     assert profile_step.bucket("some_unknown_kernel", "fwd_bwd") == "other"
     assert profile_step.bucket("sm90_xmma_gemm_bf16", "optimizer") == profile_step.OPTIMIZER_BUCKET
