@@ -386,13 +386,13 @@ H200_RUNS += [
     ("xsaqk_env", ENV19, "8226c42", "xsaqk"),
 ]
 H200_S19 = HERE / "h200_2026-11-30_s19"
-# session 20 (h200_2026-11-30_s20/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s20.toml s20` at 6eb6de6
-# (train_gpt.py as at 8226c42) and `... recipe_s20b.toml s20b` at 2bf22e5, on nvidia-h200-x2, two rows side by side);
+# session 20 (h200_2026-11-30_s20/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s20.toml s20` at e20592f
+# (CE_KERNEL's and COMBO_KERNELS's knobs added, both off) and `... recipe_s20b.toml s20b` at 2bf22e5, on nvidia-h200-x2, two rows side by side);
 # every row is session 16's default with the named change: the env's training recipe on two more seeds, then
 # CE_KERNEL's second kernels, alone and with COMPILE_MODE=reduce-overhead, at seed 1337.
 H200_RUNS += [
-    ("xsaqks42", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 SEED=42", "6eb6de6", ""),
-    ("xsaqks2024", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 SEED=2024", "6eb6de6", ""),
+    ("xsaqks42", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 SEED=42", "e20592f", ""),
+    ("xsaqks2024", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 SEED=2024", "e20592f", ""),
     ("xsaqkce", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 CE_KERNEL=1", "2bf22e5", ""),
     ("xsaqkce_ro", f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 CE_KERNEL=1 COMPILE_MODE=reduce-overhead",
      "2bf22e5", ""),
