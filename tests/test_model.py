@@ -205,6 +205,8 @@ def softcap_ce_float64(logits, targets, cap):
     return lse - z.gather(1, targets[:, None])[:, 0], lse
 
 
+# tanh's exp overflows to inf for the saturated row by design (tanh is then exactly -1): numpy, the interpreter's, warns
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("vocab, cap, dtype", [(300, 2.5, torch.float32), (256, 0.0, torch.float32),
                                                (300, 15.0, torch.bfloat16)])
 def test_softcap_ce_kernel_matches_the_formulas_in_float64(vocab, cap, dtype, monkeypatch):
