@@ -2060,16 +2060,24 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            if group["weight_decay"]:
+                self.decay(params, lr * group["weight_decay"])
             for p, update in zip(params, self.updates(params, group, ns_dtype)):
-                if group["weight_decay"]:
-                    decay = lr * group["weight_decay"]
-                    if getattr(p, "sparse_decay", False):
-                        # MoE experts: only rows and columns that got gradient this step (an expert nobody was
-                        # routed to has exactly-zero rows/columns) are decayed, so idle experts do not shrink
-                        g = p.grad.ne(0)
-                        decay = decay * (g.any(dim=1, keepdim=True) & g.any(dim=0, keepdim=True))
-                    p.mul_(1 - decay)
-                p.add_(update.to(p.dtype), alpha=-lr)
+                p.add_(update, alpha=-lr)  # a bf16 update cast exactly inside the add, not by a copy a matrix
+
+    @staticmethod
+    def decay(params, decay):
+        """p <- p (1 - decay): one foreach op for the matrices, not a kernel each (62 a step in session 20's
+        profile). The decay reads no update, so it may come before the updates are made."""
+        plain = [p for p in params if not getattr(p, "sparse_decay", False)]
+        if plain:
+            torch._foreach_mul_(plain, 1 - decay)
+        for p in params:
+            if getattr(p, "sparse_decay", False):
+                # MoE experts: only rows and columns that got gradient this step (an expert nobody was routed to
+                # has exactly-zero rows/columns) are decayed, so idle experts do not shrink
+                g = p.grad.ne(0)
+                p.mul_(1 - decay * (g.any(dim=1, keepdim=True) & g.any(dim=0, keepdim=True)))
 
 
 class RowNormMuon(Muon):

@@ -43,6 +43,32 @@ def test_muon_step_matches_manual_update():
     torch.testing.assert_close(p.detach(), expected)
 
 
+def test_muon_step_decays_and_adds_bf16_updates_as_the_per_matrix_loop(monkeypatch):
+    """Muon.step decays the matrices with one foreach op and adds a bf16 update (what Newton-Schulz gives on a GPU)
+    without a copy: bitwise the per-matrix loop p.mul_(1 - lr wd); p.add_(update.to(p.dtype), alpha=-lr), with an
+    MoE matrix's sparse decay (rows and columns without gradient are not decayed)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in ((24, 40), (40, 24), (16, 16))]
+    params[1].sparse_decay = True
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    params[1].grad[:5] = 0.0  # an idle expert's rows
+    updates = [torch.randn(p.shape, generator=gen).bfloat16() for p in params]
+    want = [p.detach().clone() for p in params]
+    for w, p, u in zip(want, params, updates):
+        decay = 0.05 * 0.1  # the loop as it was (session 19)
+        if p is params[1]:
+            g = p.grad.ne(0)
+            decay = decay * (g.any(dim=1, keepdim=True) & g.any(dim=0, keepdim=True))
+        w.mul_(1 - decay)
+        w.add_(u.to(w.dtype), alpha=-0.05)
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
+    monkeypatch.setattr(opt, "updates", lambda params, group, ns_dtype: iter(updates))
+    opt.step()
+    for p, w in zip(params, want):
+        assert torch.equal(p.detach(), w)
+
+
 def test_batched_newton_schulz_is_each_matrix_on_its_own():
     """A stack of same-shape matrices (wide and tall) comes out as each matrix orthogonalized alone."""
     gen = torch.Generator().manual_seed(3)
