@@ -2068,7 +2068,7 @@ class Muon(torch.optim.Optimizer):
     @staticmethod
     def decay(params, decay):
         """p <- p (1 - decay): one foreach op for the matrices, not a kernel each (62 a step in session 20's
-        profile). The decay reads no update, so it may come before the updates are made."""
+        profile). No update reads p, so the decay may come before the updates are made."""
         plain = [p for p in params if not getattr(p, "sparse_decay", False)]
         if plain:
             torch._foreach_mul_(plain, 1 - decay)

@@ -599,9 +599,9 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # 699 KB to spare); 97,762 and 31,458 with CE_KERNEL's knob, its whole cost when off, for issue 12's throughput A/B
 # (session 20); 97,828 and 31,488 with COMBO_KERNELS's knob, its whole cost when off, for the same A/B; 102,373
 # and 32,493 once the env took CE_KERNEL=1: 1.0 KB wrapped for a step 0.6-1.2 ms shorter (session 20; the artifact
-# had 660 KB to spare);
+# had 660 KB to spare); 102,526 and 32,523 once Muon.step decayed the matrices in one foreach op (unmeasured);
 # raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 102_375, 32_495
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 102_530, 32_525
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):
