@@ -1676,7 +1676,8 @@ def softcap_ce_triton_kernels():
     g_lse softmax, through the cap. Inductor's code for the 65536 x 8192 logits took 2.3 ms of session 19's step, in
     two looped reductions. The special-function units bound these kernels, so an element costs one exp and one
     reciprocal for tanh (written with exp, which Triton's interpreter, the tests', has; it saturates to +-1 for large
-    |x|) and one exp for the softmax: the running max is the block's, not each lane's."""
+    |x|) and one exp for the softmax: the running max is the block's, not each lane's. That tanh is written out
+    three times, as the other kernels repeat their first lines: the interpreter cannot call a nested jit helper."""
     import triton
     import triton.language as tl
 
@@ -1731,23 +1732,25 @@ def softcap_ce_kernels():
         return
     forward, backward = softcap_ce_triton_kernels()
 
-    def launch(kernel, logits, cap, *args):
+    def launch(kernel, logits, targets, cap, *rest):  # a program a row: the kernels index row * V
         n, v = logits.shape
-        kernel[(n,)](logits, *args, cap, V=v, CAP=cap > 0, BV=min(CE_BLOCK, 1 << (v - 1).bit_length()),
-                     num_warps=CE_WARPS)
+        kernel[(n,)](logits.contiguous(), targets.contiguous(), *rest, cap, V=v, CAP=cap > 0,
+                     BV=min(CE_BLOCK, 1 << (v - 1).bit_length()), num_warps=CE_WARPS)
+
+    def row_stats(logits):  # (nll, lse), each (N,) fp32: the op's outputs, real and fake alike
+        return tuple(logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
 
     @torch.library.custom_op("ternary_golf::softcap_ce", mutates_args=())
     def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-        nll, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
-        launch(forward, logits.contiguous(), cap, targets.contiguous(), nll, lse)
+        nll, lse = row_stats(logits)
+        launch(forward, logits, targets, cap, nll, lse)
         return nll, lse
 
     @torch.library.custom_op("ternary_golf::softcap_ce_backward", mutates_args=())
     def softcap_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, cap: float,
                             g_nll: torch.Tensor, g_lse: torch.Tensor) -> torch.Tensor:
         gx = empty_contiguous(logits)
-        launch(backward, logits.contiguous(), cap, targets.contiguous(), lse, g_nll.float().contiguous(),
-               g_lse.float().contiguous(), gx)
+        launch(backward, logits, targets, cap, lse, g_nll.float().contiguous(), g_lse.float().contiguous(), gx)
         return gx
 
     def backward_rule(ctx, g_nll, g_lse):
@@ -1760,8 +1763,7 @@ def softcap_ce_kernels():
         ctx.save_for_backward(inputs[0], inputs[1], output[1])
         ctx.cap = inputs[2]
 
-    softcap_ce.register_fake(lambda logits, targets, cap: (logits.new_empty(logits.size(0), dtype=torch.float32),
-                                                           logits.new_empty(logits.size(0), dtype=torch.float32)))
+    softcap_ce.register_fake(lambda logits, targets, cap: row_stats(logits))
     softcap_ce_backward.register_fake(lambda logits, targets, lse, cap, g_nll, g_lse: empty_contiguous(logits))
     softcap_ce.register_autograd(backward_rule, setup_context=save)
 
