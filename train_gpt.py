@@ -181,6 +181,7 @@ class Hyperparameters:
     # in one pass, chunk by chunk; session 16: a step of 80.88 ms against 80.98 (H200), no gain, so off
     fused_loss = Knob("FUSED_LOSS", False)
     ce_kernel = Knob("CE_KERNEL", False)  # the training loss's softcap and cross-entropy in two Triton kernels
+    mlp_kernel = Knob("MLP_KERNEL", False)  # the dense MLP's relu^2 and its derivative in Triton GEMMs' epilogues
     tied_embed_init_std = Knob("TIED_EMBED_INIT_STD", 0.02, check=POS)
     attn_impl = Knob("ATTN_IMPL", "auto", choices={"auto", "sdpa", "fa3", "fa2"})
     # q, k and v as one GEMM of output width (NUM_HEADS + 2 NUM_KV_HEADS) x head dim, forward and both backward
@@ -369,6 +370,12 @@ class Hyperparameters:
             raise ConfigError("XSA_KERNEL=1 runs XSA in Triton kernels: it needs XSA_ENABLED=1")
         if self.ce_kernel and self.fused_loss:
             raise ConfigError("CE_KERNEL=1 with FUSED_LOSS=1: both replace the training loss's cross-entropy; pick one")
+        if self.mlp_kernel and (self.mlp_act != "relu2" or self.moe_enabled or self.fp8_matmul):
+            raise ConfigError("MLP_KERNEL=1 fuses relu^2 into the dense MLP's GEMMs: it needs MLP_ACT=relu2, "
+                              "MOE_ENABLED=0 and FP8_MATMUL=0")
+        if self.mlp_kernel and (self.model_dim % 64 or self.mlp_hidden % 256):
+            raise ConfigError(f"MLP_KERNEL=1 tiles MODEL_DIM={self.model_dim} in 64s and the MLP hidden width "
+                              f"{self.mlp_hidden} in 256s (MLP_TILES)")
         if self.fused_qkv and self.fp8_matmul:
             raise ConfigError("FUSED_QKV=1 with FP8_MATMUL=1: the fused q/k/v GEMM is F.linear, it would bypass the e4m3 "
                               "matmul that FP8_MATMUL puts on each layer")
@@ -1401,19 +1408,128 @@ class SKCMixer(nn.Module):
         return self.out(s.to(x.dtype) * F.silu(self.gate(x))), None
 
 
+# MLP_KERNEL: (BM, BN, BK, warps, stages) of the up GEMM and of the down GEMM's input gradient; session 21's bench on an
+# H200 (x 65536 x 768, hidden 3072): 497 and 658-694 us against cuBLAS + inductor's relu^2 passes, 609 and 708 us
+MLP_TILES = ((128, 256, 64, 8, 3), (128, 256, 32, 8, 5))
+MLP_GROUP = 8  # MLP_KERNEL: row blocks that walk one column block of the output together (their rows stay in L2)
+
+
+def relu2_gemm_triton_kernel():
+    """MLP_KERNEL's Triton GEMM c = a @ b, with b a (K, N) view given by its strides (W^T for the up GEMM, W for the
+    down GEMM's input gradient), and an epilogue in fp32 registers: EPI 0 writes relu(c)^2, EPI 1 writes c times
+    relu^2's derivative 2 relu(h), read as 2 sqrt(aux) from the stored aux = relu(h)^2, so h is never stored. It
+    replaces inductor's relu^2 and its backward: two passes over the (tokens, hidden) activations, 4.6 ms of session
+    21's step. The MLP's other GEMMs stay cuBLAS's."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def relu2_gemm_kernel(a, b, c, aux, M, N, sbk, sbn, K: tl.constexpr, EPI: tl.constexpr, IEEE: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+        pid, per_group = tl.program_id(0), GROUP * (N // BN)
+        first = pid // per_group * GROUP
+        rows = tl.minimum(tl.cdiv(M, BM) - first, GROUP)
+        m = ((first + pid % per_group % rows) * BM + tl.arange(0, BM)).to(tl.int64)
+        n = pid % per_group // rows * BN + tl.arange(0, BN)
+        k, inside = tl.arange(0, BK), (m < M)[:, None]
+        ap, bp = a + m[:, None] * K + k[None, :], b + k[:, None] * sbk + n[None, :] * sbn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for _ in range(0, K, BK):
+            if IEEE:  # fp32 operands (the tests'): exact products, not tf32's
+                acc = tl.dot(tl.load(ap, mask=inside, other=0.0), tl.load(bp), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.load(ap, mask=inside, other=0.0), tl.load(bp), acc)
+            ap += BK
+            bp += BK * sbk
+        out = m[:, None] * N + n[None, :]
+        if EPI == 0:
+            acc = tl.maximum(acc, 0.0) * tl.maximum(acc, 0.0)
+        else:
+            acc = acc * 2.0 * tl.sqrt(tl.load(aux + out, mask=inside, other=0.0).to(tl.float32))
+        tl.store(c + out, acc.to(c.dtype.element_ty), mask=inside)
+
+    return relu2_gemm_kernel
+
+
+def mlp_kernels():
+    """MLP_KERNEL: the custom ops ternary_golf::relu2_mlp(x (M, D), w_up (H, D), w_down (D, H)) -> (x w_up^T relu^2'd
+    (a), then a w_down^T) and its backward, which writes the input, up and down gradients from a alone, registered
+    once a process; Relu2MLP is their autograd. On the CPU only under TRITON_INTERPRET=1 (tests), whose bf16 dot is
+    wrong (Triton 3.5): fp32 and fp16 there."""
+    if hasattr(torch.ops.ternary_golf, "relu2_mlp"):
+        return
+    kernel = relu2_gemm_triton_kernel()
+
+    def gemm(x, w, epi, aux):  # epi 0: x @ w^T, w (N, K); epi 1: x @ w, w (K, N); then the epilogue
+        x, w = x.contiguous(), w.contiguous()
+        (M, K), N = x.shape, w.size(epi)
+        bm, bn, bk, warps, stages = MLP_TILES[epi]
+        c = x.new_empty(M, N)
+        kernel[(-(-M // bm) * (N // bn),)](x, w, c, aux.contiguous(), M, N, *((1, K) if epi == 0 else (N, 1)), K=K,
+                                           EPI=epi, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
+                                           GROUP=MLP_GROUP, num_warps=warps, num_stages=stages)
+        return c
+
+    @torch.library.custom_op("ternary_golf::relu2_mlp", mutates_args=())
+    def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = gemm(x, w_up, 0, x)  # epilogue 0 reads no aux
+        return a @ w_down.t(), a
+
+    @torch.library.custom_op("ternary_golf::relu2_mlp_backward", mutates_args=())
+    def relu2_mlp_backward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, a: torch.Tensor,
+                           g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g_h = gemm(g, w_down, 1, a)
+        return g_h @ w_up, g_h.t() @ x, g.t() @ a
+
+    relu2_mlp.register_fake(lambda x, w_up, w_down: (x.new_empty(x.size(0), w_down.size(0)),
+                                                     x.new_empty(x.size(0), w_up.size(0))))
+    relu2_mlp_backward.register_fake(lambda x, w_up, w_down, a, g: tuple(map(empty_contiguous, (x, w_up, w_down))))
+
+
+class Relu2MLP(torch.autograd.Function):
+    """MLP_KERNEL's autograd over its two ops: the output alone is differentiable, so that autograd never builds a
+    zero gradient for the (tokens, hidden) activations a, which the backward reads instead of h."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down):
+        out, a = torch.ops.ternary_golf.relu2_mlp(x, w_up, w_down)
+        ctx.save_for_backward(x, w_up, w_down, a)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.ops.ternary_golf.relu2_mlp_backward(*ctx.saved_tensors, g)
+
+
 class MLP(nn.Module):
     def __init__(self, h):
         super().__init__()
+        self.h = h
         self.up = TernaryLinear(h.model_dim, h.mlp_hidden, h.group_size)
         self.down = TernaryLinear(h.mlp_hidden, h.model_dim, h.group_size, zero_init=True)
         self.leaky = h.mlp_act == "leaky_relu2"
+        if h.mlp_kernel:
+            mlp_kernels()
 
     def activation(self, x):
         u = self.up(x)
         return (F.leaky_relu(u, 0.5) if self.leaky else F.relu(u)).square()
 
     def forward(self, x):
+        if self.h.mlp_kernel:
+            return self.kernel_forward(x)
         return self.down(self.activation(x))
+
+    def kernel_forward(self, x):
+        """MLP_KERNEL: the MLP through Relu2MLP, on x in autocast's dtype as F.linear would take it, and each layer's
+        quantized weight (whatever its quantizer) cast alike, so the gradients reach the latent weights straight
+        through. Modules with forward hooks (LoRA TTT's adapters) keep their own calls: only those run the hooks."""
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (self.up, self.down)):
+            return self.down(self.activation(x))
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        w_up, w_down = (m.quantized_weight().to(x.dtype) for m in (self.up, self.down))
+        return Relu2MLP.apply(x.flatten(0, -2), w_up, w_down).view(*x.shape[:-1], -1)
 
 
 class MoEMLP(MLP):

@@ -220,6 +220,7 @@ class Hyperparameters:
     xsa_kernel = Knob("XSA_KERNEL", False)  # read, unused: a CUDA throughput path (Triton kernels)
     qk_norm_kernel = Knob("QK_NORM_KERNEL", False)  # read, unused: a CUDA throughput path (Triton kernels)
     ce_kernel = Knob("CE_KERNEL", False)  # read, unused: a CUDA throughput path (Triton kernels)
+    mlp_kernel = Knob("MLP_KERNEL", False)  # read, unused: a CUDA throughput path (Triton kernels)
     value_residual = Knob("VALUE_RESIDUAL", True)
     smear_gate = Knob("SMEAR_GATE", True)
     layer_scale = Knob("LAYER_SCALE", False)  # residual branch scales start at LAYER_SCALE_INIT instead of 1

@@ -255,6 +255,74 @@ def test_ce_kernel_refuses_fused_loss():
     assert tg.Hyperparameters({"CE_KERNEL": "1"}).ce_kernel and not tg.Hyperparameters({}).ce_kernel
 
 
+def relu2_mlp_float64(x, w_up, w_down):
+    """The dense MLP with relu^2, a w_down^T for a = relu(x w_up^T)^2, written out in float64."""
+    return F.relu(x.double() @ w_up.double().t()).square() @ w_down.double().t()
+
+
+@pytest.mark.parametrize("rows, dtype", [(200, torch.float32), (128, torch.float32), (70, torch.float16)])
+def test_relu2_mlp_kernel_matches_the_formulas_in_float64(rows, dtype):
+    """MLP_KERNEL's op and its backward against float64 autograd, for a random upstream gradient: tokens in row
+    blocks that do not divide them (200 and 70 in 128s: masked rows) and that do, two column blocks of the hidden
+    width, about half of its units below zero; fp32 and fp16 (Triton's interpreter gets bf16's dot wrong). The
+    output and all three gradients, whose rows and columns at relu's zeros must come out exactly zero too."""
+    tg.mlp_kernels()
+    torch.manual_seed(0)
+    x = torch.randn(rows, 64).to(dtype).requires_grad_()
+    w_up = (torch.randn(512, 64) / 8).to(dtype).requires_grad_()
+    w_down = (torch.randn(64, 512) / 16).to(dtype).requires_grad_()
+    g = torch.randn(rows, 64).to(dtype)
+    out = tg.Relu2MLP.apply(x, w_up, w_down)
+    got = (out, *torch.autograd.grad(out, (x, w_up, w_down), g))
+    leaves = [t.detach().double().requires_grad_() for t in (x, w_up, w_down)]
+    want = relu2_mlp_float64(*leaves)
+    want = (want, *torch.autograd.grad(want, leaves, g.double()))
+    tol = 1e-5 if dtype == torch.float32 else 4e-3  # fp16 stores a, the output and the gradients
+    for got_t, want_t, like in zip(got, want, (x, x, w_up, w_down)):
+        assert got_t.shape == like.shape[:-1] + want_t.shape[-1:] and got_t.dtype == dtype
+        torch.testing.assert_close(got_t.double(), want_t.detach(), rtol=tol, atol=tol * want_t.abs().max().item())
+    dead = (x.detach().double() @ w_up.detach().double().t()) <= 0
+    assert 0.3 < dead.float().mean() < 0.7
+
+
+@pytest.mark.parametrize("overrides", [{}, {"SCALE_FORMAT": "log8", "FP_PHASE": "1"}])
+def test_mlp_kernel_trains_the_same_model(overrides):
+    """MLP_KERNEL=1 gives GPT.forward's loss and every parameter's gradient as MLP_KERNEL=0 does (same init, fp32),
+    with the default quantizer and with log8 scales under FP_PHASE's blend, eager and under torch.compile (aot_eager,
+    fullgraph)."""
+    idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    overrides = {"MLP_MULT": "4", **overrides}
+    want = loss_and_grads(model(**overrides), idx, tgt)
+    assert_same_loss_and_grads(loss_and_grads(model(MLP_KERNEL="1", **overrides), idx, tgt), want)
+    assert_same_loss_and_grads(compiled_loss_and_grads(model(MLP_KERNEL="1", **overrides), idx, tgt), want)
+
+
+def test_mlp_kernel_keeps_the_hooked_modules_calls():
+    """A forward hook on an MLP's up or down GEMM (how LoRA TTT adds its adapters) runs under MLP_KERNEL=1: the layer
+    goes through the modules' own calls, and gives what MLP_KERNEL=0 gives with the same hook."""
+    x = torch.randn(2, 5, 64)
+    outs = []
+    for kernel in ("0", "1"):
+        mlp = model(MLP_MULT="4", MLP_KERNEL=kernel).blocks[0].mlp
+        calls = []
+        mlp.up.register_forward_hook(lambda m, inputs, out: calls.append(1) or out * 2)
+        outs.append(mlp(x))
+        assert calls == [1]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides, match", [({"MLP_ACT": "leaky_relu2"}, "needs MLP_ACT=relu2"),
+                                              ({"MOE_ENABLED": "1"}, "MOE_ENABLED=0"),
+                                              ({"FP8_MATMUL": "1"}, "FP8_MATMUL=0"),
+                                              ({"MODEL_DIM": "96", "NUM_HEADS": "3", "NUM_KV_HEADS": "1", "GROUP_SIZE": "32",
+                                                "MLP_MULT": "8"}, "MODEL_DIM=96 in 64s"),
+                                              ({"MLP_MULT": "2.5"}, "hidden width 1920 in 256s")])
+def test_mlp_kernel_refuses_what_it_cannot_fuse(overrides, match):
+    with pytest.raises(tg.ConfigError, match=match):
+        tg.Hyperparameters({"MLP_KERNEL": "1", **overrides})
+    assert tg.Hyperparameters({"MLP_KERNEL": "1"}).mlp_kernel and not tg.Hyperparameters({}).mlp_kernel
+
+
 @pytest.mark.parametrize("overrides, mix", [({}, None), ({"SCALE_FORMAT": "log8"}, None),
                                              ({"HYBRID_INT": "1", "HYBRID_FAMILIES": "q,k"}, None),
                                              ({"HYBRID_INT": "1", "HYBRID_FAMILIES": "k", "SCALE_FORMAT": "log8"}, 0.5),
