@@ -602,8 +602,10 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # and 32,493 once the env took CE_KERNEL=1: 1.0 KB wrapped for a step 0.6-1.2 ms shorter (session 20; the artifact
 # had 660 KB to spare); 102,526 and 32,523 once Muon.step decayed the matrices in one foreach op (unmeasured);
 # 102,572 and 32,543 with MLP_KERNEL's knob, its whole cost when off, for issue 12's throughput A/B (session 21);
-# raise them deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 102_575, 32_545
+# 106,580 and 33,683 once the env took MLP_KERNEL=1: 1.1 KB wrapped for a step 0.9-1.4 ms shorter (session 21; the
+# artifact had 660 KB to spare); raise them deliberately, with the figure this test prints, when a change is worth
+# its bytes.
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 106_580, 33_685
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):
