@@ -398,8 +398,22 @@ H200_RUNS += [
      "2bf22e5", ""),
 ]
 H200_S20 = HERE / "h200_2026-11-30_s20"
+# session 21 (h200_2026-11-30_s21/: `bash scripts/sweep_device.sh scripts/sweeps/recipe_s21.toml s21` at eecc433,
+# `... recipe_s21b.toml s21b` at fefd8f7 and `... recipe_s21c.toml s21c` at 97fae6b (train_gpt.py as at c969e87, which
+# added MLP_KERNEL), on nvidia-h200-x2, two rows side by side): session 16's default with the env's kernels, CE_KERNEL
+# on two more seeds, then MLP_KERNEL on three seeds and once with COMPILE_MODE=reduce-overhead TRAIN_SYNC_EVERY=32.
+XSAQKCE = f"trains: {S16}, XSA_KERNEL=1 QK_NORM_KERNEL=1 CE_KERNEL=1"
+H200_RUNS += [
+    ("xsaqkces42", f"{XSAQKCE} SEED=42", "eecc433", ""),
+    ("xsaqkces2024", f"{XSAQKCE} SEED=2024", "eecc433", ""),
+    ("mlpk", f"{XSAQKCE} MLP_KERNEL=1", "fefd8f7", ""),
+    ("mlpks42", f"{XSAQKCE} MLP_KERNEL=1 SEED=42", "fefd8f7", ""),
+    ("mlpks2024", f"{XSAQKCE} MLP_KERNEL=1 SEED=2024", "97fae6b", ""),
+    ("mlpkro32", f"{XSAQKCE} MLP_KERNEL=1 COMPILE_MODE=reduce-overhead TRAIN_SYNC_EVERY=32", "97fae6b", ""),
+]
+H200_S21 = HERE / "h200_2026-11-30_s21"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
-           H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20)  # two runs side by side on nvidia-h200-x2
+           H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20, H200_S21)  # two runs side by side, nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
@@ -408,7 +422,8 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
                "r64", "r64s42", "leaky", "gs64", "qramp", "cap20", "cap20s42", "qramps42", "capramp", "capramps42",
                "cap15", "ramp2", "cap15s42", "cap10", "d16s2024", "wdcos", "zloss", "clip1",
                "elr04", "xsak", "elr01", "xsaks42", "elr01s42", "xsaqk_sincos", "xsaqk",
-               "xsaqks42", "xsaqks2024", "xsaqkce", "xsaqkce_ro"}  # not in the plot:
+               "xsaqks42", "xsaqks2024", "xsaqkce", "xsaqkce_ro",
+               "xsaqkces42", "xsaqkces2024", "mlpk", "mlpks42", "mlpks2024", "mlpkro32"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
