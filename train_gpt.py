@@ -373,9 +373,9 @@ class Hyperparameters:
         if self.mlp_kernel and (self.mlp_act != "relu2" or self.moe_enabled or self.fp8_matmul):
             raise ConfigError("MLP_KERNEL=1 fuses relu^2 into the dense MLP's GEMMs: it needs MLP_ACT=relu2, "
                               "MOE_ENABLED=0 and FP8_MATMUL=0")
-        if self.mlp_kernel and (self.model_dim % 64 or self.mlp_hidden % 256):
-            raise ConfigError(f"MLP_KERNEL=1 tiles MODEL_DIM={self.model_dim} in 64s and the MLP hidden width "
-                              f"{self.mlp_hidden} in 256s (MLP_TILES)")
+        if self.mlp_kernel and (self.model_dim % MLP_TILES[0][2] or self.mlp_hidden % MLP_TILES[0][1]):
+            raise ConfigError(f"MLP_KERNEL=1 tiles MODEL_DIM={self.model_dim} in {MLP_TILES[0][2]}s and the MLP hidden "
+                              f"width {self.mlp_hidden} in {MLP_TILES[0][1]}s (MLP_TILES)")
         if self.fused_qkv and self.fp8_matmul:
             raise ConfigError("FUSED_QKV=1 with FP8_MATMUL=1: the fused q/k/v GEMM is F.linear, it would bypass the e4m3 "
                               "matmul that FP8_MATMUL puts on each layer")
@@ -1408,8 +1408,8 @@ class SKCMixer(nn.Module):
         return self.out(s.to(x.dtype) * F.silu(self.gate(x))), None
 
 
-# MLP_KERNEL: (BM, BN, BK, warps, stages) of the up GEMM and of the down GEMM's input gradient; session 21's bench on an
-# H200 (x 65536 x 768, hidden 3072): 497 and 658-694 us against cuBLAS + inductor's relu^2 passes, 609 and 708 us
+# MLP_KERNEL: (BM, BN, BK, warps, stages) of the up GEMM and the down GEMM's input gradient (the first's BN, BK the
+# largest: the config checks them); s21 on an H200: 497 and 658-694 us against cuBLAS + inductor's 609 and 708 us
 MLP_TILES = ((128, 256, 64, 8, 3), (128, 256, 32, 8, 5))
 MLP_GROUP = 8  # MLP_KERNEL: row blocks that walk one column block of the output together (their rows stay in L2)
 

@@ -265,7 +265,7 @@ def test_relu2_mlp_kernel_matches_the_formulas_in_float64(rows, dtype):
     """MLP_KERNEL's op and its backward against float64 autograd, for a random upstream gradient: tokens in row
     blocks that do not divide them (200 and 70 in 128s: masked rows) and that do, two column blocks of the hidden
     width, about half of its units below zero; fp32 and fp16 (Triton's interpreter gets bf16's dot wrong). The
-    output and all three gradients, whose rows and columns at relu's zeros must come out exactly zero too."""
+    output and all three gradients, and the stored activations a: exactly zero wherever relu cuts."""
     tg.mlp_kernels()
     torch.manual_seed(0)
     x = torch.randn(rows, 64).to(dtype).requires_grad_()
@@ -283,6 +283,7 @@ def test_relu2_mlp_kernel_matches_the_formulas_in_float64(rows, dtype):
         torch.testing.assert_close(got_t.double(), want_t.detach(), rtol=tol, atol=tol * want_t.abs().max().item())
     dead = (x.detach().double() @ w_up.detach().double().t()) <= 0
     assert 0.3 < dead.float().mean() < 0.7
+    assert not torch.ops.ternary_golf.relu2_mlp(x.detach(), w_up.detach(), w_down.detach())[1][dead].any()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"SCALE_FORMAT": "log8", "FP_PHASE": "1"}])
