@@ -298,6 +298,17 @@ def test_mlp_kernel_trains_the_same_model(overrides):
     assert_same_loss_and_grads(compiled_loss_and_grads(model(MLP_KERNEL="1", **overrides), idx, tgt), want)
 
 
+def test_mlp_kernel_traces_as_one_graph_under_autocast():
+    """Under autocast (the CPU's here, CUDA's in training) MLP_KERNEL's forward, which reads autocast's state to cast
+    x, traces as one dynamo graph without a break: a break would split the compiled step at every MLP."""
+    m = model(MLP_MULT="4", MLP_KERNEL="1", FP_PHASE="1", SCALE_FORMAT="log8")
+    tg.QuantMix(m)
+    idx = torch.randint(0, 128, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(m)(idx, idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_mlp_kernel_keeps_the_hooked_modules_calls():
     """A forward hook on an MLP's up or down GEMM (how LoRA TTT adds its adapters) runs under MLP_KERNEL=1: the layer
     goes through the modules' own calls, and gives what MLP_KERNEL=0 gives with the same hook."""
