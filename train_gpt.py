@@ -1299,6 +1299,13 @@ def norm_rope_kernels():
                                 setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
+def has_forward_hooks(modules):
+    """Whether a module has forward hooks (LoRA TTT's adapters), which only its own call runs: a fused path that skips
+    the call (FUSED_QKV, MLP_KERNEL) would drop them silently. Training's model has none, and dynamo guards on the
+    empty dicts: one graph."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, h, flash):
         super().__init__()
@@ -1323,9 +1330,7 @@ class CausalSelfAttention(nn.Module):
         its quantizer, FP-phase blend or frozen copy), so the gradient reaches each latent weight straight through and
         the three parameters stay separate for the optimizer and the export."""
         layers = (self.q, self.k, self.v)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
-            # LoRA TTT adds its adapters by forward hooks, which only a module's own call runs: the fused GEMM would
-            # drop them silently. (Training's model has no hooks, and dynamo guards on the empty dicts: one graph.)
+        if has_forward_hooks(layers):
             return tuple(m(x) for m in layers)
         # cast, then cat: the cast is elementwise, so the bits are the same either way, each weight is cast as
         # TernaryLinear.forward casts it, and with bf16 x the cat copies half of fp32's bytes (with fp32 x under
@@ -1524,7 +1529,7 @@ class MLP(nn.Module):
         """MLP_KERNEL: the MLP through Relu2MLP, on x in autocast's dtype as F.linear would take it, and each layer's
         quantized weight (whatever its quantizer) cast alike, so the gradients reach the latent weights straight
         through. Modules with forward hooks (LoRA TTT's adapters) keep their own calls: only those run the hooks."""
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (self.up, self.down)):
+        if has_forward_hooks((self.up, self.down)):
             return self.down(self.activation(x))
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
