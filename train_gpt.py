@@ -1414,44 +1414,47 @@ class SKCMixer(nn.Module):
 
 
 # MLP_KERNEL: (BM, BN, BK, warps, stages) of the up GEMM and the down GEMM's input gradient (the first's BN, BK the
-# largest: the config checks them); s21 on an H200: 497 and 658-694 us against cuBLAS + inductor's 609 and 708 us
-MLP_TILES = ((128, 256, 64, 8, 3), (128, 256, 32, 8, 5))
+# largest: the config checks them). s22 on an H200 (.bench/mlp_tma_bench.py): 447-448 and 576-595 us against the
+# pointer kernel's (s21) 497 and 658-694 us and cuBLAS + inductor's 609 and 708 us; cuBLAS alone (no relu^2) 428, 442
+MLP_TILES = ((128, 256, 64, 8, 3), (128, 256, 64, 8, 3))
 MLP_GROUP = 8  # MLP_KERNEL: row blocks that walk one column block of the output together (their rows stay in L2)
 
 
 def relu2_gemm_triton_kernel():
-    """MLP_KERNEL's Triton GEMM c = a @ b, with b a (K, N) view given by its strides (W^T for the up GEMM, W for the
-    down GEMM's input gradient), and an epilogue in fp32 registers: EPI 0 writes relu(c)^2, EPI 1 writes c times
-    relu^2's derivative 2 relu(h), read as 2 sqrt(aux) from the stored aux = relu(h)^2, so h is never stored. It
-    replaces inductor's relu^2 and its backward: two passes over the (tokens, hidden) activations, 4.6 ms of session
-    21's step. The MLP's other GEMMs stay cuBLAS's."""
+    """MLP_KERNEL's Triton GEMM c = a @ b^T (BT: b (N, K), the up GEMM's W) or a @ b (b (K, N), the down GEMM's W in
+    its input gradient), with an epilogue in fp32 registers: EPI 0 writes relu(c)^2, EPI 1 writes c times relu^2's
+    derivative 2 relu(h), read as 2 sqrt(aux) from the stored aux = relu(h)^2, so h is never stored. Persistent
+    (each program walks tiles `progs` apart; flattened, a tile's epilogue overlaps the next one's loads), TMA loads
+    and stores (which pad or clip the rows past M), the epilogue on two column halves (fewer live registers). Loop
+    trips: `iters`, or the constexpr ITERS under the interpreter, which wants python ints there."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def relu2_gemm_kernel(a, b, c, aux, M, N, sbk, sbn, K: tl.constexpr, EPI: tl.constexpr, IEEE: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
-        pid, per_group = tl.program_id(0), GROUP * (N // BN)
-        first = pid // per_group * GROUP
-        rows = tl.minimum(tl.cdiv(M, BM) - first, GROUP)
-        m = ((first + pid % per_group % rows) * BM + tl.arange(0, BM)).to(tl.int64)
-        n = pid % per_group // rows * BN + tl.arange(0, BN)
-        k, inside = tl.arange(0, BK), (m < M)[:, None]
-        ap, bp = a + m[:, None] * K + k[None, :], b + k[:, None] * sbk + n[None, :] * sbn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for _ in range(0, K, BK):
-            if IEEE:  # fp32 operands (the tests'): exact products, not tf32's
-                acc = tl.dot(tl.load(ap, mask=inside, other=0.0), tl.load(bp), acc, input_precision="ieee")
+    def relu2_gemm_kernel(a, b, c, aux, iters, tiles, num_n, progs, ITERS: tl.constexpr, K: tl.constexpr,
+                          BT: tl.constexpr, EPI: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+        per_group, num_m = GROUP * num_n, tiles // num_n
+        for t in tl.range(0, ITERS if ITERS > 0 else iters, flatten=True):  # (an assigned bound is a tensor there)
+            tile = tl.minimum(tl.program_id(0) + t * progs, tiles - 1)  # spare programs of the last round redo it
+            first = tile // per_group * GROUP
+            rows = tl.minimum(num_m - first, GROUP)
+            om, on = (first + tile % per_group % rows) * BM, tile % per_group // rows * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                w = b.load([on, k]).T if BT else b.load([k, on])
+                if IEEE:  # fp32 operands (the tests'): exact products, not tf32's
+                    acc = tl.dot(a.load([om, k]), w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a.load([om, k]), w, acc)
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            if EPI == 0:
+                h0, h1 = tl.maximum(h0, 0.0) * tl.maximum(h0, 0.0), tl.maximum(h1, 0.0) * tl.maximum(h1, 0.0)
             else:
-                acc = tl.dot(tl.load(ap, mask=inside, other=0.0), tl.load(bp), acc)
-            ap += BK
-            bp += BK * sbk
-        out = m[:, None] * N + n[None, :]
-        if EPI == 0:
-            acc = tl.maximum(acc, 0.0) * tl.maximum(acc, 0.0)
-        else:
-            acc = acc * 2.0 * tl.sqrt(tl.load(aux + out, mask=inside, other=0.0).to(tl.float32))
-        tl.store(c + out, acc.to(c.dtype.element_ty), mask=inside)
+                h0 = h0 * 2.0 * tl.sqrt(aux.load([om, on]).to(tl.float32))
+                h1 = h1 * 2.0 * tl.sqrt(aux.load([om, on + BN // 2]).to(tl.float32))
+            c.store([om, on], h0.to(c.dtype))
+            c.store([om, on + BN // 2], h1.to(c.dtype))
 
     return relu2_gemm_kernel
 
@@ -1460,24 +1463,34 @@ def mlp_kernels():
     """MLP_KERNEL: the custom ops ternary_golf::relu2_mlp(x (M, D), w_up (H, D), w_down (D, H)) -> (x w_up^T relu^2'd
     (a), then a w_down^T) and its backward, which writes the input, up and down gradients from a alone, registered
     once a process; Relu2MLP is their autograd. On the CPU only under TRITON_INTERPRET=1 (tests), whose bf16 dot is
-    wrong (Triton 3.5): fp32 and fp16 there."""
+    wrong (Triton 3.5): fp32 and fp16 there; 3 programs there, so that they walk several tiles."""
     if hasattr(torch.ops.ternary_golf, "relu2_mlp"):
         return
+    from triton.tools.tensor_descriptor import TensorDescriptor
     kernel = relu2_gemm_triton_kernel()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     def gemm(x, w, epi, aux):  # epi 0: x @ w^T, w (N, K); epi 1: x @ w, w (K, N); then the epilogue
         x, w = x.contiguous(), w.contiguous()
         (M, K), N = x.shape, w.size(epi)
         bm, bn, bk, warps, stages = MLP_TILES[epi]
         c = x.new_empty(M, N)
-        kernel[(-(-M // bm) * (N // bn),)](x, w, c, aux.contiguous(), M, N, *((1, K) if epi == 0 else (N, 1)), K=K,
-                                           EPI=epi, IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-                                           GROUP=MLP_GROUP, num_warps=warps, num_stages=stages)
+        tiles = -(-M // bm) * (N // bn)
+        sms = 3 if interpreted else torch.cuda.get_device_properties(x.device).multi_processor_count
+        iters = -(-tiles // sms)
+        progs = -(-tiles // iters)  # as few spare programs in the last round as the trips allow
+        desc = functools.partial(TensorDescriptor.from_tensor, block_shape=[bm, bn // 2])
+        kernel[(progs,)](TensorDescriptor.from_tensor(x, [bm, bk]),
+                         TensorDescriptor.from_tensor(w, [bn, bk] if epi == 0 else [bk, bn]), desc(c),
+                         desc(c if aux is None else aux.contiguous()),  # epilogue 0 reads no aux
+                         iters, tiles, N // bn, progs, ITERS=iters if interpreted else 0, K=K, BT=epi == 0, EPI=epi,
+                         IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk, GROUP=MLP_GROUP, num_warps=warps,
+                         num_stages=stages)
         return c
 
     @torch.library.custom_op("ternary_golf::relu2_mlp", mutates_args=())
     def relu2_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = gemm(x, w_up, 0, x)  # epilogue 0 reads no aux
+        a = gemm(x, w_up, 0, None)
         return a @ w_down.t(), a
 
     @torch.library.custom_op("ternary_golf::relu2_mlp_backward", mutates_args=())

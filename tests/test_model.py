@@ -260,12 +260,15 @@ def relu2_mlp_float64(x, w_up, w_down):
     return F.relu(x.double() @ w_up.double().t()).square() @ w_down.double().t()
 
 
-@pytest.mark.parametrize("rows, dtype", [(200, torch.float32), (128, torch.float32), (70, torch.float16)])
+@pytest.mark.parametrize("rows, dtype", [(200, torch.float32), (128, torch.float32), (600, torch.float32),
+                                         (70, torch.float16)])
 def test_relu2_mlp_kernel_matches_the_formulas_in_float64(rows, dtype):
     """MLP_KERNEL's op and its backward against float64 autograd, for a random upstream gradient: tokens in row
-    blocks that do not divide them (200 and 70 in 128s: masked rows) and that do, two column blocks of the hidden
-    width, about half of its units below zero; fp32 and fp16 (Triton's interpreter gets bf16's dot wrong). The
-    output and all three gradients, and the stored activations a: exactly zero wherever relu cuts."""
+    blocks that do not divide them (200, 600 and 70 in 128s: the descriptors pad and clip) and that do, two column
+    blocks of the hidden width, about half of its units below zero; the interpreter's 3 programs walk 2 tiles (200)
+    and 4 (600: 10 tiles, 12 slots, spare programs on the last round); fp32 and fp16 (Triton's interpreter gets
+    bf16's dot wrong). The output and all three gradients, and the stored activations a: exactly zero wherever relu
+    cuts."""
     tg.mlp_kernels()
     torch.manual_seed(0)
     x = torch.randn(rows, 64).to(dtype).requires_grad_()
