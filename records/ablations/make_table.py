@@ -412,8 +412,21 @@ H200_RUNS += [
     ("mlpkro32", f"{XSAQKCE} MLP_KERNEL=1 COMPILE_MODE=reduce-overhead TRAIN_SYNC_EVERY=32", "97fae6b", ""),
 ]
 H200_S21 = HERE / "h200_2026-11-30_s21"
+# session 22 (h200_2026-11-30_s22/, nvidia-h200-x2, two rows side by side): MLP_KERNEL's persistent TMA kernel.
+# `bash scripts/sweep_device.sh scripts/sweeps/recipe_s22.toml s22` on one host (its train_gpt.py: 7f38d70's code with a
+# longer docstring), then the tma150 rows for 150 s on the machine of a later lease (calls/call4.sh, at 7f38d70),
+# where the same code trained 2 and 9% faster.
+H200_RUNS += [
+    ("tma", f"{XSAQKCE} MLP_KERNEL=1 (persistent TMA kernel)", "7f38d70", ""),
+    ("tmaro32", f"{XSAQKCE} MLP_KERNEL=1 COMPILE_MODE=reduce-overhead TRAIN_SYNC_EVERY=32 (persistent TMA kernel)",
+     "7f38d70", ""),
+    ("tma150g0", f"{XSAQKCE} MLP_KERNEL=1 MAX_WALLCLOCK_SECONDS=150, a later lease, GPU 0", "7f38d70", ""),
+    ("tma150g1", f"{XSAQKCE} MLP_KERNEL=1 MAX_WALLCLOCK_SECONDS=150, a later lease, GPU 1", "7f38d70", ""),
+]
+H200_S22 = HERE / "h200_2026-11-30_s22"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
-           H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20, H200_S21)  # two runs side by side, nvidia-h200-x2
+           H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20, H200_S21,
+           H200_S22)  # two runs side by side, nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
@@ -423,7 +436,8 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
                "cap15", "ramp2", "cap15s42", "cap10", "d16s2024", "wdcos", "zloss", "clip1",
                "elr04", "xsak", "elr01", "xsaks42", "elr01s42", "xsaqk_sincos", "xsaqk",
                "xsaqks42", "xsaqks2024", "xsaqkce", "xsaqkce_ro",
-               "xsaqkces42", "xsaqkces2024", "mlpk", "mlpks42", "mlpks2024", "mlpkro32"}  # not in the plot:
+               "xsaqkces42", "xsaqkces2024", "mlpk", "mlpks42", "mlpks2024", "mlpkro32",
+               "tma", "tmaro32", "tma150g0", "tma150g1"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
