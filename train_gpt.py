@@ -1468,7 +1468,6 @@ def mlp_kernels():
         return
     from triton.tools.tensor_descriptor import TensorDescriptor
     kernel = relu2_gemm_triton_kernel()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     def gemm(x, w, epi, aux):  # epi 0: x @ w^T, w (N, K); epi 1: x @ w, w (K, N); then the epilogue
         x, w = x.contiguous(), w.contiguous()
@@ -1476,6 +1475,7 @@ def mlp_kernels():
         bm, bn, bk, warps, stages = MLP_TILES[epi]
         c = x.new_empty(M, N)
         tiles = -(-M // bm) * (N // bn)
+        interpreted = x.device.type == "cpu"  # (Triton runs on the CPU only under its interpreter)
         sms = 3 if interpreted else torch.cuda.get_device_properties(x.device).multi_processor_count
         iters = -(-tiles // sms)
         progs = -(-tiles // iters)  # as few spare programs in the last round as the trips allow
