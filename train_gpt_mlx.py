@@ -235,6 +235,7 @@ class Hyperparameters:
     muon_backend_steps = Knob("MUON_BACKEND_STEPS", 5, check=POS)
     muon_row_norm = Knob("MUON_ROW_NORM", False)
     muon_batched = Knob("MUON_BATCHED", True)  # train_gpt.py's launch batching: the same update, nothing to port
+    muon_fused = Knob("MUON_FUSED", False)  # read, unused: train_gpt.py's compiled update, nothing to port
     muon_wd = Knob("MUON_WD", 0.04, check=NONNEG)  # train_gpt.py's default (its s9 winner)
     adam_beta1 = Knob("ADAM_BETA1", 0.9, check=UNIT_OPEN)
     adam_beta2 = Knob("ADAM_BETA2", 0.95, check=UNIT_OPEN)

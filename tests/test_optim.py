@@ -126,12 +126,76 @@ def test_batched_muon_makes_momentum_buffers_once(monkeypatch):
         buffers = now
 
 
+def fused_and_batched_runs(make_fused, momenta, shapes=((24, 40), (40, 24), (24, 40), (16, 16), (8, 16))):
+    """(params, optimizer) after len(momenta) steps of BatchedMuon and of a FusedMuon from make_fused(opt), the
+    momentum changing between steps as its warmup changes it; the same parameters, gradients and steps."""
+    runs = []
+    for fused in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+        cls = tg.batched_muon_class(tg.Muon)
+        opt = cls(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
+        if fused:
+            opt = tg.fused_muon_class(cls)(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
+            make_fused(opt)
+        for m in momenta:
+            opt.param_groups[0]["momentum"] = m
+            for p in params[:-1]:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((params, opt))
+    return runs
+
+
+def assert_same_muon_state(runs):
+    (ref, ref_opt), (got, got_opt) = runs
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[:-1], ref[:-1]):
+        torch.testing.assert_close(got_opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
+    assert "momentum_buffer" not in got_opt.state[got[-1]]
+
+
+def test_muon_fused_steps_like_batched_muon():
+    """MUON_FUSED: the same parameters and momentum as MUON_BATCHED after four steps whose momentum changes (the
+    warmup) and then holds, with shapes that repeat, occur once, and a matrix without a gradient; its 0-d momentum
+    tensor is refilled only when the momentum changes."""
+    fills = []
+    runs = fused_and_batched_runs(lambda opt: fills.append(opt.momenta), [0.85, 0.9, 0.95, 0.95])
+    assert_same_muon_state(runs)
+    assert type(runs[1][1]).__name__ == "FusedBatchedMuon"
+    [(value, tensor)] = fills[0].values()
+    assert value == 0.95 and tensor.item() == pytest.approx(0.95) and tensor.dim() == 0
+
+
+def test_muon_fused_compiles_one_graph_per_shape():
+    """MUON_FUSED under torch.compile (aot_eager, fullgraph): one graph for each of the three shapes, none again
+    when the momentum changes (it is a tensor, not a guarded float), and the eager optimizer's numbers."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def compiled(opt):
+        opt.fused = torch.compile(tg.nesterov_newton_schulz, backend=counter, dynamic=False, fullgraph=True)
+
+    runs = fused_and_batched_runs(compiled, [0.85, 0.875, 0.9, 0.925])
+    assert_same_muon_state(runs)
+    assert counter.frame_count == 3
+
+
+def test_muon_fused_needs_batched():
+    with pytest.raises(tg.ConfigError, match="MUON_FUSED=1 compiles MUON_BATCHED"):
+        tg.Hyperparameters({"MUON_FUSED": "1", "MUON_BATCHED": "0"})
+    assert tg.Hyperparameters({"MUON_FUSED": "1"}).muon_fused and not tg.Hyperparameters({}).muon_fused
+
+
 def test_build_optimizers_batches_muon_by_default():
     from test_model import BASE
 
     for flags, name in (({}, "BatchedMuon"), ({"MUON_BATCHED": "0"}, "Muon"),
                         ({"MUON_BATCHED": "0", "MUON_ROW_NORM": "1"}, "RowNormMuon"),
-                        ({"MUON_ROW_NORM": "1"}, "BatchedRowNormMuon")):
+                        ({"MUON_ROW_NORM": "1"}, "BatchedRowNormMuon"), ({"MUON_FUSED": "1"}, "FusedBatchedMuon")):
         h = tg.Hyperparameters({**BASE, **flags})
         assert type(tg.build_optimizers(tg.GPT(h), h)[1]).__name__ == name
 
