@@ -11,7 +11,8 @@
     --allow-cpu (run on the CPU, uncompiled, with 1/1/2 steps: for tests)
 
 Builds the model, FP-phase blend, compile, optimizers and compiled Newton-Schulz like `fit`, runs the warmup steps
-through train_gpt.train_step, then writes to --out: profile_table.txt (the profiler's op table sorted by device
+through train_gpt.train_step, times --timed steps (the timing line carries the GPU's clocks, power and temperature
+from nvidia-smi, read right after them), then writes to --out: profile_table.txt (the profiler's op table sorted by device
 time) and profile_breakdown.md (every kernel bucketed by name: matmul, attention, optimizer, triton, reductions,
 memcpy, nccl, other; each bucket's heaviest kernel names; per-region totals forward+backward / optimizer; the GPU
 idle gap within the step, split into the latency between back-to-back kernels and longer gaps; the kernels
@@ -23,6 +24,8 @@ import argparse
 import bisect
 import contextlib
 import os
+import shutil
+import subprocess
 import sys
 import time
 from collections import defaultdict, namedtuple
@@ -437,6 +440,31 @@ def write_reports(out, name, table, md, trace_of=None):
         trace_of.export_chrome_trace(str(out / f"{name}_trace.json"))
 
 
+GPU_FIELDS = (("sm_mhz", "clocks.sm"), ("sm_max_mhz", "clocks.max.sm"), ("mem_mhz", "clocks.mem"),
+              ("power_w", "power.draw"), ("power_limit_w", "power.limit"), ("temp_c", "temperature.gpu"))
+
+
+def gpu_state(device):
+    """nvidia-smi's clocks, power and temperature of the profiled GPU (found by its UUID), as key:value pairs for the
+    timing line, read right after the timed steps. Machines lent under one name differ: session 22 trained the same
+    step at 73.0 ms on one and 67.0 ms on another. "" off a GPU; gpu_state:unavailable(...) when nvidia-smi fails."""
+    if device.type != "cuda":
+        return ""
+    if shutil.which("nvidia-smi") is None:
+        return "gpu_state:unavailable(no nvidia-smi)"
+    query = ",".join(field for _, field in GPU_FIELDS)
+    try:
+        uuid = torch.cuda.get_device_properties(device).uuid
+        r = subprocess.run(["nvidia-smi", f"--id=GPU-{uuid}", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=30)
+    except (AttributeError, OSError, subprocess.SubprocessError) as e:  # (a torch without the uuid property too)
+        return f"gpu_state:unavailable({type(e).__name__})"
+    values = [v.strip() for v in r.stdout.strip().split(",")]
+    if r.returncode or len(values) != len(GPU_FIELDS):
+        return f"gpu_state:unavailable(nvidia-smi rc {r.returncode}: {(r.stderr or r.stdout).strip()[:80]})"
+    return " ".join(f"{key}:{value.replace(' ', '')}" for (key, _), value in zip(GPU_FIELDS, values))
+
+
 def setup(h, allow_cpu):
     """The device as the trainer picks it, single process. None: no CUDA and no --allow-cpu."""
     if h.world_size != 1:
@@ -482,7 +510,7 @@ def main(argv=None):
         seconds = (time.perf_counter() - t1) / timed
         tok_s = h.train_batch_tokens / seconds
         timing = (f"steps:{timed} step_ms:{1000 * seconds:.2f} tok/s:{tok_s:.0f} "
-                  f"mfu:{tg.h100_mfu(tok_s, tg.flops_per_token(base, h), 1):.3f}")
+                  f"mfu:{tg.h100_mfu(tok_s, tg.flops_per_token(base, h), 1):.3f} {gpu_state(device)}").rstrip()
         progress(f"phase:timed {timing}")
 
         progress(f"phase:profile steps:{steps}")

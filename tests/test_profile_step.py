@@ -368,3 +368,30 @@ def test_bench_xsa_refuses_bad_arguments(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         bench_xsa.main(["--allow-cpu", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_state_reads_nvidia_smi_for_the_profiled_gpu(monkeypatch):
+    """The timing line's GPU state: nvidia-smi asked about the profiled GPU by its UUID, its six values as
+    key:value pairs; a failing nvidia-smi says so instead of stopping the profile; nothing off a GPU."""
+    import subprocess
+    import types
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, fake_run.rc, stdout=fake_run.out, stderr="")
+
+    monkeypatch.setattr(profile_step.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(profile_step.subprocess, "run", fake_run)
+    monkeypatch.setattr(profile_step.torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(uuid="ab-12"))
+    gpu = torch.device("cuda", 1)
+    fake_run.rc, fake_run.out = 0, "1980, 1980, 3201, 651.25, 700.00, 45\n"
+    assert profile_step.gpu_state(gpu) == ("sm_mhz:1980 sm_max_mhz:1980 mem_mhz:3201 power_w:651.25 "
+                                           "power_limit_w:700.00 temp_c:45")
+    assert "--id=GPU-ab-12" in calls[0] and calls[0][2].startswith("--query-gpu=clocks.sm,clocks.max.sm,")
+    fake_run.rc, fake_run.out = 6, "No devices were found"
+    assert profile_step.gpu_state(gpu) == "gpu_state:unavailable(nvidia-smi rc 6: No devices were found)"
+    assert profile_step.gpu_state(torch.device("cpu")) == ""
+    monkeypatch.setattr(profile_step.shutil, "which", lambda name: None)
+    assert profile_step.gpu_state(gpu) == "gpu_state:unavailable(no nvidia-smi)"
