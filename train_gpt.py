@@ -374,11 +374,11 @@ class Hyperparameters:
         if self.mlp_kernel and (self.mlp_act != "relu2" or self.moe_enabled or self.fp8_matmul):
             raise ConfigError("MLP_KERNEL=1 fuses relu^2 into the dense MLP's GEMMs: it needs MLP_ACT=relu2, "
                               "MOE_ENABLED=0 and FP8_MATMUL=0")
-        if self.muon_fused and not self.muon_batched:
-            raise ConfigError("MUON_FUSED=1 compiles MUON_BATCHED's update of same-shape matrices: it needs MUON_BATCHED=1")
         if self.mlp_kernel and (self.model_dim % MLP_TILES[0][2] or self.mlp_hidden % MLP_TILES[0][1]):
             raise ConfigError(f"MLP_KERNEL=1 tiles MODEL_DIM={self.model_dim} in {MLP_TILES[0][2]}s and the MLP hidden "
                               f"width {self.mlp_hidden} in {MLP_TILES[0][1]}s (MLP_TILES)")
+        if self.muon_fused and not self.muon_batched:
+            raise ConfigError("MUON_FUSED=1 compiles MUON_BATCHED's update of same-shape matrices: it needs MUON_BATCHED=1")
         if self.fused_qkv and self.fp8_matmul:
             raise ConfigError("FUSED_QKV=1 with FP8_MATMUL=1: the fused q/k/v GEMM is F.linear, it would bypass the e4m3 "
                               "matmul that FP8_MATMUL puts on each layer")
