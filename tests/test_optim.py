@@ -78,6 +78,36 @@ def test_batched_newton_schulz_is_each_matrix_on_its_own():
         torch.testing.assert_close(tg.newton_schulz(g, 5, torch.float32), alone, rtol=1e-5, atol=1e-6)
 
 
+def muon_runs(classes, momenta, shapes, prepare=lambda opt: None):
+    """(params, optimizer) of each Muon class in `classes` after len(momenta) steps from the same parameters and
+    gradients, the momentum set before each step (as its warmup sets it); prepare(opt) runs before the first. The
+    last matrix never gets a gradient."""
+    runs = []
+    for cls in classes:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+        opt = cls(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
+        prepare(opt)
+        for m in momenta:
+            opt.param_groups[0]["momentum"] = m
+            for p in params[:-1]:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((params, opt))
+    return runs
+
+
+def assert_same_muon_state(runs):
+    """The second run's parameters and momentum buffers are the first's (to rounding), and its gradient-less last
+    matrix has no buffer."""
+    (ref, ref_opt), (got, got_opt) = runs
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[:-1], ref[:-1]):
+        torch.testing.assert_close(got_opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
+    assert "momentum_buffer" not in got_opt.state[got[-1]]
+
+
 @pytest.mark.parametrize("row_norm", [False, True])
 def test_muon_batched_steps_like_muon(row_norm):
     """MUON_BATCHED: the same parameters and momentum as the per-matrix optimizer after three steps, with shapes
@@ -85,24 +115,10 @@ def test_muon_batched_steps_like_muon(row_norm):
     shapes = [(24, 40), (40, 24), (24, 40), (16, 16), (24, 40), (40, 24), (8, 16)]
     h = tg.Hyperparameters({"MUON_BATCHED": "1", "MUON_ROW_NORM": str(int(row_norm))})
     plain_cls = tg.RowNormMuon if row_norm else tg.Muon
-    runs = []
-    for cls in (plain_cls, tg.batched_muon_class(plain_cls)):
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
-        opt = cls(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
-        for _ in range(3):
-            for p in params[:-1]:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        runs.append((params, opt))
-    (ref, ref_opt), (got, got_opt) = runs
-    assert type(got_opt).__name__ == f"Batched{plain_cls.__name__}" and h.muon_batched
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
-    for a, b in zip(got[:-1], ref[:-1]):
-        torch.testing.assert_close(got_opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
-    assert "momentum_buffer" not in got_opt.state[got[-1]]
-    assert not torch.equal(got[0], torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))  # moved
+    runs = muon_runs((plain_cls, tg.batched_muon_class(plain_cls)), [0.9] * 3, shapes)
+    assert type(runs[1][1]).__name__ == f"Batched{plain_cls.__name__}" and h.muon_batched
+    assert_same_muon_state(runs)
+    assert not torch.equal(runs[1][0][0], torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))  # moved
 
 
 def test_batched_muon_makes_momentum_buffers_once(monkeypatch):
@@ -127,33 +143,10 @@ def test_batched_muon_makes_momentum_buffers_once(monkeypatch):
 
 
 def fused_and_batched_runs(make_fused, momenta, shapes=((24, 40), (40, 24), (24, 40), (16, 16), (8, 16))):
-    """(params, optimizer) after len(momenta) steps of BatchedMuon and of a FusedMuon from make_fused(opt), the
-    momentum changing between steps as its warmup changes it; the same parameters, gradients and steps."""
-    runs = []
-    for fused in (False, True):
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
-        cls = tg.batched_muon_class(tg.Muon)
-        opt = cls(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
-        if fused:
-            opt = tg.fused_muon_class(cls)(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
-            make_fused(opt)
-        for m in momenta:
-            opt.param_groups[0]["momentum"] = m
-            for p in params[:-1]:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        runs.append((params, opt))
-    return runs
-
-
-def assert_same_muon_state(runs):
-    (ref, ref_opt), (got, got_opt) = runs
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
-    for a, b in zip(got[:-1], ref[:-1]):
-        torch.testing.assert_close(got_opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
-    assert "momentum_buffer" not in got_opt.state[got[-1]]
+    """muon_runs of BatchedMuon and of a FusedMuon over it, make_fused(opt) run on the FusedMuon only."""
+    batched = tg.batched_muon_class(tg.Muon)
+    return muon_runs((batched, tg.fused_muon_class(batched)), momenta, shapes,
+                     lambda opt: make_fused(opt) if isinstance(opt, tg.FusedMuon) else None)
 
 
 def test_muon_fused_steps_like_batched_muon():
