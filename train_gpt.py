@@ -2288,7 +2288,10 @@ class FusedMuon:
 
     def compile_newton_schulz(self):
         super().compile_newton_schulz()  # (raises dynamo's recompile limit to the number of shapes)
-        self.fused = torch.compile(nesterov_newton_schulz, dynamic=False, fullgraph=True)
+        # inductor's loop reordering fails on this graph (torch 2.11, CUDA: an AssertionError in
+        # reorder_loops_by_dep_pair, session 23), so it is off for this one compile
+        self.fused = torch.compile(nesterov_newton_schulz, dynamic=False, fullgraph=True,
+                                   options={"loop_ordering_after_fusion": False})
 
     def momentum_tensor(self, group, device):
         value, tensor = self.momenta.get(id(group), (None, None))

@@ -177,6 +177,15 @@ def test_muon_fused_compiles_one_graph_per_shape():
     assert counter.frame_count == 3
 
 
+def test_muon_fused_compiles_its_own_way_with_inductor():
+    """MUON_FUSED's own compile (compile_newton_schulz: inductor, with the loop reordering that failed on torch 2.11's
+    CUDA backend turned off) builds, and steps like MUON_BATCHED (one shape, and the gradient-less matrix)."""
+    torch._dynamo.reset()
+    runs = fused_and_batched_runs(lambda opt: opt.compile_newton_schulz(), [0.85, 0.9], shapes=((24, 40),) * 3)
+    assert_same_muon_state(runs)
+    assert runs[1][1].fused is not tg.nesterov_newton_schulz
+
+
 def test_muon_fused_needs_batched():
     with pytest.raises(tg.ConfigError, match="MUON_FUSED=1 compiles MUON_BATCHED"):
         tg.Hyperparameters({"MUON_FUSED": "1", "MUON_BATCHED": "0"})
