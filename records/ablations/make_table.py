@@ -424,9 +424,23 @@ H200_RUNS += [
     ("tma150g1", f"{XSAQKCE} MLP_KERNEL=1 MAX_WALLCLOCK_SECONDS=150, a later lease, GPU 1", "7f38d70", ""),
 ]
 H200_S22 = HERE / "h200_2026-11-30_s22"
+# session 23 (h200_2026-11-30_s23/, nvidia-h200-x2, two rows side by side, one host for all six):
+# `bash scripts/sweep_device.sh scripts/sweeps/recipe_s23.toml s23` over three calls (train_gpt.py as at 7130363, which
+# compiles MUON_FUSED with inductor's loop reordering off). GPU 0: fused, base, fuseds2024; GPU 1: fuseds42, bases42,
+# fuseds7.
+TMA = f"{XSAQKCE} MLP_KERNEL=1"
+H200_RUNS += [
+    ("fused", f"{TMA} MUON_FUSED=1", "7130363", ""),
+    ("base", f"{TMA} (the env's recipe before MUON_FUSED)", "7130363", ""),
+    ("bases42", f"{TMA} SEED=42", "7130363", ""),
+    ("fuseds42", f"{TMA} MUON_FUSED=1 SEED=42", "7130363", ""),
+    ("fuseds2024", f"{TMA} MUON_FUSED=1 SEED=2024", "7130363", ""),
+    ("fuseds7", f"{TMA} MUON_FUSED=1 SEED=7", "7130363", ""),
+]
+H200_S23 = HERE / "h200_2026-11-30_s23"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
            H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20, H200_S21,
-           H200_S22)  # two runs side by side, nvidia-h200-x2
+           H200_S22, H200_S23)  # two runs side by side, nvidia-h200-x2
 RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "b131s42_train", "b65s42", "b32",
                "b65lr2", "b65wd5", "b65emat", "b65sync8", "r65s42", "r65lr4", "r65qk5", "r65mwd", "m65s2024", "m65wd8",
                "m65wd2", "m65eq", "d65s7", "m65hd128s42", "m65mom97", "m65wd25",
@@ -437,7 +451,7 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
                "elr04", "xsak", "elr01", "xsaks42", "elr01s42", "xsaqk_sincos", "xsaqk",
                "xsaqks42", "xsaqks2024", "xsaqkce", "xsaqkce_ro",
                "xsaqkces42", "xsaqkces2024", "mlpk", "mlpks42", "mlpks2024", "mlpkro32",
-               "tma", "tmaro32", "tma150g0", "tma150g1"}  # not in the plot:
+               "tma", "tmaro32", "tma150g0", "tma150g1", "fused", "base", "bases42", "fuseds42", "fuseds2024", "fuseds7"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
