@@ -78,18 +78,18 @@ def test_batched_newton_schulz_is_each_matrix_on_its_own():
         torch.testing.assert_close(tg.newton_schulz(g, 5, torch.float32), alone, rtol=1e-5, atol=1e-6)
 
 
-def muon_runs(classes, momenta, shapes, prepare=lambda opt: None):
+def muon_runs(classes, momenta, shapes, prepare=lambda opt: None, lrs=None):
     """(params, optimizer) of each Muon class in `classes` after len(momenta) steps from the same parameters and
-    gradients, the momentum set before each step (as its warmup sets it); prepare(opt) runs before the first. The
-    last matrix never gets a gradient."""
+    gradients, the momentum (and the lr, from lrs) set before each step, as their schedules set them; prepare(opt)
+    runs before the first. The last matrix never gets a gradient."""
     runs = []
     for cls in classes:
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
         opt = cls(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
         prepare(opt)
-        for m in momenta:
-            opt.param_groups[0]["momentum"] = m
+        for m, lr in zip(momenta, lrs or [0.05] * len(momenta)):
+            opt.param_groups[0].update(momentum=m, lr=lr)
             for p in params[:-1]:
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
@@ -142,28 +142,34 @@ def test_batched_muon_makes_momentum_buffers_once(monkeypatch):
         buffers = now
 
 
-def fused_and_batched_runs(make_fused, momenta, shapes=((24, 40), (40, 24), (24, 40), (16, 16), (8, 16))):
+def fused_and_batched_runs(make_fused, momenta, shapes=((24, 40), (40, 24), (24, 40), (16, 16), (8, 16)), lrs=None):
     """muon_runs of BatchedMuon and of a FusedMuon over it, make_fused(opt) run on the FusedMuon only."""
     batched = tg.batched_muon_class(tg.Muon)
     return muon_runs((batched, tg.fused_muon_class(batched)), momenta, shapes,
-                     lambda opt: make_fused(opt) if isinstance(opt, tg.FusedMuon) else None)
+                     lambda opt: make_fused(opt) if isinstance(opt, tg.FusedMuon) else None, lrs)
 
 
 def test_muon_fused_steps_like_batched_muon():
     """MUON_FUSED: the same parameters and momentum as MUON_BATCHED after four steps whose momentum changes (the
-    warmup) and then holds, with shapes that repeat, occur once, and a matrix without a gradient; its 0-d momentum
-    tensor is refilled only when the momentum changes."""
+    warmup) and then holds while the lr changes (the warmdown), with shapes that repeat, occur once, and a matrix
+    without a gradient; its 0-d momentum and lr tensors hold the last values."""
     fills = []
-    runs = fused_and_batched_runs(lambda opt: fills.append(opt.momenta), [0.85, 0.9, 0.95, 0.95])
+    runs = fused_and_batched_runs(lambda opt: fills.append(opt.scalars), [0.85, 0.9, 0.95, 0.95],
+                                  lrs=[0.05, 0.05, 0.03, 0.01])
     assert_same_muon_state(runs)
-    assert type(runs[1][1]).__name__ == "FusedBatchedMuon"
-    [(value, tensor)] = fills[0].values()
-    assert value == 0.95 and tensor.item() == pytest.approx(0.95) and tensor.dim() == 0
+    opt = runs[1][1]
+    assert type(opt).__name__ == "FusedBatchedMuon"
+    group = id(opt.param_groups[0])
+    assert fills[0].keys() == {(group, "momentum"), (group, "lr")}
+    for key, want in (("momentum", 0.95), ("lr", 0.01)):
+        value, tensor = fills[0][group, key]
+        assert value == want and tensor.item() == pytest.approx(want) and tensor.dim() == 0
 
 
 def test_muon_fused_compiles_one_graph_per_shape():
-    """MUON_FUSED under torch.compile (aot_eager, fullgraph): one graph for each of the three shapes, none again
-    when the momentum changes (it is a tensor, not a guarded float), and the eager optimizer's numbers."""
+    """MUON_FUSED under torch.compile (aot_eager, fullgraph): one graph for each of the three shapes and one for the
+    parameter update, none again when the momentum and the lr change (tensors, not guarded floats), and the eager
+    optimizer's numbers."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -171,10 +177,11 @@ def test_muon_fused_compiles_one_graph_per_shape():
 
     def compiled(opt):
         opt.fused = torch.compile(tg.nesterov_newton_schulz, backend=counter, dynamic=False, fullgraph=True)
+        opt.subtract = torch.compile(tg.subtract_updates, backend=counter, dynamic=False, fullgraph=True)
 
-    runs = fused_and_batched_runs(compiled, [0.85, 0.875, 0.9, 0.925])
+    runs = fused_and_batched_runs(compiled, [0.85, 0.875, 0.9, 0.925], lrs=[0.05, 0.04, 0.03, 0.02])
     assert_same_muon_state(runs)
-    assert counter.frame_count == 3
+    assert counter.frame_count == 4
 
 
 def test_muon_fused_compiles_its_own_way_with_inductor():
@@ -184,6 +191,22 @@ def test_muon_fused_compiles_its_own_way_with_inductor():
     runs = fused_and_batched_runs(lambda opt: opt.compile_newton_schulz(), [0.85, 0.9], shapes=((24, 40),) * 3)
     assert_same_muon_state(runs)
     assert runs[1][1].fused is not tg.nesterov_newton_schulz
+
+
+def test_subtract_updates_multiplies_bf16_updates_in_fp32():
+    """subtract_updates (MUON_FUSED's parameter step) on the GPU's dtypes: fp32 matrices and bf16 updates, one a
+    transposed view as Newton-Schulz returns a tall matrix's: p - lr x update with the product in fp32, as Muon's
+    own add computes it (float64 reference), eagerly and compiled."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(24, 40, generator=gen), torch.randn(40, 24, generator=gen)]
+    updates = [torch.randn(24, 40, generator=gen).bfloat16(), torch.randn(24, 40, generator=gen).bfloat16().mT]
+    lr = torch.tensor(0.037)
+    want = [(p.double() - lr.double() * u.double()).float() for p, u in zip(params, updates)]
+    for fn in (tg.subtract_updates, torch.compile(tg.subtract_updates, backend="aot_eager", fullgraph=True)):
+        got = [p.clone() for p in params]
+        fn(got, updates, lr)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 
 def test_muon_fused_needs_batched():
