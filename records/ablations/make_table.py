@@ -424,7 +424,8 @@ H200_RUNS += [
     ("tma150g1", f"{XSAQKCE} MLP_KERNEL=1 MAX_WALLCLOCK_SECONDS=150, a later lease, GPU 1", "7f38d70", ""),
 ]
 H200_S22 = HERE / "h200_2026-11-30_s22"
-# session 23 (h200_2026-11-30_s23/, nvidia-h200-x2, two rows side by side, one host for all six):
+# session 23 (h200_2026-11-30_s23/, nvidia-h200-x2, two rows side by side, one host for all six; profiles of 90f5fe0 in
+# profile_call6/ and profile_call7/, no rows):
 # `bash scripts/sweep_device.sh scripts/sweeps/recipe_s23.toml s23` over three calls (train_gpt.py as at 7130363, which
 # compiles MUON_FUSED with inductor's loop reordering off). GPU 0: fused, base, fuseds2024; GPU 1: fuseds42, bases42,
 # fuseds7.
