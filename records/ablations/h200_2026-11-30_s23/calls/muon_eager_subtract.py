@@ -6,6 +6,7 @@ import sys
 sys.path[:0] = [".", "scripts"]
 import train_gpt as tg  # noqa: E402
 
+# call 6 ran this line without staticmethod(), so its eager runs failed (a TypeError); call 7 ran it as it is here
 tg.FusedMuon.apply_updates = staticmethod(tg.Muon.apply_updates)
 sys.argv = ["profile_step.py", *sys.argv[1:]]
 runpy.run_path("scripts/profile_step.py", run_name="__main__")
