@@ -2123,9 +2123,12 @@ def newton_schulz(g, steps, dtype=torch.bfloat16):
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    eye = torch.eye(x.size(-2), dtype=dtype, device=x.device)
     for _ in range(steps):
         s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
+        # a x + (b s + c s^2) x as one product: a joins the small (rows x rows) factor, so the GEMM writes the next x
+        # itself, not a pointwise pass over x and the product (session 24)
+        x = (a * eye + b * s + c * s @ s) @ x
     return x.mT if transposed else x
 
 
@@ -2151,8 +2154,10 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def scale(update, p):
-        # an RMS of 1/sqrt(fan_in) for the orthogonalized update, whatever the matrix's aspect ratio
-        return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        # an RMS of 1/sqrt(fan_in) for the orthogonalized update, whatever the matrix's aspect ratio; wide and square
+        # matrices (factor 1) skip the pass over the update
+        factor = max(1.0, p.size(0) / p.size(1)) ** 0.5
+        return update if factor == 1 else update * factor
 
     def momentum_buffer(self, p):
         """p's momentum buffer, made (zeros) at its first step only."""
@@ -2199,19 +2204,20 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if group["weight_decay"]:
-                self.decay(params, lr * group["weight_decay"])
             self.apply_updates(params, self.updates(params, group, ns_dtype), group)
 
-    @staticmethod
-    def apply_updates(params, updates, group):
+    def apply_updates(self, params, updates, group):
+        """Decay, then p <- p - lr x update. No update reads p, so the decay may come before they are made (updates
+        may be lazy)."""
+        if group["weight_decay"]:
+            self.decay(params, group["lr"] * group["weight_decay"])
         for p, update in zip(params, updates):
             p.add_(update, alpha=-group["lr"])  # a bf16 update cast exactly inside the add, not by a copy a matrix
 
     @staticmethod
     def decay(params, decay):
         """p <- p (1 - decay): one foreach op for the matrices, not a kernel each (62 a step in session 20's
-        profile). No update reads p, so the decay may come before the updates are made."""
+        profile)."""
         plain = [p for p in params if not getattr(p, "sparse_decay", False)]
         if plain:
             torch._foreach_mul_(plain, 1 - decay)
@@ -2268,10 +2274,12 @@ def batched_muon_class(cls):
     return type(f"Batched{cls.__name__}", (BatchedMuon, cls), {})
 
 
-def subtract_updates(params, updates, lr):
-    """MUON_FUSED: p <- p - lr x update for every matrix, as foreach ops that torch.compile turns into a few kernels
-    (eagerly, one strided add a matrix read the transposed updates: 0.44 ms of session 23's step). The update is
-    multiplied in fp32, as Muon's add does. lr is a 0-d tensor, so that its schedule changes no guard."""
+def subtract_updates(params, updates, lr, keep):
+    """MUON_FUSED: p <- keep x p - lr x update for every matrix (keep = 1 - lr x MUON_WD: Muon's decay, in the same
+    pass over p since session 24), as foreach ops that torch.compile turns into a few kernels (eagerly, one strided add
+    a matrix read the transposed updates: 0.44 ms of session 23's step). The update is multiplied in fp32, as Muon's
+    add does. lr and keep are 0-d tensors, so that their schedule changes no guard."""
+    torch._foreach_mul_(params, keep)
     torch._foreach_sub_(params, torch._foreach_mul([u.float() for u in updates], lr))
 
 
@@ -2306,21 +2314,28 @@ class FusedMuon:
                                    options={"loop_ordering_after_fusion": False})
         self.subtract = torch.compile(subtract_updates, dynamic=False, fullgraph=True)
 
-    def group_scalar(self, group, key, device):
-        """group[key] as a 0-d tensor, refilled only when the value changes."""
-        value, tensor = self.scalars.get((id(group), key), (None, None))
-        if value != group[key]:
+    def group_scalar(self, group, key, value, device):
+        """value, the group's `key`, as a 0-d tensor, refilled only when the value changes."""
+        held, tensor = self.scalars.get((id(group), key), (None, None))
+        if held != value:
             tensor = torch.empty((), device=device) if tensor is None else tensor
-            self.scalars[id(group), key] = (group[key], tensor.fill_(group[key]))
+            self.scalars[id(group), key] = (value, tensor.fill_(value))
         return tensor
 
     def batched_update(self, ps, group, ns_dtype):
         bufs = [self.momentum_buffer(p) for p in ps]
-        momentum = self.group_scalar(group, "momentum", ps[0].device)
+        momentum = self.group_scalar(group, "momentum", group["momentum"], ps[0].device)
         return self.scale(self.fused(bufs, [p.grad for p in ps], momentum, group["backend_steps"], ns_dtype), ps[0])
 
     def apply_updates(self, params, updates, group):
-        self.subtract(params, list(updates), self.group_scalar(group, "lr", params[0].device))
+        """The decay rides in subtract_updates (keep), except with MoE's sparsely decayed experts: then Muon.decay
+        decays every matrix first, as it would, and keep is 1."""
+        decay, device = group["lr"] * group["weight_decay"], params[0].device
+        if decay and any(getattr(p, "sparse_decay", False) for p in params):
+            self.decay(params, decay)
+            decay = 0.0
+        lr, keep = (self.group_scalar(group, k, v, device) for k, v in (("lr", group["lr"]), ("keep", 1 - decay)))
+        self.subtract(params, list(updates), lr, keep)
 
 
 def fused_muon_class(cls):

@@ -610,9 +610,11 @@ def test_launch_runs_with_the_config_environment_and_warns_about_stray_knobs(sha
 # (session 22; the artifact had 666 KB to spare); 107,511 and 33,993 with MUON_FUSED's knob, its whole cost when
 # off, for issue 12's next throughput A/B (session 22); 108,925 and 34,313 once the env took MUON_FUSED=1: 0.3 KB
 # wrapped for 0.5-0.7% more tokens a second (session 23; the artifact had 657 KB to spare); 109,459 and 34,463 once
-# MUON_FUSED compiled the parameter step too: 0.15 KB wrapped for a step 0.3-0.4 ms shorter (session 23); raise them
-# deliberately, with the figure this test prints, when a change is worth its bytes.
-EXTRACTED_BUDGET, WRAPPED_BUDGET = 109_459, 34_463
+# MUON_FUSED compiled the parameter step too: 0.15 KB wrapped for a step 0.3-0.4 ms shorter (session 23); 109,912 and
+# 34,588 once Newton-Schulz folded a x into its small factor and MUON_FUSED's parameter step took Muon's decay: 0.13 KB
+# wrapped for a step 0.9-1.1 ms shorter (session 24; the artifact had 659 KB to spare); raise them deliberately, with
+# the figure this test prints, when a change is worth its bytes.
+EXTRACTED_BUDGET, WRAPPED_BUDGET = 109_912, 34_588
 
 
 def test_the_extracted_file_stays_within_its_byte_budget(capsys):

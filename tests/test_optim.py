@@ -69,6 +69,38 @@ def test_muon_step_decays_and_adds_bf16_updates_as_the_per_matrix_loop(monkeypat
         assert torch.equal(p.detach(), w)
 
 
+def textbook_newton_schulz(g, steps):
+    """Muon's quintic iteration as written in float64: x <- a x + (b s + c s s) x with s = x x^T, on the wide
+    orientation of each matrix of g (a list of 2-D arrays), after scaling it to unit Frobenius norm."""
+    a, b, c = tg.NS_COEFFS
+    out = []
+    for m in g:
+        x = m.double().T if m.shape[0] > m.shape[1] else m.double()
+        x = x / (x.norm() + 1e-7)
+        for _ in range(steps):
+            s = x @ x.T
+            x = a * x + (b * s + c * s @ s) @ x
+        out.append(x.T if m.shape[0] > m.shape[1] else x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (56, 16), (3, 24, 40), (2, 56, 16)])
+def test_newton_schulz_is_the_textbook_iteration(shape):
+    """newton_schulz (a x folded into the small factor: (a I + b s + c s s) x) is the textbook iteration, in float64,
+    for a matrix and a stack, wide and tall."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = textbook_newton_schulz(g.reshape(-1, *shape[-2:]), 5).reshape(shape)
+    torch.testing.assert_close(tg.newton_schulz(g, 5, torch.float64), want, rtol=1e-10, atol=1e-12)
+
+
+def test_muon_scale_skips_factor_one():
+    """Muon.scale returns a wide or square matrix's update itself (factor 1: no pass over it) and multiplies a tall
+    one's by sqrt(rows / columns)."""
+    u = torch.randn(3, 8)
+    assert tg.Muon.scale(u, torch.empty(8, 8)) is u and tg.Muon.scale(u, torch.empty(4, 8)) is u
+    torch.testing.assert_close(tg.Muon.scale(u, torch.empty(32, 8)), u * 2)
+
+
 def test_batched_newton_schulz_is_each_matrix_on_its_own():
     """A stack of same-shape matrices (wide and tall) comes out as each matrix orthogonalized alone."""
     gen = torch.Generator().manual_seed(3)
@@ -160,8 +192,8 @@ def test_muon_fused_steps_like_batched_muon():
     opt = runs[1][1]
     assert type(opt).__name__ == "FusedBatchedMuon"
     group = id(opt.param_groups[0])
-    assert fills[0].keys() == {(group, "momentum"), (group, "lr")}
-    for key, want in (("momentum", 0.95), ("lr", 0.01)):
+    assert fills[0].keys() == {(group, "momentum"), (group, "lr"), (group, "keep")}
+    for key, want in (("momentum", 0.95), ("lr", 0.01), ("keep", 1 - 0.01 * 0.1)):
         value, tensor = fills[0][group, key]
         assert value == want and tensor.item() == pytest.approx(want) and tensor.dim() == 0
 
@@ -195,18 +227,30 @@ def test_muon_fused_compiles_its_own_way_with_inductor():
 
 def test_subtract_updates_multiplies_bf16_updates_in_fp32():
     """subtract_updates (MUON_FUSED's parameter step) on the GPU's dtypes: fp32 matrices and bf16 updates, one a
-    transposed view as Newton-Schulz returns a tall matrix's: p - lr x update with the product in fp32, as Muon's
-    own add computes it (float64 reference), eagerly and compiled."""
+    transposed view as Newton-Schulz returns a tall matrix's: keep x p - lr x update with the product in fp32, as
+    Muon's decay and add compute it (float64 reference), eagerly and compiled."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(24, 40, generator=gen), torch.randn(40, 24, generator=gen)]
     updates = [torch.randn(24, 40, generator=gen).bfloat16(), torch.randn(24, 40, generator=gen).bfloat16().mT]
-    lr = torch.tensor(0.037)
-    want = [(p.double() - lr.double() * u.double()).float() for p, u in zip(params, updates)]
+    lr, keep = torch.tensor(0.037), torch.tensor(1 - 0.037 * 0.04)
+    want = [(keep.double() * p.double() - lr.double() * u.double()).float() for p, u in zip(params, updates)]
     for fn in (tg.subtract_updates, torch.compile(tg.subtract_updates, backend="aot_eager", fullgraph=True)):
         got = [p.clone() for p in params]
-        fn(got, updates, lr)
+        fn(got, updates, lr, keep)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_fused_decays_moe_experts_once():
+    """MUON_FUSED with MoE's sparsely decayed experts: Muon.decay decays the matrices (sparse rule included) and
+    subtract_updates keeps them (keep 1), so the parameters are MUON_BATCHED's, not decayed twice or never."""
+    def sparse(opt):
+        opt.param_groups[0]["params"][1].sparse_decay = True
+
+    batched = tg.batched_muon_class(tg.Muon)
+    runs = muon_runs((batched, tg.fused_muon_class(batched)), [0.9, 0.9], ((24, 40), (40, 24), (8, 16)), sparse)
+    assert_same_muon_state(runs)
+    assert runs[1][1].scalars[id(runs[1][1].param_groups[0]), "keep"][0] == 1.0
 
 
 def test_muon_fused_needs_batched():
