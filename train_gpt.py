@@ -2199,7 +2199,6 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr = group["lr"]
             ns_dtype = torch.bfloat16 if group["params"][0].is_cuda else torch.float32
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
