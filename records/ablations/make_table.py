@@ -439,6 +439,15 @@ H200_RUNS += [
     ("fuseds7", f"{TMA} MUON_FUSED=1 SEED=7", "7130363", ""),
 ]
 H200_S23 = HERE / "h200_2026-11-30_s23"
+# session 24 (h200_2026-12-01_s24/, nvidia-h200: one GPU, one row at a time, one lease for all three):
+# `GPUS=0 CALL_SECONDS=580 bash scripts/sweep_device.sh scripts/sweeps/recipe_s24.toml s24` over three calls, at 2f2985d
+# (Newton-Schulz's a x folded into its small factor, Muon's decay into MUON_FUSED's parameter step).
+H200_RUNS += [
+    ("nsfold", f"{TMA} MUON_FUSED=1 (Newton-Schulz and decay folded)", "2f2985d", ""),
+    ("nsfoldro32", f"{TMA} MUON_FUSED=1 COMPILE_MODE=reduce-overhead TRAIN_SYNC_EVERY=32 (folded)", "2f2985d", ""),
+    ("nsfolds42", f"{TMA} MUON_FUSED=1 SEED=42 (folded)", "2f2985d", ""),
+]
+H200_S24 = HERE / "h200_2026-12-01_s24"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
            H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20, H200_S21,
            H200_S22, H200_S23)  # two runs side by side, nvidia-h200-x2
@@ -452,7 +461,8 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
                "elr04", "xsak", "elr01", "xsaks42", "elr01s42", "xsaqk_sincos", "xsaqk",
                "xsaqks42", "xsaqks2024", "xsaqkce", "xsaqkce_ro",
                "xsaqkces42", "xsaqkces2024", "mlpk", "mlpks42", "mlpks2024", "mlpkro32",
-               "tma", "tmaro32", "tma150g0", "tma150g1", "fused", "base", "bases42", "fuseds42", "fuseds2024", "fuseds7"}  # not in the plot:
+               "tma", "tmaro32", "tma150g0", "tma150g1", "fused", "base", "bases42", "fuseds42", "fuseds2024", "fuseds7",
+               "nsfold", "nsfoldro32", "nsfolds42"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
@@ -473,7 +483,7 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        path = find_log(run, (H200, H200_S6) + H200_X2)
+        path = find_log(run, (H200, H200_S6) + H200_X2 + (H200_S24,))
         row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in H200_X2 else "nvidia-h200"
         rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
