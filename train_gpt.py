@@ -226,6 +226,7 @@ class Hyperparameters:
     xsa_kernel = Knob("XSA_KERNEL", False)  # XSA in two Triton kernels (forward, backward) instead of inductor's
     qk_norm_kernel = Knob("QK_NORM_KERNEL", False)  # q's and k's RMSNorm, gain and RoPE in two Triton kernels
     value_residual = Knob("VALUE_RESIDUAL", True)
+    attn_gate = Knob("ATTN_GATE", False)  # each head's attention output times a sigmoid gate read from the layer input
     smear_gate = Knob("SMEAR_GATE", True)
     layer_scale = Knob("LAYER_SCALE", False)  # residual branch scales start at LAYER_SCALE_INIT instead of 1
     layer_scale_init = Knob("LAYER_SCALE_INIT", 0.1, check=POS)
@@ -1322,6 +1323,8 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(hd, h.rope_rotated, h.rope_base)
         if h.value_residual:
             self.value_mix = nn.Parameter(torch.tensor(0.5))
+        if h.attn_gate:
+            self.head_gate = nn.Parameter(torch.zeros(h.num_heads, d))  # sigmoid(0): every head at half, proj at 0
         if h.xsa_kernel:
             xsa_kernels()
         if h.qk_norm_kernel:
@@ -1366,7 +1369,15 @@ class CausalSelfAttention(nn.Module):
         y = causal_attention(q, k, v, self.flash)
         if h.xsa_enabled:
             y = torch.ops.ternary_golf.xsa(y, v) if h.xsa_kernel else exclusive_self_attention(y, v)
+        if h.attn_gate:
+            y = self.gate_heads(x, y)
         return self.proj(y.reshape(B, T, -1)), v_own
+
+    def gate_heads(self, x, y):
+        """ATTN_GATE (gated attention, Qiu et al. 2025): head j's output times sigmoid(g_j . x_t), a gate read from the
+        token's own layer input. A head can go quiet for a token without parking its attention on a sink token,
+        and the gate adds a nonlinearity between the value and output projections. 6 x 768 floats a layer."""
+        return y * torch.sigmoid(F.linear(x, self.head_gate.to(x.dtype)))[..., None]
 
 
 def chunked_decay_scan(u, decay, chunk):
@@ -2354,6 +2365,8 @@ def optimizer_rules(h):
              ("layer_scales", "scalars")]
     if h.value_residual:
         rules += [("blocks.*.mixer.value_mix", "scalars")]
+    if h.attn_gate:
+        rules += [("blocks.*.mixer.head_gate", "scalars")]
     if h.smear_gate:
         rules += [("smear.weight", "scalars"), ("smear.bias", "scalars")]
     if h.skc_enabled:

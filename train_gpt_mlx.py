@@ -83,7 +83,7 @@ UNPORTED = {
     "world_size": 1, "eval_stride": 0, "temperature_search": False, "ttt_enabled": False, "eval_engram": False,
     "eval_doc_isolated": False,
     "ternary_calib": False, "checkpoint_save": False, "eval_from_checkpoint": False,
-    "embed_qat": False, "scale_format": "fp16", "hybrid_int": False,
+    "embed_qat": False, "scale_format": "fp16", "hybrid_int": False, "attn_gate": False,
 }
 
 
@@ -222,6 +222,7 @@ class Hyperparameters:
     ce_kernel = Knob("CE_KERNEL", False)  # read, unused: a CUDA throughput path (Triton kernels)
     mlp_kernel = Knob("MLP_KERNEL", False)  # read, unused: a CUDA throughput path (Triton kernels)
     value_residual = Knob("VALUE_RESIDUAL", True)
+    attn_gate = Knob("ATTN_GATE", False)  # train_gpt.py's gated attention: read, refused when on (UNPORTED)
     smear_gate = Knob("SMEAR_GATE", True)
     layer_scale = Knob("LAYER_SCALE", False)  # residual branch scales start at LAYER_SCALE_INIT instead of 1
     layer_scale_init = Knob("LAYER_SCALE_INIT", 0.1, check=POS)

@@ -472,7 +472,7 @@ def test_torch_artifact_loads_into_mlx(shards, tmp_path):
 @pytest.mark.parametrize("name", ["SKC_ENABLED", "PARALLEL_RESIDUAL", "SHARED_BLOCKS", "DEPTH_RECUR",
                                   "CAPSULES_ENABLED", "FEEDBACK_ENABLED", "ENGRAM_ENABLED", "MOE_ENABLED",
                                   "TEMPERATURE_SEARCH", "TTT_ENABLED", "EVAL_ENGRAM", "TERNARY_CALIB", "EMBED_QAT",
-                                  "HYBRID_INT"])
+                                  "HYBRID_INT", "ATTN_GATE"])
 def test_unported_flag_is_a_clear_error(name):
     with pytest.raises(tm.ConfigError, match=f"{name}=True is not implemented in train_gpt_mlx.py"):
         tm.Hyperparameters({name: "1"})

@@ -444,10 +444,11 @@ FEATURES = {
     "value_residual": {"VALUE_RESIDUAL": "1"},
     "smear": {"SMEAR_GATE": "1"},
     "layer_scale": {"LAYER_SCALE": "1"},
+    "attn_gate": {"ATTN_GATE": "1"},
     "fused_qkv": {"FUSED_QKV": "1"},  # not architecture, a throughput path: with the rest, it must compile as one graph
 }
 ALL_ON = {k: v for f in ("skc", "parallel", "recur", "capsules", "feedback_halt", "engram", "moe", "xsa",
-                         "value_residual", "smear", "layer_scale", "fused_qkv") for k, v in FEATURES[f].items()}
+                         "value_residual", "smear", "layer_scale", "attn_gate", "fused_qkv") for k, v in FEATURES[f].items()}
 ALL_ON.update(SHARED_BLOCKS="1", SHARED_BLOCK_COUNT="3", NUM_LAYERS="5")
 FEATURES["all"] = ALL_ON
 
@@ -762,6 +763,28 @@ def test_value_residual_mixes_the_first_layers_values():
         torch.testing.assert_close(attn(x, v_first)[0], plain)  # mix 0: the plain layer
         attn.value_mix.fill_(1.0)
         torch.testing.assert_close(attn(x)[0], 2 * plain)  # the first layer mixes in its own values: a rescale
+
+
+def test_attn_gate_scales_each_heads_output_by_its_sigmoid_gate():
+    """ATTN_GATE=1: the output projection reads head j's output at token t times sigmoid(g_j . x_t), against the
+    same layer without the gate (the same weights); at its zero init every head is halved."""
+    h = tg.Hyperparameters({**BASE, "ATTN_GATE": "1"})
+    torch.manual_seed(0)
+    gated, plain = tg.CausalSelfAttention(h, False), tg.CausalSelfAttention(tg.Hyperparameters(BASE), False)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "head_gate"})
+    x = torch.randn(2, 9, 64)
+    seen = {}
+    for name, attn in (("gated", gated), ("plain", plain)):
+        attn.proj.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, args[0]))
+    gated(x), plain(x)
+    torch.testing.assert_close(seen["gated"], seen["plain"] / 2)
+    with torch.no_grad():
+        gated.head_gate.normal_()
+    gated(x)
+    heads = seen["plain"].view(2, 9, 4, 16)
+    for j in range(4):
+        want = heads[:, :, j] * torch.sigmoid(x @ gated.head_gate[j])[..., None]
+        torch.testing.assert_close(seen["gated"].view(2, 9, 4, 16)[:, :, j], want)
 
 
 def test_smear_gate_formula_and_document_mask():
