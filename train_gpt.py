@@ -1047,13 +1047,22 @@ def check_fp8_matmul(device):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def rms_norm(x, weight=None):
+    """F.rms_norm over the last dim, in x's dtype whatever autocast's policy. torch 2.12 and later run rms_norm in
+    fp32 under CUDA autocast: the embedding's norm would turn the bf16 residual stream fp32, and every norm's output
+    with it, twice the bytes of each norm and residual add. torch 2.11, where every figure was measured, has no
+    such rule, so there this changes nothing."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),), None if weight is None else weight.to(x.dtype))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype))
+        return rms_norm(x, self.weight)
 
 
 class Rotary(nn.Module):
@@ -1363,8 +1372,8 @@ class CausalSelfAttention(nn.Module):
             norm_rope, tables = torch.ops.ternary_golf.norm_rope, self.rotary.tables(T, x.device)
             q, k = norm_rope(q, self.q_gain, *tables), norm_rope(k, self.k_gain, *tables)
         else:
-            q = F.rms_norm(q, (self.head_dim,)) * self.q_gain.to(q.dtype)[:, None]
-            k = F.rms_norm(k, (self.head_dim,))
+            q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
+            k = rms_norm(k)
             q, k = self.rotary(q), self.rotary(k)
         y = causal_attention(q, k, v, self.flash)
         if h.xsa_enabled:
@@ -1988,7 +1997,7 @@ class GPT(nn.Module):
             x = self.tok_emb(idx)
         if self.embed_in is not None:
             x = self.embed_in(x)
-        x = F.rms_norm(x, (x.size(-1),))
+        x = rms_norm(x)
         if h.smear_gate:
             x = self.smear(x, idx)
         return x

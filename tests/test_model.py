@@ -1,4 +1,5 @@
 """Model: shapes, attention against a slow reference, RoPE, causality, U-Net skips, losses."""
+import contextlib
 import math
 import re
 
@@ -785,6 +786,43 @@ def test_attn_gate_scales_each_heads_output_by_its_sigmoid_gate():
     for j in range(4):
         want = heads[:, :, j] * torch.sigmoid(x @ gated.head_gate[j])[..., None]
         torch.testing.assert_close(seen["gated"].view(2, 9, 4, 16)[:, :, j], want)
+
+
+@contextlib.contextmanager
+def fp32_rms_norm_autocast_rule():
+    """CPU autocast with the rule torch 2.12 and later give CUDA autocast for aten::rms_norm: the inputs upcast to
+    fp32 (torch 2.13's CPU autocast has none)."""
+    lib = torch.library.Library("aten", "IMPL")
+    autocast_cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def upcast(x, shape, weight=None, eps=None):
+        with torch._C._ExcludeDispatchKeyGuard(autocast_cpu):
+            return torch.ops.aten.rms_norm(x.float(), shape, None if weight is None else weight.float(), eps)
+
+    lib.impl("rms_norm", upcast, "AutocastCPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def test_norms_keep_the_bf16_stream_under_an_fp32_autocast_rule():
+    """Under the rule (a bare F.rms_norm comes back fp32), the model's norms still compute in their input's dtype:
+    every block reads and returns a bf16 stream, and the loss and gradients are those without the rule, exactly."""
+    idx, tgt = torch.randint(0, 128, (2, 12)), torch.randint(0, 128, (2, 12))
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    runs = []
+    for rule in (contextlib.nullcontext, fp32_rms_norm_autocast_rule):
+        m, seen = model(), []
+        for b in m.blocks:
+            b.register_forward_hook(lambda mod, args, out: seen.extend((args[0].dtype, out[0].dtype)))
+        with rule(), torch.autocast("cpu", dtype=torch.bfloat16):
+            bare = F.rms_norm(x, (64,)).dtype
+            assert tg.rms_norm(x).dtype == m.blocks[0].mixer_norm(x).dtype == torch.bfloat16
+            runs.append(loss_and_grads(m, idx, tgt))
+        assert set(seen) == {torch.bfloat16}
+    assert bare == torch.float32  # the rule was in force
+    assert_same_loss_and_grads(runs[1], runs[0])
 
 
 def test_smear_gate_formula_and_document_mask():
