@@ -449,7 +449,8 @@ FEATURES = {
     "fused_qkv": {"FUSED_QKV": "1"},  # not architecture, a throughput path: with the rest, it must compile as one graph
 }
 ALL_ON = {k: v for f in ("skc", "parallel", "recur", "capsules", "feedback_halt", "engram", "moe", "xsa",
-                         "value_residual", "smear", "layer_scale", "attn_gate", "fused_qkv") for k, v in FEATURES[f].items()}
+                         "value_residual", "smear", "layer_scale", "attn_gate", "fused_qkv")
+          for k, v in FEATURES[f].items()}
 ALL_ON.update(SHARED_BLOCKS="1", SHARED_BLOCK_COUNT="3", NUM_LAYERS="5")
 FEATURES["all"] = ALL_ON
 
