@@ -234,7 +234,7 @@ class Hyperparameters:
     muon_momentum_warmup_start = Knob("MUON_MOMENTUM_WARMUP_START", 0.85, check=UNIT_OPEN)
     muon_momentum_warmup_steps = Knob("MUON_MOMENTUM_WARMUP_STEPS", 300, check=NONNEG)
     muon_backend_steps = Knob("MUON_BACKEND_STEPS", 5, check=POS)
-    muon_row_norm = Knob("MUON_ROW_NORM", False)
+    muon_row_norm = Knob("MUON_ROW_NORM", True)  # train_gpt.py's default (its s26 winner)
     muon_batched = Knob("MUON_BATCHED", True)  # train_gpt.py's launch batching: the same update, nothing to port
     muon_fused = Knob("MUON_FUSED", False)  # read, unused: train_gpt.py's compiled update, nothing to port
     muon_wd = Knob("MUON_WD", 0.04, check=NONNEG)  # train_gpt.py's default (its s9 winner)

@@ -174,23 +174,27 @@ def test_batched_muon_makes_momentum_buffers_once(monkeypatch):
         buffers = now
 
 
-def fused_and_batched_runs(make_fused, momenta, shapes=((24, 40), (40, 24), (24, 40), (16, 16), (8, 16)), lrs=None):
-    """muon_runs of BatchedMuon and of a FusedMuon over it, make_fused(opt) run on the FusedMuon only."""
-    batched = tg.batched_muon_class(tg.Muon)
+def fused_and_batched_runs(make_fused, momenta, shapes=((24, 40), (40, 24), (24, 40), (16, 16), (8, 16)), lrs=None,
+                           plain=tg.Muon):
+    """muon_runs of BatchedMuon (over `plain`) and of a FusedMuon over it, make_fused(opt) run on the FusedMuon
+    only."""
+    batched = tg.batched_muon_class(plain)
     return muon_runs((batched, tg.fused_muon_class(batched)), momenta, shapes,
                      lambda opt: make_fused(opt) if isinstance(opt, tg.FusedMuon) else None, lrs)
 
 
-def test_muon_fused_steps_like_batched_muon():
+@pytest.mark.parametrize("plain", [tg.Muon, tg.RowNormMuon])
+def test_muon_fused_steps_like_batched_muon(plain):
     """MUON_FUSED: the same parameters and momentum as MUON_BATCHED after four steps whose momentum changes (the
     warmup) and then holds while the lr changes (the warmdown), with shapes that repeat, occur once, and a matrix
-    without a gradient; its 0-d momentum and lr tensors hold the last values."""
+    without a gradient; its 0-d momentum and lr tensors hold the last values. With MUON_ROW_NORM (the default since
+    session 26) too: the fused update goes through the same row scaling."""
     fills = []
     runs = fused_and_batched_runs(lambda opt: fills.append(opt.scalars), [0.85, 0.9, 0.95, 0.95],
-                                  lrs=[0.05, 0.05, 0.03, 0.01])
+                                  lrs=[0.05, 0.05, 0.03, 0.01], plain=plain)
     assert_same_muon_state(runs)
     opt = runs[1][1]
-    assert type(opt).__name__ == "FusedBatchedMuon"
+    assert type(opt).__name__ == f"FusedBatched{plain.__name__}"
     group = id(opt.param_groups[0])
     assert fills[0].keys() == {(group, "momentum"), (group, "lr"), (group, "keep")}
     for key, want in (("momentum", 0.95), ("lr", 0.01), ("keep", 1 - 0.01 * 0.1)):
@@ -259,12 +263,13 @@ def test_muon_fused_needs_batched():
     assert tg.Hyperparameters({"MUON_FUSED": "1"}).muon_fused and not tg.Hyperparameters({}).muon_fused
 
 
-def test_build_optimizers_batches_muon_by_default():
+def test_build_optimizers_batches_row_normed_muon_by_default():
     from test_model import BASE
 
-    for flags, name in (({}, "BatchedMuon"), ({"MUON_BATCHED": "0"}, "Muon"),
-                        ({"MUON_BATCHED": "0", "MUON_ROW_NORM": "1"}, "RowNormMuon"),
-                        ({"MUON_ROW_NORM": "1"}, "BatchedRowNormMuon"), ({"MUON_FUSED": "1"}, "FusedBatchedMuon")):
+    for flags, name in (({}, "BatchedRowNormMuon"), ({"MUON_ROW_NORM": "0"}, "BatchedMuon"),
+                        ({"MUON_BATCHED": "0", "MUON_ROW_NORM": "0"}, "Muon"), ({"MUON_BATCHED": "0"}, "RowNormMuon"),
+                        ({"MUON_FUSED": "1"}, "FusedBatchedRowNormMuon"),
+                        ({"MUON_FUSED": "1", "MUON_ROW_NORM": "0"}, "FusedBatchedMuon")):
         h = tg.Hyperparameters({**BASE, **flags})
         assert type(tg.build_optimizers(tg.GPT(h), h)[1]).__name__ == name
 
