@@ -460,6 +460,16 @@ H200_RUNS += [
     ("base150", f"{TMA} MUON_FUSED=1 MAX_WALLCLOCK_SECONDS=150, after gate150 on its machine", "1e856e4", ""),
 ]
 H200_S25 = HERE / "h200_2026-12-01_s25"
+# session 26 (h200_2026-12-01_s26/, nvidia-h200: one GPU, one row at a time), at 494ea18 (train_gpt.py as 511ed33):
+# `GPUS=0 CALL_SECONDS=580 bash scripts/sweep_device.sh scripts/sweeps/recipe_s26.toml s26`, four calls of one lease.
+H200_RUNS += [
+    ("rownorm", f"{TMA} MUON_FUSED=1 MUON_ROW_NORM=1", "494ea18", ""),
+    ("scalar04", f"{TMA} MUON_FUSED=1 SCALAR_LR=0.04", "494ea18", ""),
+    ("s26base", f"{TMA} MUON_FUSED=1 (the env's recipe, MUON_ROW_NORM off as it then was, after rownorm and "
+                "scalar04 on their machine)", "494ea18", ""),
+    ("rownorms42", f"{TMA} MUON_FUSED=1 MUON_ROW_NORM=1 SEED=42", "494ea18", ""),
+]
+H200_S26 = HERE / "h200_2026-12-01_s26"
 H200_X2 = (H200_S7, H200_S8, H200_S9, H200_S10, H200_S11, H200_S12, H200_S13, H200_S14,
            H200_S15, H200_S16, H200_S17, H200_S18, H200_S19, H200_S20, H200_S21,
            H200_S22, H200_S23)  # two runs side by side, nvidia-h200-x2
@@ -474,7 +484,8 @@ RECIPE_ONLY = {"s2k_train", "q6_train", "ema_train", "lr45_train", "mb_train", "
                "xsaqks42", "xsaqks2024", "xsaqkce", "xsaqkce_ro",
                "xsaqkces42", "xsaqkces2024", "mlpk", "mlpks42", "mlpks2024", "mlpkro32",
                "tma", "tmaro32", "tma150g0", "tma150g1", "fused", "base", "bases42", "fuseds42", "fuseds2024", "fuseds7",
-               "nsfold", "nsfoldro32", "nsfolds42", "gate", "s25base", "gate150", "base150"}  # not in the plot:
+               "nsfold", "nsfoldro32", "nsfolds42", "gate", "s25base", "gate150", "base150",
+               "rownorm", "scalar04", "s26base", "rownorms42"}  # not in the plot:
 # same parameters and bytes as c3, only the recipe differs
 LABELS = {"c1_train": ", fp16", "c2_train": ", fp16", "c2_int8": ", int8", "c3_train": ", MLP 4", "c4_train": ", MLP 4",
           "c5_train": ", q,k int4",
@@ -495,7 +506,7 @@ def h200_table():
     rows = []
     for run, what, commit, ckpt in H200_RUNS:
         row = {"run": run, "what": what, "commit": commit, "checkpoint_of": ckpt}
-        path = find_log(run, (H200, H200_S6) + H200_X2 + (H200_S24, H200_S25))
+        path = find_log(run, (H200, H200_S6) + H200_X2 + (H200_S24, H200_S25, H200_S26))
         row["machine"] = "nvidia-h200-x2 (two runs side by side)" if path.parent in H200_X2 else "nvidia-h200"
         rows.append({**row, **cells(read_run_log(path), [k for k in H200_KEYS if k not in row])})
     base = float(rows[0]["final_val_bpb"])
