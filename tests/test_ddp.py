@@ -164,11 +164,12 @@ def sharded_muon_worker(rank, world, store, out):
         params, opt = muon_run(getattr(tg, name))
         owned = sorted(i for i, p in enumerate(params) if "momentum_buffer" in opt.state[p])
         torch.save({"world": opt.world, "owned": owned, "params": [p.detach() for p in params]}, f"{out}{name}{rank}")
-    batched = tg.batched_muon_class(tg.Muon)
-    for tag, cls in (("batched", batched), ("fused", tg.fused_muon_class(batched))):
-        params, opt = muon_run(cls, shapes=BATCHED_SHAPES)
-        owned = sorted(i for i, p in enumerate(params) if "momentum_buffer" in opt.state[p])
-        torch.save({"owned": owned, "params": [p.detach() for p in params]}, f"{out}{tag}{rank}")
+    for name in MUON_CLASSES:
+        batched = tg.batched_muon_class(getattr(tg, name))
+        for tag, cls in (("batched", batched), ("fused", tg.fused_muon_class(batched))):
+            params, opt = muon_run(cls, shapes=BATCHED_SHAPES)
+            owned = sorted(i for i, p in enumerate(params) if "momentum_buffer" in opt.state[p])
+            torch.save({"owned": owned, "params": [p.detach() for p in params]}, f"{out}{tag}{name}{rank}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -177,7 +178,8 @@ def sharded_muon_worker(rank, world, store, out):
 def test_sharded_muon_equals_unsharded(tmp_path):
     """2 gloo ranks: each orthogonalizes every other matrix and keeps only those momentum buffers, and after
     3 steps both hold exactly the parameters one unsharded process computes (Muon and RowNormMuon; with
-    MUON_BATCHED and MUON_FUSED, every other matrix of each shape, to rounding: a batch of a different size)."""
+    MUON_BATCHED and MUON_FUSED over either, every other matrix of each shape, to rounding: a batch of a different
+    size)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -194,12 +196,13 @@ def test_sharded_muon_equals_unsharded(tmp_path):
             for a, b in zip(g["params"], ref):
                 assert torch.equal(a, b), name
         assert not torch.equal(ref[0], muon_run(getattr(tg, name), steps=0)[0][0])  # the steps moved it
-    # MUON_BATCHED (and MUON_FUSED over it): each rank takes every other matrix of each shape, and all end with the
-    # one-process parameters
-    ref, _ = muon_run(tg.batched_muon_class(tg.Muon), shapes=BATCHED_SHAPES)
-    for tag in ("batched", "fused"):
-        got = [torch.load(tmp_path / f"rank{tag}{r}") for r in (0, 1)]
-        assert got[0]["owned"] == [0, 1, 3] and got[1]["owned"] == [2, 4]  # the lone gradient-less matrix 5: nobody's
-        for g in got:
-            for a, b in zip(g["params"], ref):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # MUON_BATCHED (and MUON_FUSED over it), over Muon and RowNormMuon (the default since session 26): each rank
+    # takes every other matrix of each shape, and all end with the one-process parameters
+    for name in MUON_CLASSES:
+        ref, _ = muon_run(tg.batched_muon_class(getattr(tg, name)), shapes=BATCHED_SHAPES)
+        for tag in ("batched", "fused"):
+            got = [torch.load(tmp_path / f"rank{tag}{name}{r}") for r in (0, 1)]
+            assert got[0]["owned"] == [0, 1, 3] and got[1]["owned"] == [2, 4]  # lone gradient-less matrix 5: nobody's
+            for g in got:
+                for a, b in zip(g["params"], ref):
+                    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{tag} {name}")
