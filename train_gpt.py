@@ -1652,7 +1652,7 @@ class EngramHash(nn.Module):
     def forward(self, x, idx):
         e = self.table(self.bucket_ids(idx)).flatten(-2)
         e = F.rms_norm(e, (e.size(-1),)).to(x.dtype)
-        gate = torch.sigmoid(F.rms_norm(x, (x.size(-1),)) @ self.gate.to(x.dtype) + self.gate_bias.to(x.dtype))
+        gate = torch.sigmoid(rms_norm(x) @ self.gate.to(x.dtype) + self.gate_bias.to(x.dtype))
         return self.scale * gate[..., None] * self.proj(e)
 
 
